@@ -1,0 +1,151 @@
+"""The classes plugins subclass and the objects the runner hands them.
+
+Every plugin class has a ``name`` (what a recipe writes), a pydantic ``Params`` model
+(its typed parameters; a recipe list where a field holds a scalar is a sweep axis), and
+a docstring whose first line is shown by ``qcompare plugins``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    """Base for plugin parameter schemas: unknown fields are errors, values are checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Plugin:
+    """Common ground of every plugin class."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+    # Whether the plugin's result can depend on the seed. A cell none of whose plugins
+    # is seeded runs once, not once per seed.
+    seeded: ClassVar[bool] = False
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+class CellProgress:
+    """Steps inside one cell; the runner shows them as a progress bar."""
+
+    def __init__(self, start: Callable[[str, int | None], Any] | None = None) -> None:
+        self._start = start
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        """Yield ``advance(n)``; the bar disappears when the block ends."""
+        if self._start is None:
+            yield lambda n=1: None
+            return
+        advance, done = self._start(description, total)
+        try:
+            yield advance
+        finally:
+            done()
+
+
+@dataclass
+class CellContext:
+    """What the runner knows about the cell being run, handed to every plugin call."""
+
+    cell_dir: Path
+    seed: int | None
+    device: str
+    tokenizer: Any
+    teacher: Any = None
+    data: Any = None  # datasets.Dataset with a ``messages`` column, or None
+    task_folders: list[Path] = field(default_factory=list)
+    progress: CellProgress = field(default_factory=CellProgress)
+    report_to: list[str] = field(default_factory=list)
+    run_name: str = ""
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where a trainer keeps checkpoints so an interrupted cell can resume."""
+        return self.cell_dir / "checkpoints"
+
+
+class Quantizer(Plugin):
+    """Base class of quantizers."""
+
+    def prepare(self, model, params, context: CellContext):
+        """Return a trainable student: ``model`` (already a copy of the teacher) with its
+        Linear layers fake-quantized, gradients passing straight through."""
+        raise NotImplementedError
+
+    def convert(self, student, params, context: CellContext):
+        """Return the real low-bit model made from a (possibly trained) student."""
+        raise NotImplementedError
+
+    def bits_per_weight(self, params) -> float:
+        """Average stored bits per quantized weight, scales and zero points included."""
+        raise NotImplementedError
+
+    def storage_bytes(self, model) -> int:
+        """Bytes the converted model's weights take; override for packed tensor types."""
+        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@dataclass
+class DistillResult:
+    """What a distiller hands back: the trained student, its log and what it cost."""
+
+    student: Any
+    log: list[dict] = field(default_factory=list)
+    cost: dict[str, Any] = field(default_factory=dict)
+
+
+class Distiller(Plugin):
+    """Base class of distillers (recovery methods)."""
+
+    seeded = True
+
+    def distill(self, teacher, student, tokenizer, data, params, context: CellContext) -> DistillResult:
+        """Train ``student`` toward ``teacher`` (or the data) and return a DistillResult.
+
+        ``log`` holds one dict per logged step (``step``, ``loss`` and its parts); the
+        runner writes it to the cell's ``train_log.jsonl``.
+        """
+        raise NotImplementedError
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluator on one model.
+
+    ``metrics`` and ``stderr`` map ``task/metric`` to a number; ``items`` maps a task to
+    per-item scores (1/0 correctness, or a float) so two cells can be compared item by item.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    stderr: dict[str, float] = field(default_factory=dict)
+    items: dict[str, list[float]] = field(default_factory=dict)
+
+
+class Evaluator(Plugin):
+    """Base class of evaluators."""
+
+    def evaluate(self, model, tokenizer, params, context: CellContext) -> EvalResult:
+        """Score ``model`` and return an EvalResult. ``context.teacher`` is the float model."""
+        raise NotImplementedError
+
+
+class Executor(Plugin):
+    """Base class of executors: they decide where and in what order cells run."""
+
+    def run(self, jobs: list, run_job: Callable[[Any], dict], params, on_done: Callable[[Any, dict], None]) -> None:
+        """Run ``run_job(job)`` for every job and call ``on_done(job, record)`` as each ends.
+
+        ``run_job`` stores its own result and never raises for a failing cell.
+        """
+        raise NotImplementedError

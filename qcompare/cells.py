@@ -1,0 +1,83 @@
+"""The cross product: one Cell per (model, quantizer point, distiller point, seed).
+
+A cell's id hashes its resolved settings, so a re-run skips finished cells and any
+changed setting makes a new cell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qcompare.plugins import get_registry
+
+if TYPE_CHECKING:
+    from qcompare.recipe import PluginChoice, Recipe
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the cross product. ``quantizer`` and ``distiller`` are None for the
+    teacher baseline row; ``seed`` is None where no plugin's result depends on it."""
+
+    model: str
+    quantizer: PluginChoice | None
+    distiller: PluginChoice | None
+    seed: int | None
+    shared: tuple  # (data, evaluators) as canonical JSON: they change results too
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.quantizer is None
+
+    def settings(self) -> dict[str, Any]:
+        data, evaluators = json.loads(self.shared[0]), json.loads(self.shared[1])
+        return {
+            "model": self.model,
+            "quantizer": self.quantizer.model_dump() if self.quantizer else None,
+            "distiller": self.distiller.model_dump() if self.distiller else None,
+            "seed": self.seed,
+            "data": None if self.is_teacher else data,
+            "evaluators": evaluators,
+        }
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps(self.settings(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def label(self) -> str:
+        if self.is_teacher:
+            return f"{self.model} · teacher"
+        seed = "" if self.seed is None else f" · seed {self.seed}"
+        return f"{self.model} · {self.quantizer.label()} · {self.distiller.label()}{seed}"
+
+
+def _seeded(kind: str, choice: PluginChoice | None) -> bool:
+    return choice is not None and get_registry().get(kind, choice.name).seeded
+
+
+def expand(recipe: Recipe) -> list[Cell]:
+    """Every cell the recipe asks for, teacher baselines first, without duplicates."""
+    shared = (
+        json.dumps(recipe.data.model_dump(), sort_keys=True),
+        json.dumps([e.model_dump() for e in recipe.evaluators], sort_keys=True),
+    )
+    cells: list[Cell] = []
+    if recipe.teacher:
+        cells += [Cell(m, None, None, None, shared) for m in recipe.models]
+    for model in recipe.models:
+        for q in recipe.quantizers:
+            for d in recipe.distillers:
+                seeded = _seeded("quantizer", q) or _seeded("distiller", d)
+                for seed in recipe.seeds if seeded else [None]:
+                    cells.append(Cell(model, q, d, seed, shared))
+    seen: set[str] = set()
+    unique = []
+    for c in cells:
+        if c.id not in seen:
+            seen.add(c.id)
+            unique.append(c)
+    return unique

@@ -1,0 +1,177 @@
+"""The ``qcompare`` command line: run, plan, validate, plugins, report."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from qcompare.api import CellProgress
+from qcompare.errors import QcompareError
+
+app = typer.Typer(
+    help="Compare LLM quantizers and the distillation methods that recover their accuracy, from one TOML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped or captured output gets a wide table instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe TOML file.", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe field, e.g. --set seeds=[0,1] --set quantizers[0].bits=4.",
+                 metavar="FIELD=VALUE"),
+]
+
+
+@contextmanager
+def user_errors():
+    """Bad input becomes one line per mistake on stderr and exit code 2, never a traceback."""
+    try:
+        yield
+    except QcompareError as e:
+        for line in str(e).splitlines():
+            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _load(recipe: Path, overrides, output: Path | None = None, executor: str | None = None):
+    from qcompare.recipe import load_recipe
+    from qcompare.runner import default_output
+    from qcompare.store import RunStore
+
+    overrides = list(overrides or [])
+    if executor:
+        overrides.append(f"executor.name={executor!r}".replace("'", '"'))
+    r = load_recipe(recipe, overrides)
+    return r, RunStore(output or default_output(r))
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOpt = None):
+    """Check a recipe against every plugin's schema; list every mistake at once."""
+    with user_errors():
+        r, _ = _load(recipe, set_)
+    from qcompare.cells import expand
+
+    console.print(f"[green]ok[/] {recipe}: {len(expand(r))} cells")
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default runs/<recipe name>).")] = None,
+):
+    """Show the cells a recipe expands to and which are already done; runs nothing."""
+    from rich.table import Table
+
+    from qcompare.runner import Runner
+
+    with user_errors():
+        r, store = _load(recipe, set_, output)
+        rows = Runner(r, store).plan()
+    table = Table(title=f"{r.name}: {len(rows)} cells → {store.root}")
+    for col in ("cell", "model", "quantizer", "distiller", "seed", "status"):
+        table.add_column(col)
+    style = {"done": "green", "failed": "red", "running": "yellow", "pending": "dim"}
+    for cell, status in rows:
+        table.add_row(cell.id, cell.model, cell.quantizer.label() if cell.quantizer else "—",
+                      cell.distiller.label() if cell.distiller else "—",
+                      "—" if cell.seed is None else str(cell.seed), f"[{style[status]}]{status}[/]")
+    console.print(table)
+
+
+def _progress_bars():
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err_console, transient=False)
+
+    def start(description, total):
+        task = progress.add_task(f"  {description}", total=total)
+        return (lambda n=1: progress.advance(task, n)), (lambda: progress.remove_task(task))
+
+    return progress, CellProgress(start)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default runs/<recipe name>).")] = None,
+    executor: Annotated[Optional[str], typer.Option(help="Executor plugin (default: the recipe's, else local).")] = None,
+):
+    """Run every cell of a recipe not yet done, then print the comparison table."""
+    from qcompare.report import print_report
+    from qcompare.runner import Runner
+
+    with user_errors():
+        r, store = _load(recipe, set_, output, executor)
+        progress, cell_progress = _progress_bars()
+        runner = Runner(r, store, progress=cell_progress)
+        todo = [c for c, s in runner.plan() if s != "done"]
+        skipped = len(runner.cells()) - len(todo)
+        if skipped:
+            err_console.print(f"{skipped} cells already done in {store.root}; running {len(todo)}")
+        with progress:
+            overall = progress.add_task("cells", total=len(todo))
+
+            def on_done(cell, record):
+                progress.advance(overall)
+                mark = "[green]done[/]" if record["status"] == "done" else f"[red]failed[/]: {record.get('error', '')}"
+                progress.console.print(f"{cell.label()} — {mark}", highlight=False)
+
+            records = runner.run(on_done=on_done)
+    print_report(store, console)
+    failed = [rec for rec in records if rec["status"] != "done"]
+    if failed:
+        err_console.print(f"[red]{len(failed)} of {len(records)} cells failed[/]; tracebacks in their folders under {store.root}/cells")
+        raise typer.Exit(1)
+
+
+@app.command()
+def plugins():
+    """List every registered plugin with its parameters, defaults and the package it came from."""
+    from rich.table import Table
+
+    from qcompare.plugins import KINDS, get_registry
+
+    with user_errors():
+        reg = get_registry()
+    for kind in KINDS:
+        for name in reg.names(kind):
+            entry = reg.plugins[kind][name]
+            cls = entry.obj
+            table = Table(title=f"{kind} [bold]{name}[/] — {cls.summary()}  (from {entry.package})", title_justify="left")
+            for col in ("parameter", "type", "default", "description"):
+                table.add_column(col)
+            for pname, f in cls.Params.model_fields.items():
+                ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+                default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+                table.add_row(pname, ann, default, f.description or "")
+            console.print(table)
+    for title, table in (("models", reg.models), ("datasets", reg.datasets)):
+        for name, entry in sorted(table.items()):
+            console.print(f"{title[:-1]} [bold]{name}[/] — {entry.obj[1]}  (from {entry.package})")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `qcompare run`.", show_default=False)]):
+    """Print the comparison table of a run folder."""
+    from qcompare.report import print_report
+    from qcompare.store import open_run
+
+    with user_errors():
+        store = open_run(run_dir)
+    print_report(store, console)
+
+
+def main():  # pragma: no cover - console script entry
+    sys.exit(app())

@@ -1,0 +1,313 @@
+"""TOML recipes: load, override with ``--set``, and validate against every plugin's schema.
+
+Validation collects every mistake before it reports, each as
+``FILE: field.path: what is wrong; what is allowed``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from qcompare.errors import QcompareError, RecipeError
+from qcompare.plugins import Registry, get_registry, unknown_name_message
+
+
+class PluginChoice(BaseModel):
+    """One plugin with one resolved set of parameters (one point of its sweep)."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    params: dict[str, Any] = {}
+
+    def label(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.name}({inner})" if inner else self.name
+
+
+class DataSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: str | None = Field(None, description="registered dataset name, local .jsonl/.parquet, or hub dataset id")
+    split: str = "train"
+    subset: int | None = Field(None, gt=0, description="use only this many examples")
+    shuffle_seed: int = 0
+
+
+class ExecutorSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = "local"
+
+
+class Recipe(BaseModel):
+    """A validated recipe: every plugin choice expanded to its sweep points."""
+
+    name: str
+    description: str = ""
+    source: Path
+    text: str
+    models: list[str]
+    seeds: list[int]
+    device: str
+    teacher: bool
+    report_to: list[str]
+    output: Path | None
+    data: DataSpec
+    quantizers: list[PluginChoice]
+    distillers: list[PluginChoice]
+    evaluators: list[PluginChoice]
+    executor: PluginChoice
+
+
+TOP_LEVEL = {
+    "name": "recipe name (default: the file's stem)",
+    "description": "free text",
+    "models": "list of hub ids, local folders or registered model names",
+    "seeds": "list of integers",
+    "device": "auto, cpu or cuda",
+    "teacher": "evaluate the unquantized model as a baseline (true/false)",
+    "report_to": "experiment trackers, as transformers' report_to",
+    "output": "run folder (default runs/<name>)",
+    "data": "table: train, split, subset, shuffle_seed",
+    "quantizers": "array of tables with name = ... and parameters",
+    "distillers": "array of tables with name = ... and parameters",
+    "evaluators": "array of tables with name = ... and parameters",
+    "executor": "table with name = ... and parameters",
+}
+
+_SET_RE = re.compile(r"^([A-Za-z_][\w]*(?:\.[\w]+|\[\d+\])*)=(.*)$", re.S)
+
+
+def parse_toml(path: Path) -> tuple[dict, str]:
+    if not path.exists():
+        raise QcompareError(f"recipe file not found: {path}")
+    if path.is_dir():
+        raise QcompareError(f"recipe path is a folder, not a TOML file: {path}")
+    text = path.read_text()
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as e:
+        raise QcompareError(f"{path}: TOML syntax error: {e}") from None
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply ``--set path=value``; ``value`` is read as a TOML value, else as a string."""
+    m = _SET_RE.match(assignment.strip())
+    if not m:
+        raise QcompareError(
+            f"malformed --set {assignment!r}; expected FIELD.PATH=VALUE, e.g. seeds=[0,1] or quantizers[0].bits=4"
+        )
+    path, text = m.groups()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    keys: list[str | int] = [int(k) if k.isdigit() else k for k in re.findall(r"[^.\[\]]+", path)]
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            if isinstance(key, str) and isinstance(node, dict) and not isinstance(keys[i + 1], int):
+                node = node.setdefault(key, {})
+                continue
+            raise QcompareError(f"--set {assignment!r}: the recipe has no field {'.'.join(map(str, keys[: i + 1]))}") from None
+    last = keys[-1]
+    if isinstance(node, list) and (not isinstance(last, int) or last >= len(node)):
+        raise QcompareError(f"--set {assignment!r}: index {last} is outside the list of {len(node)}")
+    node[last] = value
+
+
+def _is_list_type(annotation) -> bool:
+    """Whether a field itself holds a list (so a recipe list is its value, not a sweep)."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_list_type(a) for a in typing.get_args(annotation))
+    if origin is Annotated:
+        return _is_list_type(typing.get_args(annotation)[0])
+    return annotation in (list, tuple, set)
+
+
+def _fmt_error(err: dict) -> str:
+    msg = err["msg"]
+    ctx = err.get("ctx") or {}
+    if err["type"] == "literal_error" and "expected" in ctx:
+        return f"allowed: {ctx['expected']}"
+    return msg[0].lower() + msg[1:]
+
+
+def expand_plugin(kind: str, spec: Any, where: str, registry: Registry, errors: list[str], sweep: bool = True) -> list[PluginChoice]:
+    """Validate one ``[[quantizers]]``-style table and return its sweep points."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        errors.append(f"{where}: needs a table with name = \"...\"")
+        return []
+    name = spec["name"]
+    try:
+        cls = registry.get(kind, name)
+    except QcompareError as e:
+        errors.append(f"{where}.name: {e}")
+        return []
+    fields = cls.Params.model_fields
+    axes: dict[str, list] = {}
+    ok = True
+    for key, value in spec.items():
+        if key == "name":
+            continue
+        if key not in fields:
+            allowed = ", ".join(fields) or "(no parameters)"
+            errors.append(f"{where}.{key}: unknown parameter of {kind} {name!r}; allowed: {allowed}")
+            ok = False
+            continue
+        info = fields[key]
+        list_valued = _is_list_type(info.annotation)
+        is_sweep = isinstance(value, list) and (not list_valued or (value and all(isinstance(v, list) for v in value)))
+        if is_sweep and not sweep:
+            errors.append(f"{where}.{key}: {kind}s are not swept; give one value")
+            ok = False
+            continue
+        values = value if is_sweep else [value]
+        if is_sweep and not values:
+            errors.append(f"{where}.{key}: empty sweep list; give at least one value")
+            ok = False
+            continue
+        adapter = TypeAdapter(Annotated[info.annotation, info])
+        for v in values:
+            try:
+                adapter.validate_python(v)
+            except ValidationError as e:
+                ok = False
+                for err in e.errors():
+                    errors.append(f"{where}.{key}: bad value {v!r}: {_fmt_error(err)}")
+        axes[key] = values
+    missing = [k for k, f in fields.items() if f.is_required() and k not in spec]
+    for k in missing:
+        errors.append(f"{where}.{k}: required parameter of {kind} {name!r} is missing")
+    if not ok or missing:
+        return []
+    points = []
+    keys = list(axes)
+    for combo in itertools.product(*(axes[k] for k in keys)):
+        try:
+            params = cls.Params.model_validate(dict(zip(keys, combo)))
+        except ValidationError as e:
+            for err in e.errors():
+                loc = ".".join(map(str, err["loc"])) or "(parameters)"
+                errors.append(f"{where}.{loc}: {_fmt_error(err)} (with {dict(zip(keys, combo))})")
+            continue
+        points.append(PluginChoice(name=name, params=params.model_dump(mode="json")))
+    return points
+
+
+def looks_like_path(value: str) -> bool:
+    return value.endswith((".jsonl", ".json", ".parquet")) or value.startswith((".", "/", "~"))
+
+
+def resolve_data_path(value: str, recipe_dir: Path) -> Path | None:
+    for base in (Path.cwd(), recipe_dir):
+        p = (base / value).expanduser()
+        if p.exists():
+            return p.resolve()
+    return None
+
+
+def validate(raw: dict, source: Path, text: str = "", registry: Registry | None = None) -> Recipe:
+    """Check a parsed recipe against the schema and every plugin; raise RecipeError listing all mistakes."""
+    registry = registry or get_registry()
+    errors: list[str] = []
+    f = str(source)
+    for key in raw:
+        if key not in TOP_LEVEL:
+            errors.append(f"{f}: {key}: unknown top-level field; allowed: {', '.join(TOP_LEVEL)}")
+
+    def check(key, adapter_type, default):
+        if key not in raw:
+            return default
+        try:
+            return TypeAdapter(adapter_type).validate_python(raw[key])
+        except ValidationError as e:
+            for err in e.errors():
+                loc = ".".join(str(p) for p in (key, *err["loc"]))
+                errors.append(f"{f}: {loc}: bad value {err.get('input')!r}: {_fmt_error(err)}")
+            return default
+
+    name = check("name", Annotated[str, Field(pattern=r"^[\w.-]+$")], source.stem)
+    models = check("models", Annotated[list[str], Field(min_length=1)], [])
+    if "models" not in raw:
+        errors.append(f"{f}: models: missing; give a list of hub ids, local folders or registered names")
+    seeds = check("seeds", Annotated[list[int], Field(min_length=1)], [0])
+    device = check("device", Literal["auto", "cpu", "cuda"], "auto")
+    teacher = check("teacher", bool, True)
+    report_to = check("report_to", list[str], [])
+    output = check("output", str | None, None)
+    description = check("description", str, "")
+
+    data = DataSpec()
+    if "data" in raw:
+        try:
+            data = DataSpec.model_validate(raw["data"])
+        except ValidationError as e:
+            for err in e.errors():
+                loc = ".".join(str(p) for p in ("data", *err["loc"]))
+                errors.append(f"{f}: {loc}: {_fmt_error(err)}")
+    if data.train and data.train not in registry.datasets and looks_like_path(data.train):
+        found = resolve_data_path(data.train, source.parent)
+        if found is None:
+            errors.append(f"{f}: data.train: file not found: {data.train}")
+        else:
+            data = data.model_copy(update={"train": str(found)})
+
+    for m in models:
+        if m not in registry.models and looks_like_path(m) and resolve_data_path(m, source.parent) is None:
+            errors.append(f"{f}: models: folder not found: {m}; known names: {', '.join(registry.models) or '(none)'}")
+
+    def plugins(kind: str, default: list, sweep: bool = True) -> list[PluginChoice]:
+        key = f"{kind}s"
+        specs = raw.get(key, default)
+        if not isinstance(specs, list):
+            errors.append(f"{f}: {key}: expected an array of tables ([[{key}]])")
+            return []
+        out = []
+        for i, spec in enumerate(specs):
+            out += expand_plugin(kind, spec, f"{f}: {key}[{i}]", registry, errors, sweep=sweep)
+        return out
+
+    quantizers = plugins("quantizer", [])
+    distillers = plugins("distiller", [{"name": "none"}])
+    evaluators = plugins("evaluator", [], sweep=False)
+    ex = raw.get("executor", {"name": "local"})
+    ex = ex if isinstance(ex, dict) else {}
+    ex.setdefault("name", "local")
+    executors = expand_plugin("executor", ex, f"{f}: executor", registry, errors, sweep=False)
+
+    out_path = Path(output) if output else None
+    if out_path is not None and out_path.exists() and not out_path.is_dir():
+        errors.append(f"{f}: output: {output} is a file; give a folder path")
+    if errors:
+        raise RecipeError(errors)
+    recipe = Recipe(
+        name=name, description=description, source=source, text=text, models=models, seeds=seeds,
+        device=device, teacher=teacher, report_to=report_to, output=out_path, data=data,
+        quantizers=quantizers, distillers=distillers, evaluators=evaluators, executor=executors[0],
+    )
+    from qcompare.cells import expand  # the cross product decides whether anything runs
+
+    if not expand(recipe):
+        raise RecipeError([f"{f}: the recipe expands to zero cells; give at least one [[quantizers]] table or teacher = true"])
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    raw, text = parse_toml(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate(raw, path, text, registry)

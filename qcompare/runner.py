@@ -1,0 +1,198 @@
+"""Run a recipe's cells: quantize, distill, convert, evaluate, store — skipping finished cells.
+
+The runner never names a plugin; it asks the registry. A cell that raises is stored as
+failed with its traceback and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from qcompare.api import CellContext, CellProgress, EvalResult
+from qcompare.cells import Cell, expand
+from qcompare.data import load_model, load_training_data
+from qcompare.errors import QcompareError
+from qcompare.plugins import get_plugin_manager, get_registry
+from qcompare.provenance import provenance
+from qcompare.recipe import Recipe
+from qcompare.store import RESULT, RunStore, write_json, write_jsonl
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def pick_device(wanted: str) -> str:
+    import torch
+
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise QcompareError("device = 'cuda' but no CUDA device is visible; use device = 'cpu' or 'auto'")
+    return wanted
+
+
+def default_output(recipe: Recipe) -> Path:
+    return recipe.output or Path("runs") / recipe.name
+
+
+def peak_memory_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (kB on Linux)
+
+
+@dataclass
+class Runner:
+    recipe: Recipe
+    store: RunStore
+    progress: CellProgress = field(default_factory=CellProgress)
+    _models: dict = field(default_factory=dict)
+    _data: Any = None
+    _data_loaded: bool = False
+
+    def __post_init__(self):
+        self.registry = get_registry()
+        self.hooks = get_plugin_manager().hook
+        self.device = pick_device(self.recipe.device)
+
+    # --- planning -------------------------------------------------------------------
+
+    def cells(self) -> list[Cell]:
+        return expand(self.recipe)
+
+    def plan(self) -> list[tuple[Cell, str]]:
+        """Each cell with its stored status: done, failed, running (interrupted) or pending."""
+        out = []
+        for cell in self.cells():
+            r = self.store.result(cell.id)
+            out.append((cell, r["status"] if r else "pending"))
+        return out
+
+    # --- shared inputs, loaded once per process --------------------------------------
+
+    def teacher(self, name: str):
+        if name not in self._models:
+            self._models.clear()  # one model in memory at a time
+            self._models[name] = load_model(name, self.registry, self.device)
+        return self._models[name]
+
+    def data(self):
+        if not self._data_loaded:
+            self._data = load_training_data(self.recipe.data, self.registry)
+            self._data_loaded = True
+        return self._data
+
+    # --- one cell ---------------------------------------------------------------------
+
+    def run_cell(self, cell: Cell) -> dict:
+        cell_dir = self.store.cell_dir(cell.id)
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        record: dict[str, Any] = {"id": cell.id, "label": cell.label(), "settings": cell.settings(),
+                                  "status": "running", "started_at": now()}
+        write_json(cell_dir / "settings.json", cell.settings())
+        write_json(cell_dir / RESULT, record)
+        self.hooks.cell_started(cell=cell, cell_dir=cell_dir)
+        try:
+            record.update(self._execute(cell, cell_dir))
+            record["status"] = "done"
+        except Exception as e:  # the sweep goes on; the traceback is kept with the cell
+            record["status"] = "failed"
+            record["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, QcompareError) else str(e)
+            (cell_dir / "traceback.txt").write_text(traceback.format_exc())
+        record["finished_at"] = now()
+        record["provenance"] = provenance()
+        write_json(cell_dir / RESULT, record)
+        self.hooks.cell_finished(cell=cell, cell_dir=cell_dir, record=record)
+        return record
+
+    def _execute(self, cell: Cell, cell_dir: Path) -> dict:
+        import torch
+        from transformers import set_seed
+
+        set_seed(cell.seed if cell.seed is not None else 0)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        teacher, tokenizer = self.teacher(cell.model)
+        ctx = CellContext(cell_dir=cell_dir, seed=cell.seed, device=self.device, tokenizer=tokenizer,
+                          teacher=teacher, task_folders=list(self.registry.task_folders), progress=self.progress,
+                          report_to=list(self.recipe.report_to), run_name=f"{self.recipe.name}/{cell.label()}")
+        cost: dict[str, Any] = {}
+        out: dict[str, Any] = {}
+        clock = time.perf_counter()
+        if cell.is_teacher:
+            model = teacher
+            out["size"] = {"bits_per_weight": torch.finfo(next(teacher.parameters()).dtype).bits,
+                           "storage_bytes": sum(t.numel() * t.element_size() for t in teacher.state_dict().values())}
+        else:
+            qcls = self.registry.get("quantizer", cell.quantizer.name)
+            dcls = self.registry.get("distiller", cell.distiller.name)
+            quantizer, distiller = qcls(), dcls()
+            qparams = qcls.Params.model_validate(cell.quantizer.params)
+            dparams = dcls.Params.model_validate(cell.distiller.params)
+            ctx.data = self.data()
+            t0 = time.perf_counter()
+            student = quantizer.prepare(copy.deepcopy(teacher), qparams, ctx)
+            cost["prepare_seconds"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result = distiller.distill(teacher, student, tokenizer, ctx.data, dparams, ctx)
+            cost["distill_seconds"] = time.perf_counter() - t0
+            cost.update(result.cost)
+            if result.log:
+                write_jsonl(cell_dir / "train_log.jsonl", result.log)
+            t0 = time.perf_counter()
+            model = quantizer.convert(result.student, qparams, ctx)
+            cost["convert_seconds"] = time.perf_counter() - t0
+            out["size"] = {"bits_per_weight": quantizer.bits_per_weight(qparams),
+                           "storage_bytes": quantizer.storage_bytes(model)}
+        t0 = time.perf_counter()
+        merged = self._evaluate(model, tokenizer, ctx, cell_dir)
+        cost["evaluate_seconds"] = time.perf_counter() - t0
+        cost["total_seconds"] = time.perf_counter() - clock
+        cost["peak_memory_bytes"] = peak_memory_bytes(self.device)
+        cost["device"] = self.device
+        write_json(cell_dir / "cost.json", cost)
+        out.update(metrics=merged.metrics, stderr=merged.stderr, cost=cost)
+        return out
+
+    def _evaluate(self, model, tokenizer, ctx: CellContext, cell_dir: Path) -> EvalResult:
+        merged = EvalResult()
+        for choice in self.recipe.evaluators:
+            ecls = self.registry.get("evaluator", choice.name)
+            res = ecls().evaluate(model, tokenizer, ecls.Params.model_validate(choice.params), ctx)
+            for key in res.metrics:
+                if key in merged.metrics:
+                    raise QcompareError(f"two evaluators report the metric {key!r}; give them different tasks")
+            merged.metrics.update(res.metrics)
+            merged.stderr.update(res.stderr)
+            merged.items.update(res.items)
+        if merged.items:
+            write_json(cell_dir / "items.json", merged.items)
+        return merged
+
+    # --- the sweep --------------------------------------------------------------------
+
+    def run(self, on_done=None) -> list[dict]:
+        """Run every cell not yet done; return the records of the cells run now."""
+        self.store.init(self.recipe.text)
+        todo = [c for c, status in self.plan() if status != "done"]
+        ex_cls = self.registry.get("executor", self.recipe.executor.name)
+        params = ex_cls.Params.model_validate(self.recipe.executor.params)
+        records: list[dict] = []
+
+        def done(cell, record):
+            records.append(record)
+            if on_done:
+                on_done(cell, record)
+
+        ex_cls().run(todo, self.run_cell, params, done)
+        return records

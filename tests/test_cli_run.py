@@ -1,0 +1,84 @@
+"""End to end through the CLI with the example RTN quantizer and the test plugins."""
+
+import json
+
+from typer.testing import CliRunner
+
+from conftest import BASIC
+from qcompare.cli import app
+
+cli = CliRunner()
+
+
+def run(*args):
+    return cli.invoke(app, [str(a) for a in args])
+
+
+def test_run_stores_every_cell_and_prints_table(test_plugins, write_recipe, tmp_path):
+    recipe = write_recipe(BASIC)
+    out = tmp_path / "run"
+    res = run("run", recipe, "--output", out)
+    assert res.exit_code == 0, res.output
+    cells = sorted((out / "cells").iterdir())
+    # teacher + 2 bits × (keep once + nudge × 2 seeds)
+    assert len(cells) == 1 + 2 * (1 + 2)
+    records = [json.loads((c / "result.json").read_text()) for c in cells]
+    assert all(r["status"] == "done" for r in records)
+    teacher = next(r for r in records if r["settings"]["quantizer"] is None)
+    assert teacher["metrics"]["probe/kl"] == 0.0
+    int2 = [r for r in records if r["settings"]["quantizer"] and r["settings"]["quantizer"]["params"]["bits"] == 2]
+    int8 = [r for r in records if r["settings"]["quantizer"] and r["settings"]["quantizer"]["params"]["bits"] == 8]
+    assert min(r["metrics"]["probe/kl"] for r in int2) > max(r["metrics"]["probe/kl"] for r in int8)
+    trained = next(r for r in int2 if r["settings"]["distiller"]["name"] == "nudge")
+    folder = out / "cells" / trained["id"]
+    assert [json.loads(line)["step"] for line in (folder / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    for name in ("settings.json", "cost.json", "items.json"):
+        assert (folder / name).is_file()
+    prov = trained["provenance"]
+    assert prov["versions"]["torch"] and trained["started_at"] and trained["finished_at"]
+    assert trained["size"]["bits_per_weight"] == 2 + 32 / 16
+    assert (out / "recipe.toml").read_text() == recipe.read_text()
+    assert trained["id"] in res.output and "probe/" in res.output
+
+
+def test_rerun_skips_finished_cells(test_plugins, write_recipe, tmp_path):
+    recipe = write_recipe(BASIC)
+    out = tmp_path / "run"
+    assert run("run", recipe, "-o", out).exit_code == 0
+    stamps = {c.name: (c / "result.json").stat().st_mtime_ns for c in (out / "cells").iterdir()}
+    res = run("run", recipe, "-o", out, "--set", "seeds=[0,1,2]")
+    assert res.exit_code == 0, res.output
+    now = {c.name: (c / "result.json").stat().st_mtime_ns for c in (out / "cells").iterdir()}
+    assert {k: now[k] for k in stamps} == stamps  # nothing stored was touched
+    assert len(now) - len(stamps) == 2  # only the new seed's nudge cells ran
+
+
+def test_failing_cell_is_stored_and_sweep_goes_on(test_plugins, write_recipe, tmp_path):
+    recipe = write_recipe(BASIC.replace("steps = 2", "steps = 1\nfail = [false, true]"))
+    out = tmp_path / "run"
+    res = run("run", recipe, "-o", out)
+    assert res.exit_code == 1
+    records = [json.loads((c / "result.json").read_text()) for c in (out / "cells").iterdir()]
+    failed = [r for r in records if r["status"] == "failed"]
+    assert len(failed) == 2 * 2 and all("nudge was asked to fail" in r["error"] for r in failed)
+    assert all((out / "cells" / r["id"] / "traceback.txt").read_text().startswith("Traceback") for r in failed)
+    assert sum(r["status"] == "done" for r in records) == 1 + 2 * (1 + 2)
+
+
+def test_plan_shows_cells_and_done_status(test_plugins, write_recipe, tmp_path):
+    recipe = write_recipe(BASIC)
+    out = tmp_path / "run"
+    res = run("plan", recipe, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert res.output.count(" pending ") == 7 and not out.exists()
+    run("run", recipe, "-o", out, "--set", "seeds=[0]")
+    res = run("plan", recipe, "-o", out)
+    assert res.output.count(" done ") == 5 and res.output.count(" pending ") == 2
+
+
+def test_report_prints_stored_metrics(test_plugins, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    run("run", write_recipe(BASIC), "-o", out, "--set", "seeds=[0]")
+    res = run("report", out)
+    assert res.exit_code == 0 and "teacher" in res.output and "rtn(bits=2" in res.output
+    assert run("report", tmp_path).exit_code == 2
