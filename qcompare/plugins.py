@@ -58,9 +58,9 @@ def unknown_name_message(kind: str, name: str, known) -> str:
 
 def _package_of(module) -> str:
     """The distribution that ships ``module``, or its module name for test plugins."""
-    top = (getattr(module, "__name__", "") or "").split(".")[0]
-    dists = metadata.packages_distributions().get(top)
-    return dists[0] if dists else getattr(module, "__name__", repr(module))
+    name = getattr(module, "__name__", None) or type(module).__module__
+    dists = metadata.packages_distributions().get(name.split(".")[0])
+    return dists[0] if dists else name
 
 
 def make_plugin_manager(extra: list | None = None) -> pluggy.PluginManager:

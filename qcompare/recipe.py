@@ -111,6 +111,8 @@ def apply_override(raw: dict, assignment: str) -> None:
     keys: list[str | int] = [int(k) if k.isdigit() else k for k in re.findall(r"[^.\[\]]+", path)]
     node: Any = raw
     for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list) and isinstance(key, int) and key >= len(node):
+            raise QcompareError(f"--set {assignment!r}: index {key} is outside the list of {len(node)}")
         try:
             node = node[key]
         except (KeyError, IndexError, TypeError):

@@ -1,0 +1,3 @@
+from qcompare.cli import app
+
+app(prog_name="qcompare")

@@ -1,0 +1,40 @@
+"""How a recipe expands into cells, and how cell ids follow their settings."""
+
+from qcompare.cells import expand
+from qcompare.recipe import load_recipe
+
+from conftest import BASIC
+
+
+def cells_of(path, *overrides):
+    return expand(load_recipe(path, list(overrides)))
+
+
+def test_sweep_axes_multiply_and_seedless_cells_run_once(test_plugins, write_recipe):
+    cells = cells_of(write_recipe(BASIC), "distillers[1].steps=[1,2,3]")
+    teacher = [c for c in cells if c.is_teacher]
+    keep = [c for c in cells if c.distiller and c.distiller.name == "keep"]
+    nudge = [c for c in cells if c.distiller and c.distiller.name == "nudge"]
+    assert len(teacher) == 1 and teacher[0].seed is None
+    assert len(keep) == 2 and {c.seed for c in keep} == {None}  # once per bit width, not per seed
+    assert len(nudge) == 2 * 3 * 2  # bits × steps × seeds
+    assert len({c.id for c in cells}) == len(cells)
+
+
+def test_a_list_valued_parameter_is_a_value_not_a_sweep(test_plugins, write_recipe):
+    cells = cells_of(write_recipe(BASIC), 'quantizers[0].skip=["lm_head", "q_proj"]')
+    skips = {tuple(c.quantizer.params["skip"]) for c in cells if c.quantizer}
+    assert skips == {("lm_head", "q_proj")}
+    swept = cells_of(write_recipe(BASIC), 'quantizers[0].skip=[["lm_head"], ["q_proj"]]')
+    assert {tuple(c.quantizer.params["skip"]) for c in swept if c.quantizer} == {("lm_head",), ("q_proj",)}
+
+
+def test_cell_id_is_stable_and_follows_settings(test_plugins, write_recipe):
+    path = write_recipe(BASIC)
+    first = {c.label(): c.id for c in cells_of(path)}
+    assert first == {c.label(): c.id for c in cells_of(path)}
+    changed = {c.label(): c.id for c in cells_of(path, "distillers[1].learning_rate=0.5")}
+    assert all(changed[k] == v for k, v in first.items() if "nudge" not in k)
+    assert all(k not in first for k in changed if "nudge" in k)  # labels carry the new value
+    defaults = {c.id for c in cells_of(path, "distillers[1].learning_rate=0.01")}  # the default, spelled out
+    assert defaults == set(first.values())

@@ -1,0 +1,100 @@
+"""The third-party path, proven with real installs and real processes.
+
+The example package is pip-installed into a folder on PYTHONPATH, so qcompare finds it
+only through its entry point; the test plugins get a minimal distribution of their own.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE_RTN
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "qcompare-rtn"
+    shutil.copytree(EXAMPLE_RTN, source)  # building writes into the source folder; keep the repo's clean
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True)
+    info = target / "qcompare_testplugins-0.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qcompare-testplugins\nVersion: 0.0.0\n")
+    (info / "entry_points.txt").write_text("[qcompare]\ntestplugins = testplugins\n")
+    (info / "top_level.txt").write_text("testplugins\n")
+    return target
+
+
+def qcompare(site, *args, wait=True):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(TESTS)]),
+           "QCOMPARE_PLUGINS": "local,rtn,testplugins", "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "qcompare", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_installed_plugin_is_listed_with_its_package_and_parameters(site):
+    res = qcompare(site, "plugins")
+    assert res.returncode == 0, res.stderr
+    assert "quantizer rtn" in res.stdout and "qcompare-rtn" in res.stdout
+    assert "group_size" in res.stdout and "weights sharing one scale" in res.stdout
+
+
+RECIPE = """
+name = "killed"
+models = ["{model}"]
+[[quantizers]]
+name = "rtn"
+bits = [8, 4, 2]
+group_size = 16
+[[distillers]]
+name = "nudge"
+steps = 3
+sleep = 0.4
+[[evaluators]]
+name = "probe"
+"""
+
+
+def _results(out: Path) -> dict[str, dict]:
+    found = {}
+    for f in out.glob("cells/*/result.json"):
+        found[f.parent.name] = json.loads(f.read_text())
+    return found
+
+
+def test_kill_9_midway_then_rerun_finishes_only_what_was_missing(site, tiny_model_dir, tmp_path):
+    recipe = tmp_path / "killed.toml"
+    recipe.write_text(RECIPE.replace("{model}", str(tiny_model_dir)))
+    out = tmp_path / "run"
+    proc = qcompare(site, "run", recipe, "-o", out, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = {k for k, r in _results(out).items() if r["status"] == "done"}
+        if len(done) >= 2:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _results(out)
+    done_before = {k: (out / "cells" / k / "result.json").read_bytes() for k, r in before.items() if r["status"] == "done"}
+    assert 2 <= len(done_before) < 4, "the kill should land while a cell is running"
+
+    res = qcompare(site, "run", recipe, "-o", out)
+    assert res.returncode == 0, res.stderr
+    after = _results(out)
+    assert len(after) == 4 and all(r["status"] == "done" for r in after.values())
+    for k, blob in done_before.items():  # finished cells were skipped, byte for byte
+        assert (out / "cells" / k / "result.json").read_bytes() == blob
+    assert f"{len(done_before)} cells already done" in res.stderr

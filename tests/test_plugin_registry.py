@@ -1,0 +1,65 @@
+"""Plugin loading: entry points, the QCOMPARE_PLUGINS filter, clashes and typos."""
+
+import pluggy
+import pytest
+from typer.testing import CliRunner
+
+from qcompare import hookimpl
+from qcompare.api import Quantizer
+from qcompare.cli import app
+from qcompare.errors import QcompareError
+from qcompare.plugins import add_plugin, get_registry, make_plugin_manager, remove_plugin
+
+
+class Clash:
+    """A second plugin offering a quantizer under a name already taken."""
+
+    @hookimpl
+    def register_quantizers(self, register):
+        class Other(Quantizer):
+            name = "rtn"
+
+        register(Other)
+
+
+def test_builtin_executor_loads_through_its_entry_point(monkeypatch):
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "local")
+    reg = get_registry()
+    assert reg.names("executor") == ["local"] and reg.plugins["executor"]["local"].package == "qcompare"
+
+
+def test_qcompare_plugins_variable_limits_what_loads(monkeypatch):
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "")
+    reg = get_registry()
+    assert all(not reg.names(kind) for kind in reg.plugins)
+
+
+def test_two_plugins_with_one_name_is_an_error_naming_both(test_plugins):
+    clash = Clash()
+    add_plugin(clash)
+    try:
+        with pytest.raises(QcompareError, match=r"two plugins register the quantizer 'rtn': qcompare[-_]rtn and test_plugin_registry"):
+            get_registry()
+        res = CliRunner().invoke(app, ["plugins"])
+        assert res.exit_code == 2 and "two plugins register" in res.output and "Traceback" not in res.output
+    finally:
+        remove_plugin(clash)
+
+
+def test_a_misspelled_hook_is_caught(monkeypatch):
+    class Typo:
+        @hookimpl
+        def register_quantizer(self, register):  # missing "s"
+            pass
+
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "")
+    with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'register_quantizer'"):
+        make_plugin_manager([Typo()])
+
+
+def test_plugins_command_lists_parameters_defaults_and_docs(test_plugins):
+    res = CliRunner().invoke(app, ["plugins"])
+    assert res.exit_code == 0, res.output
+    for text in ("quantizer rtn", "Symmetric round-to-nearest", "group_size", "distiller nudge",
+                 "evaluator probe", "executor local", "['lm_head']"):
+        assert text in res.output

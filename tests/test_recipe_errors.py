@@ -1,0 +1,96 @@
+"""Every kind of bad input gets one clear line per mistake, exit code 2, and no traceback."""
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import BASIC
+from qcompare.cli import app
+
+cli = CliRunner()
+
+
+def check(args, *expected, lines=1):
+    res = cli.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == lines, res.output
+    for text in expected:
+        assert text in res.output, res.output
+    return res.output
+
+
+def test_missing_recipe_file(test_plugins, tmp_path):
+    check(["validate", tmp_path / "nope.toml"], "recipe file not found", "nope.toml")
+
+
+def test_toml_syntax_error_names_the_line(test_plugins, write_recipe):
+    check(["validate", write_recipe('name = "x"\nmodels = [1,,]\nseeds = [0]\n')], "TOML syntax error", "line 2")
+
+
+def test_unknown_top_level_field(test_plugins, write_recipe):
+    check(["validate", write_recipe("modles = ['x']\n" + BASIC)], "modles: unknown top-level field", "allowed: name")
+
+
+def test_unknown_plugin_suggests_the_closest(test_plugins, write_recipe):
+    out = check(["validate", write_recipe(BASIC.replace('name = "nudge"', 'name = "nudgee"'))])
+    assert "unknown distiller 'nudgee'" in out and "did you mean 'nudge'" in out and "keep" in out
+
+
+def test_unknown_and_mistyped_parameters(test_plugins, write_recipe):
+    body = BASIC.replace("steps = 2", "step = 2\nlearning_rate = 'fast'")
+    out = check(["validate", write_recipe(body)], lines=2)
+    assert "distillers[1].step: unknown parameter of distiller 'nudge'; allowed: steps, learning_rate" in out
+    assert "distillers[1].learning_rate: bad value 'fast'" in out
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (("bits = [8, 2]", "bits = [8, 5]"), "quantizers[0].bits: bad value 5: allowed: 2, 3, 4 or 8"),
+    (("steps = 2", "steps = 2\nlearning_rate = -0.1"), "learning_rate: bad value -0.1: input should be greater than 0"),
+    (("bits = [8, 2]", "bits = []"), "quantizers[0].bits: empty sweep list"),
+])
+def test_out_of_range_and_empty_values(test_plugins, write_recipe, edit, expected):
+    check(["validate", write_recipe(BASIC.replace(*edit))], expected)
+
+
+def test_every_mistake_is_reported_at_once(test_plugins, write_recipe):
+    body = "extra = 1\n" + BASIC.replace("bits = [8, 2]", "bits = 5").replace("steps = 2", "steps = -1")
+    out = check(["validate", write_recipe(body)], lines=3)
+    assert "recipe.toml: quantizers[0].bits" in out and "distillers[1].steps" in out and "extra" in out
+
+
+def test_recipe_that_expands_to_zero_cells(test_plugins, write_recipe):
+    body = 'models = ["{model}"]\nteacher = false\n[[distillers]]\nname = "keep"\n[[evaluators]]\nname = "probe"\n'
+    check(["validate", write_recipe(body)], "expands to zero cells")
+
+
+def test_missing_local_data_file(test_plugins, write_recipe):
+    check(["validate", write_recipe(BASIC + '\n[data]\ntrain = "missing/chat.jsonl"\n')],
+          "data.train: file not found: missing/chat.jsonl")
+
+
+def test_output_path_that_is_a_file(test_plugins, write_recipe, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    check(["run", write_recipe(BASIC), "--output", tmp_path / "taken"], "is a file; give a folder path")
+
+
+@pytest.mark.parametrize("assignment, expected", [
+    ("seeds", "malformed --set 'seeds'"),
+    ("quantizers[7].bits=4", "index 7 is outside the list of 1"),
+    ("nosuch.field=1", "unknown top-level field"),
+])
+def test_malformed_set(test_plugins, write_recipe, assignment, expected):
+    check(["validate", write_recipe(BASIC), "--set", assignment], expected)
+
+
+def test_set_overrides_a_field(test_plugins, write_recipe):
+    res = cli.invoke(app, ["validate", str(write_recipe(BASIC)), "--set", "quantizers[0].bits=4", "--set", "seeds=[3]"])
+    assert res.exit_code == 0 and "3 cells" in res.output, res.output  # teacher, keep, nudge × 1 seed
+
+
+def test_nothing_stored_is_touched_by_bad_input(test_plugins, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    assert cli.invoke(app, ["run", str(write_recipe(BASIC)), "-o", str(out), "--set", "seeds=[0]"]).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    check(["run", write_recipe(BASIC.replace("bits = [8, 2]", "bits = 5")), "-o", out], "bits")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
