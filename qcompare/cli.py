@@ -163,14 +163,38 @@ def plugins():
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `qcompare run`.", show_default=False)]):
-    """Print the comparison table of a run folder."""
-    from qcompare.report import print_report
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `qcompare run`.", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown, latex, csv or json.")] = "table",
+    compare: Annotated[Optional[tuple[str, str]], typer.Option(
+        "--compare", metavar="A B",
+        help="Paired bootstrap A − B over items; A and B are cell ids or settings like lmbda=1.")] = None,
+    rows: Annotated[Optional[str], typer.Option(help="Pivot: the setting along the rows (e.g. lmbda).")] = None,
+    cols: Annotated[Optional[str], typer.Option(help="Pivot: the setting along the columns (e.g. beta).")] = None,
+    metric: Annotated[str, typer.Option(help="Pivot/figure metric, e.g. average or toy_facts/acc.")] = "average",
+    figures: Annotated[Optional[Path], typer.Option(help="Write PNG figures into this folder.")] = None,
+):
+    """Print the comparison tables of a run folder; compare two cells; pivot; export; plot."""
+    from qcompare.report import FORMATS, print_comparison, print_pivot, print_report
     from qcompare.store import open_run
 
     with user_errors():
+        if fmt not in FORMATS:
+            raise QcompareError(f"unknown --format {fmt!r}; allowed: {', '.join(FORMATS)}")
+        if (rows is None) != (cols is None):
+            raise QcompareError("a pivot needs both --rows and --cols")
         store = open_run(run_dir)
-    print_report(store, console)
+        if compare:
+            print_comparison(store.root, *compare, console)
+        elif rows:
+            print_pivot(store.root, rows, cols, metric, console)
+        else:
+            print_report(store, console, fmt)
+        if figures:
+            from qcompare.figures import write_figures
+
+            for path in write_figures(store.root, figures, metric):
+                err_console.print(f"wrote {path}")
 
 
 def main():  # pragma: no cover - console script entry

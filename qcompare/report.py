@@ -1,50 +1,283 @@
-"""The comparison table of a run folder: one row per cell, one column per metric."""
+"""Comparison tables of a run folder: grouped rows, uncertainty, recovery, size, cost.
+
+Rows are configurations (cells that differ only in seed are one row): the teacher, then
+post-training quantization (cells with no seed: nothing trained), then distilled cells.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from qcompare.recipe import PluginChoice
-from qcompare.store import RunStore
+from qcompare.errors import QcompareError
+from qcompare.results import group_columns, load_run, primary_metrics
+from qcompare.stats import Comparison, mean_ci, paired_bootstrap
+from qcompare.store import open_run
+
+FORMATS = ("table", "markdown", "latex", "csv", "json")
 
 
-def _fmt(value, stderr=None) -> str:
-    if value is None:
+def _value(v) -> str:
+    # pandas stores an int column with gaps (the teacher row) as float: show 4, not 4.0
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _describe(row: pd.Series, params: list[str]) -> str:
+    if row["quantizer"] == "teacher":
+        return "teacher"
+    parts = [f"{c.split('.', 1)[1]}={_value(row[c])}" for c in params if c.startswith("quantizer.") and _present(row[c])]
+    q = f"{row['quantizer']}({','.join(parts)})" if parts else row["quantizer"]
+    parts = [f"{c.split('.', 1)[1]}={_value(row[c])}" for c in params if c.startswith("distiller.") and _present(row[c])]
+    d = f"{row['distiller']}({','.join(parts)})" if parts else row["distiller"]
+    return f"{q} · {d}"
+
+
+def _present(v) -> bool:
+    return not (isinstance(v, float) and math.isnan(v)) and v is not None
+
+
+def _varying(df: pd.DataFrame, cols: list[str]) -> list[str]:
+    """Parameter columns whose value differs somewhere: the ones worth printing."""
+    return [c for c in cols if c.startswith(("quantizer.", "distiller.")) and df[c].astype(str).nunique() > 1]
+
+
+def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """One row per configuration: mean ± 95% CI per metric, Δ to teacher, share recovered, size, cost."""
+    if df.empty:
+        return df, []
+    metrics = metrics or primary_metrics(df.columns) + sorted(
+        c for c in df.columns if "/" in c and ":" not in c and c not in primary_metrics(df.columns))
+    if "average" in df.columns:
+        metrics = metrics + ["average"]
+    keys = group_columns(df)
+    shown = _varying(df, keys)
+    rows = []
+    for _, g in df.groupby(keys, dropna=False, sort=False):
+        first = g.iloc[0]
+        row = {k: first[k] for k in keys}
+        row["config"] = _describe(first, shown)
+        row["kind"] = "teacher" if first["quantizer"] == "teacher" else ("ptq" if pd.isna(first["seed"]) else "distilled")
+        row["seeds"] = int(g["seed"].notna().sum()) or 1
+        row["ids"] = list(g["id"])
+        for m in metrics:
+            err = g[f"{m}:stderr"].iloc[0] if f"{m}:stderr" in g and len(g) == 1 else None
+            row[m], row[f"{m} ±"] = mean_ci(g[m].tolist() if m in g else [], err)
+        row["bits/w"] = first.get("bits_per_weight")
+        row["MB"] = first.get("storage_bytes", float("nan")) / 1e6
+        row["time s"] = g["cost.total_seconds"].mean() if "cost.total_seconds" in g else float("nan")
+        cuda = g.get("cost.device", pd.Series(dtype=str)).eq("cuda")
+        row["GPU h"] = float((g["cost.total_seconds"][cuda]).sum() / 3600) if cuda.any() else float("nan")
+        row["tokens gen"] = g["cost.tokens_generated"].mean() if "cost.tokens_generated" in g else float("nan")
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["_order"] = out["kind"].map({"teacher": 0, "ptq": 1, "distilled": 2})
+    out = out.sort_values(["model", "_order", "config"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    if "average" in metrics:
+        _add_recovery(out, shown)
+    return out, metrics
+
+
+def _add_recovery(out: pd.DataFrame, shown: list[str]) -> None:
+    """Δ to the teacher and the share of the quantization gap recovered: (D − PTQ) / (T − PTQ)."""
+    qcols = [c for c in out.columns if c.startswith("quantizer.")]
+    out["Δ teacher"] = np.nan
+    out["recovered"] = np.nan
+    for i, row in out.iterrows():
+        teacher = out[(out["model"] == row["model"]) & (out["kind"] == "teacher")]
+        if teacher.empty or row["kind"] == "teacher":
+            continue
+        t = teacher["average"].iloc[0]
+        out.at[i, "Δ teacher"] = row["average"] - t
+        same_q = (out["model"] == row["model"]) & (out["kind"] == "ptq") & (out["quantizer"] == row["quantizer"])
+        for c in qcols:
+            same_q &= out[c].astype(str) == str(row[c])
+        ptq = out[same_q]
+        if row["kind"] == "distilled" and not ptq.empty and t != ptq["average"].iloc[0]:
+            p = ptq["average"].iloc[0]
+            out.at[i, "recovered"] = (row["average"] - p) / (t - p)
+
+
+def _fmt(value, half=None, pct=False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    text = f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
-    return f"{text} ± {stderr:.3f}" if stderr else text
+    if pct:
+        return f"{value:.0%}"
+    text = f"{value:.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    return f"{text} ± {half:.3f}" if half is not None and not math.isnan(half) else text
 
 
-def print_report(store: RunStore, console: Console) -> None:
-    rows = list(store.records())
-    if not rows:
-        console.print(f"no cells stored in {store.root}")
+def _cells(row, metrics) -> list[str]:
+    return [
+        row["config"], str(row["seeds"]),
+        *(_fmt(row[m], row[f"{m} ±"]) for m in metrics),
+        _fmt(row.get("Δ teacher")), _fmt(row.get("recovered"), pct=True),
+        _fmt(row["bits/w"]), _fmt(row["MB"]), _fmt(row["time s"]), _fmt(row["GPU h"]), _fmt(row["tokens gen"]),
+    ]
+
+
+HEAD = ["configuration", "seeds"]
+TAIL = ["Δ teacher", "recovered", "bits/w", "MB", "time s", "GPU h", "tokens gen"]
+
+
+def print_report(store_or_path, console: Console, fmt: str = "table", metrics: list[str] | None = None) -> None:
+    root = getattr(store_or_path, "root", store_or_path)
+    df = load_run(root)
+    failed = load_run(root, include_failed=True)
+    failed = failed[failed["status"] != "done"] if not failed.empty else failed
+    if df.empty:
+        console.print(f"no finished cells in {root}")
         return
-    metrics = sorted({k for r in rows for k in r.get("metrics", {})})
-    table = Table(title=f"{store.root}", title_justify="left")
-    table.add_column("cell", no_wrap=True)
-    for col in ("quantizer", "distiller", "seed", "status"):
-        table.add_column(col)
-    for col in (*metrics, "bits/w", "MB", "time s"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        s = r["settings"]
-        q = s["quantizer"]
-        d = s["distiller"]
-        size = r.get("size", {})
-        cost = r.get("cost", {})
-        status = {"done": "[green]done[/]", "failed": "[red]failed[/]"}.get(r["status"], f"[yellow]{r['status']}[/]")
-        table.add_row(
-            r["id"],
-            "teacher" if q is None else PluginChoice(**q).label(),
-            "—" if d is None else PluginChoice(**d).label(),
-            "—" if s["seed"] is None else str(s["seed"]),
-            status,
-            *(_fmt(r.get("metrics", {}).get(m), r.get("stderr", {}).get(m)) for m in metrics),
-            _fmt(size.get("bits_per_weight")) if size else "—",
-            f"{size['storage_bytes'] / 1e6:.2f}" if size.get("storage_bytes") else "—",
-            f"{cost['total_seconds']:.1f}" if "total_seconds" in cost else "—",
-        )
-    console.print(table)
+    summary, metrics = summarize(df, metrics)
+    if fmt != "table":
+        console.print(export(summary, metrics, fmt), soft_wrap=True, highlight=False, markup=False)
+        return
+    for model, part in summary.groupby("model", sort=False):
+        table = Table(title=f"{model}  ({root})", title_justify="left")
+        for col in HEAD + metrics + TAIL:
+            table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=col == "configuration")
+        last = None
+        for _, row in part.iterrows():
+            if last is not None and row["kind"] != last:
+                table.add_section()
+            last = row["kind"]
+            table.add_row(*_cells(row, metrics), style="bold" if row["kind"] == "teacher" else None)
+        console.print(table)
+    console.print("± is the half-width of a 95% CI: over seeds (t), or 1.96 × the evaluator's stderr with one seed. "
+                  "recovered = (distilled − PTQ) / (teacher − PTQ) on the average.", style="dim")
+    if not failed.empty:
+        console.print(f"[red]{len(failed)} cells failed[/]: " + "; ".join(f"{r.id} ({r.error})" for r in failed.itertuples()))
 
+
+def export(summary: pd.DataFrame, metrics: list[str], fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise QcompareError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    cols = HEAD + metrics + TAIL
+    rows = [_cells(r, metrics) for _, r in summary.iterrows()]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c == "configuration" else "---:" for c in cols) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    if fmt == "latex":
+        esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+        body = [" & ".join(esc(c) for c in r) + r" \\" for r in rows]
+        return "\n".join([r"\begin{tabular}{l" + "r" * (len(cols) - 1) + "}", r"\toprule",
+                          " & ".join(esc(c) for c in cols) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}"])
+    data = summary.drop(columns=["ids"]).copy()
+    if fmt == "csv":
+        return data.to_csv(index=False)
+    return data.to_json(orient="records", indent=2)
+
+
+# --- paired comparison -------------------------------------------------------------------
+
+
+def select(df: pd.DataFrame, spec: str) -> pd.DataFrame:
+    """Cells chosen by an id prefix or by ``key=value[,key=value]`` over the settings columns.
+
+    A key may be a full column (``distiller.lmbda``) or a parameter name (``lmbda``).
+    """
+    if "=" not in spec:
+        hit = df[df["id"].str.startswith(spec)]
+        if hit.empty:
+            raise QcompareError(f"--compare: no finished cell id starts with {spec!r}")
+        return hit
+    mask = pd.Series(True, index=df.index)
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        cols = [c for c in df.columns if c == key or c.endswith(f".{key}")]
+        if not cols:
+            raise QcompareError(f"--compare: unknown setting {key!r}; known: {', '.join(group_columns(df))}")
+        mask &= df[cols[0]].map(lambda v, want=value.strip(): _same(v, want))
+    hit = df[mask]
+    if hit.empty:
+        raise QcompareError(f"--compare: no finished cell matches {spec!r}")
+    return hit
+
+
+def _same(stored, wanted: str) -> bool:
+    """Whether a stored setting equals a value typed on the command line (8 matches 8.0)."""
+    if str(stored) == wanted or _value(stored) == wanted:
+        return True
+    try:
+        return float(stored) == float(wanted)
+    except (TypeError, ValueError):
+        return False
+
+
+def _items(root: Path, ids: list[str], tasks: list[str]) -> dict[str, np.ndarray]:
+    """Per-item scores of a set of cells, averaged over the cells (seeds) item by item."""
+    store = open_run(root)
+    per_task: dict[str, list] = {}
+    for cid in ids:
+        path = store.cell_dir(cid) / "items.json"
+        if not path.exists():
+            continue
+        for task, scores in json.loads(path.read_text()).items():
+            if task in tasks:
+                per_task.setdefault(task, []).append(scores)
+    return {t: np.mean(np.asarray(v, dtype=float), axis=0) for t, v in per_task.items() if len({len(x) for x in v}) == 1}
+
+
+def compare(root: Path, a: str, b: str) -> tuple[Comparison, pd.DataFrame, pd.DataFrame]:
+    df = load_run(root)
+    if df.empty:
+        raise QcompareError(f"no finished cells in {root}")
+    cells_a, cells_b = select(df, a), select(df, b)
+    tasks = [m.split("/")[0] for m in primary_metrics(df.columns)]
+    try:
+        result = paired_bootstrap(_items(root, list(cells_a["id"]), tasks), _items(root, list(cells_b["id"]), tasks))
+    except ValueError as e:
+        raise QcompareError(f"--compare: {e}; per-item scores come from the lm_eval evaluator") from None
+    return result, cells_a, cells_b
+
+
+def print_comparison(root: Path, a: str, b: str, console: Console) -> None:
+    result, cells_a, cells_b = compare(root, a, b)
+    console.print(f"A = {a}: {len(cells_a)} cells ({', '.join(cells_a['label'])})", highlight=False)
+    console.print(f"B = {b}: {len(cells_b)} cells ({', '.join(cells_b['label'])})", highlight=False)
+    console.print(f"A − B on the {len(result.tasks)}-task average ({result.items} paired items): "
+                  f"{result.difference:+.4f}, 95% CI [{result.low:+.4f}, {result.high:+.4f}] "
+                  f"(paired bootstrap over items) → [bold]{result.verdict}[/]", highlight=False)
+
+
+# --- pivots ------------------------------------------------------------------------------
+
+
+def pivot(root: Path, rows: str, cols: str, metric: str) -> pd.DataFrame:
+    """Mean ± CI of ``metric`` for each (rows, cols) pair of settings, over seeds."""
+    df = load_run(root)
+    if df.empty:
+        raise QcompareError(f"no finished cells in {root}")
+
+    def column(name):
+        hits = [c for c in df.columns if c == name or c.endswith(f".{name}")]
+        if not hits:
+            raise QcompareError(f"unknown axis {name!r}; known: {', '.join(group_columns(df) + ['seed'])}")
+        return hits[0]
+
+    r, c = column(rows), column(cols)
+    if metric not in df.columns:
+        known = [k for k in df.columns if "/" in k and ":" not in k] + (["average"] if "average" in df else [])
+        raise QcompareError(f"unknown metric {metric!r}; known: {', '.join(known)}")
+    table = {}
+    for (rv, cv), g in df[df["quantizer"] != "teacher"].groupby([r, c]):
+        m, half = mean_ci(g[metric].tolist())
+        table.setdefault(_value(rv), {})[_value(cv)] = _fmt(m, half)
+    return pd.DataFrame(table).T.sort_index().rename_axis(f"{rows} \\ {cols}")
+
+
+def print_pivot(root: Path, rows: str, cols: str, metric: str, console: Console) -> None:
+    frame = pivot(root, rows, cols, metric)
+    table = Table(title=f"{metric}: {rows} × {cols}", title_justify="left")
+    table.add_column(frame.index.name)
+    for col in frame.columns:
+        table.add_column(str(col), justify="right")
+    for idx, row in frame.iterrows():
+        table.add_row(str(idx), *(row.fillna("—").astype(str)))
+    console.print(table)

@@ -90,7 +90,7 @@ name = "keep"
 
 [[distillers]]
 name = "nudge"
-steps = 2
+max_steps = 2
 
 [[evaluators]]
 name = "probe"

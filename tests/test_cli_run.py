@@ -38,7 +38,7 @@ def test_run_stores_every_cell_and_prints_table(test_plugins, write_recipe, tmp_
     assert prov["versions"]["torch"] and trained["started_at"] and trained["finished_at"]
     assert trained["size"]["bits_per_weight"] == 2 + 32 / 16
     assert (out / "recipe.toml").read_text() == recipe.read_text()
-    assert trained["id"] in res.output and "probe/" in res.output
+    assert "rtn(bits=2) · nudge" in res.output and "probe/acc" in res.output
 
 
 def test_rerun_skips_finished_cells(test_plugins, write_recipe, tmp_path):
@@ -54,7 +54,7 @@ def test_rerun_skips_finished_cells(test_plugins, write_recipe, tmp_path):
 
 
 def test_failing_cell_is_stored_and_sweep_goes_on(test_plugins, write_recipe, tmp_path):
-    recipe = write_recipe(BASIC.replace("steps = 2", "steps = 1\nfail = [false, true]"))
+    recipe = write_recipe(BASIC.replace("max_steps = 2", "max_steps = 1\nfail = [false, true]"))
     out = tmp_path / "run"
     res = run("run", recipe, "-o", out)
     assert res.exit_code == 1

@@ -11,7 +11,7 @@ def cells_of(path, *overrides):
 
 
 def test_sweep_axes_multiply_and_seedless_cells_run_once(test_plugins, write_recipe):
-    cells = cells_of(write_recipe(BASIC), "distillers[1].steps=[1,2,3]")
+    cells = cells_of(write_recipe(BASIC), "distillers[1].max_steps=[1,2,3]")
     teacher = [c for c in cells if c.is_teacher]
     keep = [c for c in cells if c.distiller and c.distiller.name == "keep"]
     nudge = [c for c in cells if c.distiller and c.distiller.name == "nudge"]

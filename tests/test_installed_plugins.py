@@ -60,7 +60,7 @@ bits = [8, 4, 2]
 group_size = 16
 [[distillers]]
 name = "nudge"
-steps = 3
+max_steps = 3
 sleep = 0.4
 [[evaluators]]
 name = "probe"

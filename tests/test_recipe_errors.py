@@ -38,15 +38,15 @@ def test_unknown_plugin_suggests_the_closest(test_plugins, write_recipe):
 
 
 def test_unknown_and_mistyped_parameters(test_plugins, write_recipe):
-    body = BASIC.replace("steps = 2", "step = 2\nlearning_rate = 'fast'")
+    body = BASIC.replace("max_steps = 2", "step = 2\nlearning_rate = 'fast'")
     out = check(["validate", write_recipe(body)], lines=2)
-    assert "distillers[1].step: unknown parameter of distiller 'nudge'; allowed: steps, learning_rate" in out
+    assert "distillers[1].step: unknown parameter of distiller 'nudge'; allowed: max_steps, learning_rate" in out
     assert "distillers[1].learning_rate: bad value 'fast'" in out
 
 
 @pytest.mark.parametrize("edit, expected", [
     (("bits = [8, 2]", "bits = [8, 5]"), "quantizers[0].bits: bad value 5: allowed: 2, 3, 4 or 8"),
-    (("steps = 2", "steps = 2\nlearning_rate = -0.1"), "learning_rate: bad value -0.1: input should be greater than 0"),
+    (("max_steps = 2", "max_steps = 2\nlearning_rate = -0.1"), "learning_rate: bad value -0.1: input should be greater than 0"),
     (("bits = [8, 2]", "bits = []"), "quantizers[0].bits: empty sweep list"),
 ])
 def test_out_of_range_and_empty_values(test_plugins, write_recipe, edit, expected):
@@ -54,9 +54,9 @@ def test_out_of_range_and_empty_values(test_plugins, write_recipe, edit, expecte
 
 
 def test_every_mistake_is_reported_at_once(test_plugins, write_recipe):
-    body = "extra = 1\n" + BASIC.replace("bits = [8, 2]", "bits = 5").replace("steps = 2", "steps = -1")
+    body = "extra = 1\n" + BASIC.replace("bits = [8, 2]", "bits = 5").replace("max_steps = 2", "max_steps = -1")
     out = check(["validate", write_recipe(body)], lines=3)
-    assert "recipe.toml: quantizers[0].bits" in out and "distillers[1].steps" in out and "extra" in out
+    assert "recipe.toml: quantizers[0].bits" in out and "distillers[1].max_steps" in out and "extra" in out
 
 
 def test_recipe_that_expands_to_zero_cells(test_plugins, write_recipe):

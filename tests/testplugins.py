@@ -16,7 +16,7 @@ from qcompare.api import Distiller, DistillResult, EvalResult, Evaluator, Params
 
 
 class NudgeParams(Params):
-    steps: int = Field(2, ge=0, description="SGD steps")
+    max_steps: int = Field(2, ge=0, description="SGD steps")
     learning_rate: float = Field(1e-2, gt=0, description="step size")
     fail: bool = Field(False, description="raise inside the cell (tests failure handling)")
     sleep: float = Field(0.0, ge=0, description="seconds to wait per step (tests interruption)")
@@ -35,8 +35,8 @@ class Nudge(Distiller):
         opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=params.learning_rate)
         log = []
         student.train()
-        with context.progress.task("nudge", total=params.steps) as advance:
-            for step in range(params.steps):
+        with context.progress.task("nudge", total=params.max_steps) as advance:
+            for step in range(params.max_steps):
                 ids = torch.randint(3, teacher.config.vocab_size, (2, 8), generator=gen)
                 with torch.no_grad():
                     t = teacher(ids).logits.log_softmax(-1)
@@ -49,7 +49,7 @@ class Nudge(Distiller):
                 time.sleep(params.sleep)
                 advance(1)
         student.eval()
-        return DistillResult(student, log, {"train_steps": params.steps})
+        return DistillResult(student, log, {"train_steps": params.max_steps})
 
 
 class Keep(Distiller):
@@ -80,7 +80,7 @@ class Probe(Evaluator):
             s = model(ids).logits.float().log_softmax(-1)
         kl = (t.exp() * (t - s)).sum(-1).mean(-1)
         agree = (t.argmax(-1) == s.argmax(-1)).float().mean(-1)
-        return EvalResult(metrics={"probe/kl": kl.mean().item(), "probe/agree": agree.mean().item()},
+        return EvalResult(metrics={"probe/kl": kl.mean().item(), "probe/acc": agree.mean().item()},
                           items={"probe": agree.tolist()})
 
 

@@ -1,0 +1,106 @@
+"""PNG figures of a run: metric vs learning rate per λ, loss curves, metric vs steps, per quantizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from qcompare.report import _value, summarize  # noqa: E402
+from qcompare.results import load_run  # noqa: E402
+from qcompare.stats import mean_ci  # noqa: E402
+from qcompare.store import open_run  # noqa: E402
+
+
+def _metric_vs(df: pd.DataFrame, x: str, metric: str, path: Path, xlabel: str, log: bool) -> Path | None:
+    """One line per distiller configuration other than ``x`` (e.g. per λ), mean ± 95% CI over seeds."""
+    part = df[df[x].notna()] if x in df else df.iloc[0:0]
+    if part.empty or part[x].nunique() < 2:
+        return None
+    series_keys = [c for c in ("distiller", "distiller.lmbda", "quantizer.bits") if c in part and c != x]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, g in part.groupby(series_keys, dropna=False):
+        pts = [(xv, *mean_ci(h[metric].tolist())) for xv, h in g.groupby(x)]
+        xs, ms, hs = zip(*pts)
+        label = ", ".join(f"{k.split('.')[-1]}={_value(v)}" for k, v in zip(series_keys, np.atleast_1d(key)) if pd.notna(v))
+        ax.errorbar(xs, ms, yerr=[h or 0 for h in hs], marker="o", capsize=3, label=label)
+    teacher = df[df["quantizer"] == "teacher"]
+    if not teacher.empty:
+        ax.axhline(teacher[metric].mean(), color="k", ls="--", lw=1, label="teacher")
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def _loss_curves(root: Path, df: pd.DataFrame, path: Path) -> Path | None:
+    store = open_run(root)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    drawn = 0
+    for label, g in df[df["seed"].notna()].groupby("label_noseed"):
+        curves = []
+        for cid in g["id"]:
+            log = store.cell_dir(cid) / "train_log.jsonl"
+            if log.exists():
+                rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+                curves.append([(r["step"], r["loss"]) for r in rows if "loss" in r])
+        if not curves:
+            continue
+        steps = sorted({s for c in curves for s, _ in c})
+        mean = [np.mean([dict(c).get(s, np.nan) for c in curves]) for s in steps]
+        ax.plot(steps, mean, label=label)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean over seeds)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def _per_quantizer(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    summary, _ = summarize(df)
+    if metric not in summary or summary.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.45 * len(summary)), 4.2))
+    colors = summary["kind"].map({"teacher": "k", "ptq": "tab:red", "distilled": "tab:blue"})
+    ax.bar(range(len(summary)), summary[metric], yerr=summary[f"{metric} ±"].fillna(0), color=colors, capsize=3)
+    ax.set_xticks(range(len(summary)), summary["config"], rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel(metric)
+    ax.set_title("teacher (black) · post-training quantization (red) · distilled (blue)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def write_figures(root: str | Path, folder: str | Path, metric: str = "average") -> list[Path]:
+    """Write every figure the run has data for; return their paths."""
+    root, folder = Path(root), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    df = load_run(root)
+    if df.empty or metric not in df:
+        return []
+    df["label_noseed"] = df["label"].str.replace(r" · seed \d+$", "", regex=True)
+    made = [
+        _metric_vs(df, "distiller.learning_rate", metric, folder / "metric_vs_learning_rate.png", "learning rate", True),
+        _metric_vs(df, "distiller.max_steps", metric, folder / "metric_vs_steps.png", "training steps", False),
+        _loss_curves(root, df, folder / "loss_curves.png"),
+        _per_quantizer(df, metric, folder / "metric_per_configuration.png"),
+    ]
+    return [p for p in made if p is not None]
