@@ -1,0 +1,141 @@
+"""What a training cell cost, measured rather than guessed.
+
+Wall time is split by where it went (rollout generation, teacher forward, student
+forward+backward, the rest); token counts come from the attention masks the models
+actually saw; FLOPs are an *estimate* (2·params·tokens per forward, 6·params·tokens per
+trained token, attention ignored), labelled as such in the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Counters that accumulate over a cell and survive a resume (saved next to each checkpoint).
+COUNTERS = (
+    "step_seconds",  # wall time inside training_step: rollout + teacher forward + student fwd/bwd
+    "rollout_seconds",  # generate() for on-policy (student) or seq_kd (teacher) sequences
+    "teacher_forward_seconds",
+    "tokens_generated",  # completion tokens kept (up to and including EOS)
+    "rollout_tokens",  # prompt + completion tokens that went through generate()
+    "student_rollout_tokens",  # the part of rollout_tokens the student generated
+    "teacher_tokens",  # tokens through the teacher's forward
+    "student_tokens",  # tokens through the student's forward+backward
+    "train_seconds",  # wall time of trainer.train(), summed over resumed runs
+    "loop_seconds",  # the part of train_seconds spent in the step loop (after set-up)
+    "steps",
+)
+SAVED_NAME = "qcompare_cost.json"
+
+
+class CostMeter:
+    """Accumulates timers and token counts for one cell."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.totals = {k: 0.0 for k in COUNTERS}
+        self.running: dict[str, float] = {}  # open timers: key -> perf_counter() at start
+
+    def add(self, key: str, value) -> None:
+        self.totals[key] += float(value)
+
+    @contextlib.contextmanager
+    def time(self, key: str):
+        # CUDA work is asynchronous: without a sync the time would land in whichever
+        # later call happens to wait for it.
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.totals[key] += time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def start(self, key: str) -> None:
+        """Open a timer that spans callbacks (closed by ``stop``)."""
+        self.running[key] = time.perf_counter()
+
+    def stop(self, key: str) -> None:
+        if key in self.running:
+            self.totals[key] += time.perf_counter() - self.running.pop(key)
+
+    def save(self, folder: Path) -> None:
+        totals = dict(self.totals)
+        for key, start in self.running.items():  # time so far, for a cell resumed from here
+            totals[key] += time.perf_counter() - start
+        (Path(folder) / SAVED_NAME).write_text(json.dumps(totals))
+
+    def load(self, folder: Path) -> None:
+        path = Path(folder) / SAVED_NAME
+        if path.exists():
+            self.totals.update(json.loads(path.read_text()))
+
+    def summary(self, student_params: int, teacher_params: int) -> dict:
+        """The ``cost`` dict of a DistillResult."""
+        t = self.totals
+        steps = int(t["steps"])
+        student_seconds = max(t["step_seconds"] - t["rollout_seconds"] - t["teacher_forward_seconds"], 0.0)
+        teacher_rollout_tokens = t["rollout_tokens"] - t["student_rollout_tokens"]
+        flops = (
+            6 * student_params * t["student_tokens"]
+            + 2 * teacher_params * t["teacher_tokens"]
+            + 2 * student_params * t["student_rollout_tokens"]
+            + 2 * teacher_params * teacher_rollout_tokens
+        )
+        return {
+            "train_seconds": round(t["train_seconds"], 4),
+            "steps": steps,
+            # rates over the step loop: set-up (optimizer, checkpoint loading) is apart
+            "setup_seconds": round(max(t["train_seconds"] - t["loop_seconds"], 0.0), 4),
+            "steps_per_second": round(steps / t["loop_seconds"], 4) if t["loop_seconds"] else 0.0,
+            "seconds_per_step": round(t["loop_seconds"] / steps, 4) if steps else 0.0,
+            "rollout_seconds": round(t["rollout_seconds"], 4),
+            "teacher_forward_seconds": round(t["teacher_forward_seconds"], 4),
+            "student_forward_backward_seconds": round(student_seconds, 4),
+            # in the loop but outside training_step: optimizer, data loading, logging, checkpoints
+            "other_seconds": round(max(t["loop_seconds"] - t["step_seconds"], 0.0), 4),
+            "tokens_generated": int(t["tokens_generated"]),
+            "teacher_tokens": int(t["teacher_tokens"]),
+            "student_tokens": int(t["student_tokens"]),
+            "rollout_tokens": int(t["rollout_tokens"]),
+            "student_params": student_params,
+            "teacher_params": teacher_params,
+            "flops_estimate": float(flops),
+            "flops_method": "estimate: 6*params*tokens for trained student tokens, 2*params*tokens for "
+            "teacher forwards and rollout tokens (prompt+completion, KV cache assumed); attention ignored",
+            **peak_memory(self.device),
+        }
+
+
+def peak_memory(device: str) -> dict:
+    """Peak memory at the end of training: the CUDA allocator's peak on a GPU (not reset
+    here, so the runner's own whole-cell peak stays right), else the process's peak RSS.
+    Named ``train_*`` so the runner's ``peak_memory_bytes`` does not overwrite it."""
+    if device == "cuda" and torch.cuda.is_available():
+        return {"train_peak_memory_bytes": int(torch.cuda.max_memory_allocated()),
+                "train_peak_memory_kind": "cuda_max_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is KiB on Linux, bytes on macOS; it is the whole process's peak so far,
+    # not this cell's alone.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"train_peak_memory_bytes": int(rss * scale), "train_peak_memory_kind": "process_peak_rss"}
+
+
+def zero_cost() -> dict:
+    """The cost of a distiller that does not train."""
+    return {"train_seconds": 0.0, "steps": 0, "tokens_generated": 0, "teacher_tokens": 0, "student_tokens": 0,
+            "flops_estimate": 0.0}
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,18 @@
+"""The no-training row: the quantized student as the quantizer left it (post-training quantization)."""
+
+from __future__ import annotations
+
+from qcompare.api import CellContext, Distiller, DistillResult, Params
+
+from .cost import zero_cost
+
+
+class NoDistiller(Distiller):
+    """No recovery training: evaluate the quantized model as is (post-training quantization)."""
+
+    name = "none"
+    Params = Params
+    seeded = False
+
+    def distill(self, teacher, student, tokenizer, data, params, context: CellContext) -> DistillResult:
+        return DistillResult(student=student, log=[], cost=zero_cost())

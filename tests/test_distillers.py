@@ -1,0 +1,237 @@
+"""The built-in distillers (none, sft, gkd) on a tiny Qwen3 with a torchao fake-quant student."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+from tiny_chat import make_context, make_data, make_student, make_teacher, make_tokenizer
+
+from qcompare.api import CellProgress
+from qcompare.errors import QcompareError
+from qcompare.plugins import get_registry
+from qcompare_plugins.distillers import GKDDistiller, NoDistiller, SFTDistiller
+from qcompare_plugins.distillers.common import TrainingDivergedError
+from qcompare_plugins.distillers.gkd import GKDParams
+from qcompare_plugins.distillers.sft import SFTParams
+
+TINY = dict(max_steps=4, max_length=64, learning_rate=1e-3, per_device_train_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def world():
+    tokenizer = make_tokenizer()
+    return tokenizer, make_teacher(tokenizer), make_data()
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before, model):
+    after = model.state_dict()
+    return [k for k, v in before.items() if k in after and not torch.equal(v, after[k])]
+
+
+class Bar:
+    """A CellProgress backend that records what the distiller reported."""
+
+    def __init__(self, stop_at=None):
+        self.total, self.done, self.stop_at, self.calls = None, 0, stop_at, []
+
+    def start(self, description, total):
+        self.total = total
+
+        def advance(n=1):
+            if self.stop_at is not None and self.done + n >= self.stop_at:
+                raise KeyboardInterrupt(f"simulated interruption at step {self.done + n}")
+            self.done += n
+            self.calls.append(n)
+
+        return advance, lambda: None
+
+
+def test_distillers_register_through_the_entry_point():
+    registry = get_registry()
+    assert {"none", "sft", "gkd"} <= set(registry.names("distiller"))
+    assert registry.get("distiller", "gkd") is GKDDistiller
+    assert NoDistiller.seeded is False and GKDDistiller.seeded and SFTDistiller.seeded
+
+
+@pytest.mark.parametrize("cls", [SFTDistiller, GKDDistiller])
+def test_every_parameter_has_a_default_and_a_description(cls):
+    for name, field in cls.Params.model_fields.items():
+        assert not field.is_required(), name
+        assert field.description, name
+    cls.Params()  # all defaults together are valid
+
+
+@pytest.mark.parametrize(
+    "bad", [{"lmbda": 1.5}, {"beta": -0.1}, {"temperature": 0}, {"learning_rate": 0}, {"max_new_tokens": 0},
+            {"warmup_ratio": 0.1, "warmup_steps": 3}, {"lr_scheduler_type": "cosine_typo"}, {"lamda": 0.5}],
+)
+def test_gkd_params_reject_bad_values(bad):
+    with pytest.raises(ValidationError):
+        GKDParams(**bad)
+
+
+def test_none_returns_the_student_untouched(world, tmp_path):
+    tokenizer, teacher, data = world
+    student = make_student(teacher)
+    result = NoDistiller().distill(teacher, student, tokenizer, data, NoDistiller.Params(), make_context(tmp_path))
+    assert result.student is student and result.log == []
+    assert result.cost["train_seconds"] == 0 and result.cost["steps"] == 0
+
+
+@pytest.mark.parametrize("cls", [SFTDistiller, GKDDistiller])
+def test_missing_data_asks_for_the_recipe_field(world, tmp_path, cls):
+    tokenizer, teacher, _ = world
+    with pytest.raises(QcompareError, match=r"\[data\] train"):
+        cls().distill(teacher, make_student(teacher, False), tokenizer, None, cls.Params(), make_context(tmp_path))
+
+
+def test_bad_data_names_what_was_found(world, tmp_path):
+    tokenizer, teacher, data = world
+    student = make_student(teacher, False)
+    wrong = data.rename_column("messages", "conversation")
+    with pytest.raises(QcompareError, match=r"'messages' column.*found columns: \['conversation'\]"):
+        GKDDistiller().distill(teacher, student, tokenizer, wrong, GKDParams(), make_context(tmp_path))
+    no_answer = data.map(lambda row: {"messages": row["messages"][:1]})
+    with pytest.raises(QcompareError, match="row 0"):
+        SFTDistiller().distill(teacher, student, tokenizer, no_answer, SFTParams(), make_context(tmp_path))
+
+
+def test_sft_trains_the_student_on_the_answers(world, tmp_path):
+    tokenizer, teacher, data = world
+    student, teacher_before = make_student(teacher), weights(teacher)
+    before, bar = weights(student), Bar()
+    context = make_context(tmp_path, progress=CellProgress(bar.start))
+    result = SFTDistiller().distill(teacher, student, tokenizer, data, SFTParams(**TINY, save_steps=2), context)
+    assert [e["step"] for e in result.log] == [1, 2, 3, 4]
+    assert all(math.isfinite(e["loss"]) for e in result.log)
+    assert result.log[-1]["loss"] < result.log[0]["loss"]
+    assert changed(before, result.student) and not changed(teacher_before, teacher)
+    assert (bar.total, bar.done) == (4, 4)
+    cost = result.cost
+    assert cost["steps"] == 4 and cost["student_tokens"] > 0 and cost["teacher_tokens"] == 0
+    assert cost["rollout_seconds"] == 0 and cost["flops_estimate"] == 6 * cost["student_params"] * cost["student_tokens"]
+    assert not context.checkpoint_dir.exists()  # deleted once the cell finished
+
+
+def test_sft_loss_covers_only_the_answer(world, tmp_path):
+    from qcompare_plugins.distillers.common import check_data
+    from qcompare_plugins.distillers.cost import CostMeter
+    from qcompare_plugins.distillers.sft import to_prompt_completion
+
+    tokenizer, teacher, data = world
+    rows = to_prompt_completion(check_data(data, "sft"))
+    trainer = SFTDistiller().make_trainer(make_student(teacher, False), tokenizer, rows, SFTParams(**TINY), make_context(tmp_path), CostMeter("cpu"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        trained_on = tokenizer.decode(ids[labels != -100]).split()
+        assert trained_on[-1] == "<|end|>" and trained_on[0] in ("it", "maybe") and "plus" not in trained_on
+
+
+def test_lora_student_keeps_its_adapters_and_converts_to_the_same_function(world, tmp_path):
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.qat import QATConfig
+
+    tokenizer, teacher, data = world
+    untrained = make_student(teacher)
+    student = make_student(teacher)
+    result = SFTDistiller().distill(teacher, student, tokenizer, data, SFTParams(**TINY, lora_r=4), make_context(tmp_path))
+    trained = result.student
+    assert type(trained) is type(untrained) and any("lora_A" in name for name, _ in trained.named_modules())
+    converted = copy.deepcopy(trained)
+    quantize_(converted, QATConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)), step="convert"))
+    ids = tokenizer("<|user|> what is 3 plus 4 <|end|> <|assistant|> it is 7", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = trained(ids).logits
+        assert not torch.allclose(logits, untrained.eval()(ids).logits, atol=1e-3)  # the adapters trained
+        # converting quantizes the base layers only: the trained function survives
+        assert torch.allclose(logits, converted(ids).logits, atol=1e-5)
+
+
+def test_gkd_off_and_on_policy_split_their_cost(world, tmp_path):
+    tokenizer, teacher, data = world
+    costs = {}
+    for lmbda in (0.0, 1.0):
+        params = GKDParams(**TINY, lmbda=lmbda, max_new_tokens=8)
+        result = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path / str(lmbda)))
+        assert len(result.log) == 4 and all(e["on_policy"] == lmbda for e in result.log)
+        costs[lmbda] = result.cost
+    off, on = costs[0.0], costs[1.0]
+    assert off["rollout_seconds"] == 0 and off["tokens_generated"] == 0
+    assert on["rollout_seconds"] > 0 and 0 < on["tokens_generated"] <= 4 * 2 * 8
+    for cost in (off, on):
+        assert cost["teacher_forward_seconds"] > 0 and cost["student_forward_backward_seconds"] > 0
+        assert cost["teacher_tokens"] == cost["student_tokens"] > 0
+        assert cost["train_peak_memory_bytes"] > 0 and cost["steps_per_second"] > 0
+
+
+def test_gkd_seq_kd_trains_on_teacher_rollouts(world, tmp_path):
+    tokenizer, teacher, data = world
+    params = GKDParams(**TINY, lmbda=0.0, seq_kd=True, max_new_tokens=8)
+    result = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path))
+    assert all(e["teacher_rollout"] == 1.0 and e["on_policy"] == 0.0 for e in result.log)
+    cost = result.cost
+    assert cost["rollout_seconds"] > 0 and cost["tokens_generated"] > 0
+    # rollouts by the teacher count 2·teacher_params per token, trained tokens 6·student_params
+    n = cost["student_params"]
+    assert cost["flops_estimate"] == 6 * n * cost["student_tokens"] + 2 * n * cost["teacher_tokens"] + 2 * n * cost["rollout_tokens"]
+
+
+def _gkd_losses(world, tmp_path, seed, **extra):
+    tokenizer, teacher, data = world
+    params = GKDParams(**{**TINY, "lmbda": 0.5, "max_new_tokens": 8, **extra})
+    result = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path, seed=seed))
+    return [(e["step"], e["loss"], e["on_policy"]) for e in result.log]
+
+
+def test_gkd_same_seed_gives_the_same_loss_curve(world, tmp_path):
+    first = _gkd_losses(world, tmp_path / "a", seed=1)
+    assert _gkd_losses(world, tmp_path / "b", seed=1) == first
+    assert _gkd_losses(world, tmp_path / "c", seed=2) != first
+
+
+def test_gkd_resumes_an_interrupted_cell_from_its_checkpoint(world, tmp_path):
+    tokenizer, teacher, data = world
+    params = GKDParams(**{**TINY, "max_steps": 6, "lmbda": 0.5, "max_new_tokens": 8, "save_steps": 2})
+    whole = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path / "whole"))
+
+    cell = tmp_path / "cell"
+    bar = Bar(stop_at=5)  # dies after step 5's work, before its checkpoint; the last one is step 4
+    with pytest.raises(KeyboardInterrupt):
+        GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(cell, progress=CellProgress(bar.start)))
+    assert [p.name for p in (cell / "checkpoints").iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-4"]
+
+    bar = Bar()
+    resumed = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(cell, progress=CellProgress(bar.start)))
+    assert bar.calls == [4, 1, 1]  # the bar starts at the checkpoint; the rerun trains 2 steps
+    assert [e["step"] for e in resumed.log] == list(range(1, 7))
+    for a, b in zip(whole.log, resumed.log):
+        assert a["on_policy"] == b["on_policy"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    assert resumed.cost["steps"] == 6  # cost so far came back with the checkpoint
+    assert not (cell / "checkpoints").exists()
+
+
+def test_a_nan_loss_fails_the_cell_naming_the_step(world, tmp_path):
+    tokenizer, teacher, data = world
+    student = make_student(teacher, fake_quant=False)
+    with torch.no_grad():
+        student.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDivergedError, match="loss is nan at step 1"):
+        GKDDistiller().distill(teacher, student, tokenizer, data, GKDParams(**TINY, lmbda=0.0), make_context(tmp_path))
+
+
+def test_tensorboard_events_outlive_the_deleted_checkpoints(world, tmp_path):
+    tokenizer, teacher, data = world
+    context = make_context(tmp_path)
+    context.report_to = ["tensorboard"]
+    SFTDistiller().distill(teacher, make_student(teacher, False), tokenizer, data, SFTParams(**TINY, save_steps=2), context)
+    assert list((tmp_path / "tensorboard").glob("**/events.out.tfevents.*"))
+    assert not context.checkpoint_dir.exists()
