@@ -78,6 +78,13 @@ class Runner:
             out.append((cell, r["status"] if r else "pending"))
         return out
 
+    def __getstate__(self):
+        # Executors that ship the runner to other processes (Ray) rebuild it there.
+        return {"recipe": self.recipe, "store": self.store}
+
+    def __setstate__(self, state):
+        self.__init__(state["recipe"], state["store"])
+
     # --- shared inputs, loaded once per process --------------------------------------
 
     def teacher(self, name: str):
@@ -113,6 +120,13 @@ class Runner:
         record["provenance"] = provenance()
         write_json(cell_dir / RESULT, record)
         self.hooks.cell_finished(cell=cell, cell_dir=cell_dir, record=record)
+        return record
+
+    def store_failure(self, cell: Cell, error: str) -> dict:
+        """Record a cell that died outside run_cell (e.g. its worker process was killed)."""
+        record = {"id": cell.id, "label": cell.label(), "settings": cell.settings(), "status": "failed",
+                  "error": error, "finished_at": now()}
+        write_json(self.store.cell_dir(cell.id) / RESULT, record)
         return record
 
     def _execute(self, cell: Cell, cell_dir: Path) -> dict:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,9 +36,9 @@ def site(tmp_path_factory) -> Path:
     return target
 
 
-def qcompare(site, *args, wait=True):
+def qcompare(site, *args, wait=True, **env_extra):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(TESTS)]),
-           "QCOMPARE_PLUGINS": "local,rtn,testplugins", "COLUMNS": "200"}
+           "QCOMPARE_PLUGINS": "local,ray,rtn,testplugins", "COLUMNS": "200", **env_extra}
     cmd = [sys.executable, "-m", "qcompare", *map(str, args)]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,3 +99,25 @@ def test_kill_9_midway_then_rerun_finishes_only_what_was_missing(site, tiny_mode
     for k, blob in done_before.items():  # finished cells were skipped, byte for byte
         assert (out / "cells" / k / "result.json").read_bytes() == blob
     assert f"{len(done_before)} cells already done" in res.stderr
+
+
+def test_ray_executor_runs_cells_on_a_loopback_cluster_and_resumes(site, tiny_model_dir, tmp_path):
+    recipe = tmp_path / "ray.toml"
+    recipe.write_text(RECIPE.replace("{model}", str(tiny_model_dir)).replace("sleep = 0.4", "sleep = 0.0")
+                      + '\n[executor]\nname = "ray"\nlocal_cpus = 2\n')
+    out = tmp_path / "run"
+    ray_tmp = tempfile.mkdtemp(prefix="qr")  # Ray's socket paths must stay under 107 bytes
+    ray_env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Two cells first, through the CLI's --executor flag; then the rest of the recipe.
+    res = qcompare(site, "run", recipe, "-o", out, "--set", "quantizers[0].bits=[8]", **ray_env)
+    assert res.returncode == 0, res.stderr
+    first = _results(out)
+    assert len(first) == 2 and all(r["status"] == "done" for r in first.values())
+    res = qcompare(site, "run", recipe, "-o", out, **ray_env)
+    assert res.returncode == 0, res.stderr
+    assert "2 cells already done" in res.stderr
+    after = _results(out)
+    assert len(after) == 4 and all(r["status"] == "done" for r in after.values())
+    assert all(after[k]["finished_at"] == r["finished_at"] for k, r in first.items())
+    assert any(r["provenance"]["host"] for r in after.values())
+    shutil.rmtree(ray_tmp, ignore_errors=True)
