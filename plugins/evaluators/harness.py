@@ -1,0 +1,193 @@
+"""The ``lm_eval`` evaluator: lm-evaluation-harness tasks on the in-memory model."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from qcompare.api import EvalResult, Evaluator, Params
+from qcompare.errors import QcompareError
+from qcompare_plugins.evaluators.quiet import kept_rng_state, progress_through, quiet_lm_eval
+
+# "auto" makes lm-eval try ever larger batches until one fails to fit: worth it on a GPU,
+# pointless on a CPU, where a fixed size is as fast and starts at once.
+CPU_BATCH_SIZE = 8
+OFFLINE_HINT = "to run offline, put a task YAML over local JSONL in a folder and name it in include_path (see plugins/toy/tasks)"
+
+_task_managers: dict = {}
+
+
+class LmEvalParams(Params):
+    tasks: list[str] = Field(min_length=1, description="lm-eval task, group or tag names (hellaswag, arc_easy, mmlu, toy ...)")
+    num_fewshot: Annotated[int, Field(ge=0)] | None = None
+    limit: Annotated[float, Field(gt=0)] | None = Field(None, description="examples per task: a count, or a fraction if < 1")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    apply_chat_template: bool = False
+    include_path: list[str] = Field(default_factory=list, description="extra folders of task YAMLs")
+
+
+class LmEvalEvaluator(Evaluator):
+    """lm-evaluation-harness tasks (accuracy with stderr, per-item correctness)."""
+
+    name = "lm_eval"
+    Params = LmEvalParams
+
+    def evaluate(self, model, tokenizer, params, context):
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        task_manager = _task_manager_for(params.tasks, _folders(params, context))
+        if params.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise QcompareError("lm_eval: apply_chat_template = true but the tokenizer has no chat template; set it to false")
+        batch_size = params.batch_size
+        if batch_size == "auto" and model.device.type != "cuda":
+            batch_size = CPU_BATCH_SIZE
+        limit = params.limit if params.limit is None or params.limit < 1 else int(params.limit)
+
+        result = EvalResult()
+        with quiet_lm_eval(), kept_rng_state():
+            with _untied(model):
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            # One lm-eval run per requested task, so each gets its own progress bar.
+            for name in params.tasks:
+                loaded = _load(task_manager, name)
+                bar = lambda kind, total, name=name: context.progress.task(f"lm_eval: {name} ({kind})", total=total)  # noqa: E731
+                with progress_through(bar):
+                    out = lm_eval.simple_evaluate(
+                        model=lm,
+                        tasks=loaded,
+                        task_manager=task_manager,
+                        num_fewshot=params.num_fewshot,
+                        limit=limit,
+                        apply_chat_template=params.apply_chat_template,
+                        log_samples=True,
+                    )
+                _collect(out, result)
+        return result
+
+
+def _folders(params: LmEvalParams, context) -> list[Path]:
+    folders = [Path(p) for p in context.task_folders]
+    for p in params.include_path:
+        if not Path(p).is_dir():
+            raise QcompareError(f"lm_eval: include_path {p!r} is not a folder; give folders of task YAMLs")
+        folders.append(Path(p).resolve())
+    return folders
+
+
+def _task_manager_for(tasks: list[str], folders: list[Path]):
+    """A TaskManager that knows every task in ``tasks``; unknown names are QcompareErrors.
+
+    Indexing lm-eval's ~15k built-in tasks takes ~4 s, so it is done only when a task is
+    not in the plugin folders, and each index is kept for the process.
+    """
+    local = _task_manager(tuple(folders), include_defaults=False)
+    if all(_known(local, t) for t in tasks):
+        return local
+    full = _task_manager(tuple(folders), include_defaults=True)
+    for t in tasks:
+        if not _known(full, t):
+            close = difflib.get_close_matches(t, full.all_tasks, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = ", ".join(str(f) for f in folders) or "no task folders"
+            raise QcompareError(f"lm_eval: unknown task {t!r}{hint}: not an lm-eval task nor in {where}; {OFFLINE_HINT}")
+    return full
+
+
+def _known(task_manager, name: str) -> bool:
+    return name in task_manager.task_index or (name.endswith((".yaml", ".yml")) and Path(name).is_file())
+
+
+def _task_manager(folders: tuple[Path, ...], include_defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    key = (folders, include_defaults)
+    if key not in _task_managers:
+        with quiet_lm_eval():
+            _task_managers[key] = TaskManager(include_path=[str(f) for f in folders] or None, include_defaults=include_defaults)
+    return _task_managers[key]
+
+
+def _load(task_manager, name: str) -> list:
+    """Build one task (or group) ourselves, so a dataset that can't be reached names its task."""
+    try:
+        with _working_dir(_yaml_folder(task_manager, name)):
+            loaded = task_manager.load([name])
+    except OSError as e:  # ConnectionError under HF_HUB_OFFLINE=1, FileNotFoundError, DatasetNotFoundError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QcompareError(f"lm_eval: task {name!r} can't load its dataset ({reason}); {OFFLINE_HINT}") from None
+    if name in loaded.get("groups", {}):
+        return [loaded["groups"][name]]
+    if name in loaded["tasks"]:
+        return [loaded["tasks"][name]]
+    return list(loaded["tasks"].values())  # a tag: its tasks
+
+
+def _yaml_folder(task_manager, name: str) -> Path | None:
+    """The folder of a plugin's task YAML (None for lm-eval's own tasks)."""
+    entry = task_manager.task_index.get(name)
+    path = entry.yaml_path if entry is not None else Path(name) if name.endswith((".yaml", ".yml")) else None
+    if path is None or "lm_eval/tasks" in Path(path).resolve().as_posix():
+        return None
+    return Path(path).resolve().parent
+
+
+@contextlib.contextmanager
+def _working_dir(folder: Path | None):
+    """lm-eval hands ``data_files`` to ``datasets.load_dataset``, which reads relative paths
+    from the current directory; loading a task from its own folder lets a task YAML name
+    the JSONL beside it, so task folders work from any directory and on any machine."""
+    if folder is None:
+        yield
+        return
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@contextlib.contextmanager
+def _untied(model):
+    """HFLM calls ``model.tie_weights()``, which would point a tied lm_head back at the
+    embedding and undo a quantizer that treated the two differently: evaluate as given."""
+    model.tie_weights = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        del model.tie_weights
+
+
+def _collect(out: dict, result: EvalResult) -> None:
+    """Turn lm-eval's ``results`` and ``samples`` into ``task/metric`` numbers and per-item scores.
+
+    lm-eval names a result ``metric,filter``; the filter stays in the key only where a task
+    has several (gsm8k: ``exact_match,strict-match`` and ``exact_match,flexible-extract``).
+    """
+    for task, row in out["results"].items():
+        numbers = {k: float(v) for k, v in row.items() if "," in k and _is_number(v)}
+        several = len({k.split(",", 1)[1] for k in numbers}) > 1
+        for key, value in numbers.items():
+            metric, filter_name = key.split(",", 1)
+            table = result.stderr if metric.endswith("_stderr") else result.metrics
+            metric = metric.removesuffix("_stderr")
+            table[f"{task}/{metric},{filter_name}" if several else f"{task}/{metric}"] = value
+    for task, samples in out.get("samples", {}).items():
+        if not samples:
+            continue
+        # Per-item scores of the task's first metric under its first filter, by doc_id.
+        filter_name, metric = samples[0]["filter"], samples[0]["metrics"][0]
+        rows = sorted((s for s in samples if s["filter"] == filter_name), key=lambda s: s["doc_id"])
+        if all(_is_number(s.get(metric)) for s in rows):
+            result.items[task] = [float(s[metric]) for s in rows]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))

@@ -1,0 +1,75 @@
+"""The ``kl_to_teacher`` evaluator: how far the student's next-token distributions drift.
+
+KL(teacher || student) is the forward KL that off-policy distillation minimises, so it
+measures directly what recovery training tries to undo; top-1 agreement says how often
+greedy decoding would pick the same token.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from qcompare.api import EvalResult, Evaluator, Params
+from qcompare.errors import QcompareError
+from qcompare_plugins.evaluators.heldout import dataset_label, load_documents, token_ids, window_length
+
+
+class KLParams(Params):
+    dataset: str = Field(description="registered dataset name, local .jsonl/.txt file, or hub id (wikitext)")
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+    max_length: Annotated[int, Field(ge=1)] | None = Field(None, description="tokens kept of each document (default: the model's, at most 2048)")
+    split: str = "test"
+
+
+class KLToTeacherEvaluator(Evaluator):
+    """Mean per-token KL(teacher || student) and top-1 agreement on held-out text."""
+
+    name = "kl_to_teacher"
+    Params = KLParams
+
+    def evaluate(self, model, tokenizer, params, context):
+        teacher = context.teacher
+        if teacher is None:
+            raise QcompareError("kl_to_teacher: the cell has no teacher model to compare with; drop this evaluator or give a teacher")
+        task = f"{dataset_label(params.dataset)}-vs-teacher"
+        window = window_length(model, params.max_length)
+        docs = [ids[:window] for ids in token_ids(tokenizer, load_documents(params.dataset, tokenizer, params.max_samples, params.split))]
+        docs = [ids for ids in docs if ids]
+        kl_sums, agree, tokens, per_doc = 0.0, 0, 0, []
+        model.eval()
+        teacher.eval()
+        with context.progress.task(f"kl_to_teacher: {task}", total=len(docs)) as advance, torch.inference_mode():
+            for ids in docs:
+                if model is teacher:  # the baseline row: zero by definition, no second pass
+                    kl, same = torch.zeros(len(ids)), len(ids)
+                else:
+                    kl, same = token_kl(teacher, model, ids)
+                kl_sums += kl.sum().item()
+                agree += same
+                tokens += len(ids)
+                per_doc.append(kl.mean().item())
+                advance(1)
+        n = len(per_doc)
+        mean = sum(per_doc) / n
+        se = (sum((x - mean) ** 2 for x in per_doc) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+        return EvalResult(
+            metrics={f"{task}/kl": kl_sums / tokens, f"{task}/top1_agree": agree / tokens},
+            stderr={f"{task}/kl": se},
+            items={task: per_doc},
+        )
+
+
+def token_kl(teacher, student, ids: list[int]) -> tuple[torch.Tensor, int]:
+    """Per-position KL(teacher || student) in fp32 and how many argmaxes agree."""
+    t_logits = teacher(torch.tensor([ids], device=teacher.device)).logits[0].float()
+    s_logits = student(torch.tensor([ids], device=student.device)).logits[0].float().to(t_logits.device)
+    vocab = min(t_logits.shape[-1], s_logits.shape[-1])  # a padded vocabulary adds rows no token uses
+    t_logp = F.log_softmax(t_logits[:, :vocab], dim=-1)
+    s_logp = F.log_softmax(s_logits[:, :vocab], dim=-1)
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1).clamp_min(0.0)
+    same = int((t_logp.argmax(-1) == s_logp.argmax(-1)).sum())
+    return kl.cpu(), same
