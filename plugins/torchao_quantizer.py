@@ -265,6 +265,39 @@ class TorchaoQuantizer(Quantizer):
                           filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedEmbedding))
         return student.eval()
 
+    def save(self, model, params, folder, context):
+        """A safetensors folder through transformers' torchao integration: ``config.json`` carries a
+        ``TorchAoConfig`` of the converter's config, so ``from_pretrained`` rebuilds the same tensors
+        (measured: identical logits for every unpacked variant)."""
+        from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
+        from transformers import TorchAoConfig
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        if any(hasattr(m, "lora_A") for m in model.modules()):
+            raise QcompareError("torchao: a converted student with LoRA adapters cannot be saved as one "
+                                "from_pretrained folder (float adapters on quantized base layers); train with "
+                                "lora_r = 0 to export it")
+        kinds = {type(t).__name__ for t in model.state_dict().values()} - {"Tensor", "Parameter"}
+        unsupported = sorted(kinds - set(ALLOWED_TENSORS_SUBCLASSES))
+        if unsupported:
+            raise QcompareError(f"torchao: cannot save {', '.join(unsupported)} weights (packing "
+                                f"{params.packing!r} on {next(model.parameters()).device.type}); transformers can "
+                                f"serialize {', '.join(ALLOWED_TENSORS_SUBCLASSES)}; use packing='unpacked'")
+        device = next(model.parameters()).device
+        config = TorchAoConfig(_linear_convert_config(params, device), modules_to_not_convert=list(params.skip),
+                               include_input_output_embeddings=params.embeddings)
+        # save_pretrained flattens torchao tensors only when the model carries an HfQuantizer,
+        # which from_pretrained would have attached; set both for the save, then put them back.
+        before = (getattr(model.config, "quantization_config", None), getattr(model, "hf_quantizer", None))
+        model.config.quantization_config = config
+        model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
+        try:
+            model.save_pretrained(folder)
+        finally:
+            model.config.quantization_config, model.hf_quantizer = before
+            if before[0] is None:
+                del model.config.quantization_config
+
     def bits_per_weight(self, params) -> float:
         """Nominal bits of the format: the code, a 16-bit scale per group and, if asymmetric, a zero
         point per group (int8 unpacked, bf16 tinygemm). Per channel counts no overhead: the row

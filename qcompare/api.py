@@ -87,6 +87,14 @@ class Quantizer(Plugin):
         """Return the real low-bit model made from a (possibly trained) student."""
         raise NotImplementedError
 
+    def save(self, model, params, folder: Path, context: CellContext) -> None:
+        """Write the converted ``model`` as a Hugging Face folder that ``from_pretrained`` loads.
+
+        The runner writes the tokenizer and the model card itself. Override when plain
+        ``save_pretrained`` cannot describe the format (e.g. set ``config.quantization_config``
+        so transformers knows how to load the low-bit weights back)."""
+        model.save_pretrained(folder)
+
     def bits_per_weight(self, params) -> float:
         """Average stored bits per quantized weight, scales and zero points included."""
         raise NotImplementedError

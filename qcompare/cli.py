@@ -1,4 +1,4 @@
-"""The ``qcompare`` command line: run, plan, validate, plugins, report."""
+"""The ``qcompare`` command line: run, plan, validate, plugins, report, export."""
 
 from __future__ import annotations
 
@@ -126,10 +126,17 @@ def run(
             def on_done(cell, record):
                 progress.advance(overall)
                 mark = "[green]done[/]" if record["status"] == "done" else f"[red]failed[/]: {record.get('error', '')}"
+                if record.get("save_error"):
+                    mark += f" [yellow](model not saved: {record['save_error']})[/]"
                 progress.console.print(f"{cell.label()} — {mark}", highlight=False)
 
             records = runner.run(on_done=on_done)
     print_report(store, console)
+    if r.export_best:
+        from qcompare.export import export_best
+
+        with user_errors():
+            export_best(store.root, r.export_best, say=lambda m: err_console.print(m, highlight=False))
     failed = [rec for rec in records if rec["status"] != "done"]
     if failed:
         err_console.print(f"[red]{len(failed)} of {len(records)} cells failed[/]; tracebacks in their folders under {store.root}/cells")
@@ -195,6 +202,21 @@ def report(
 
             for path in write_figures(store.root, figures, metric):
                 err_console.print(f"wrote {path}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `qcompare run`.", show_default=False)],
+    cell: Annotated[str, typer.Argument(help="A cell id or a unique prefix of one.", show_default=False)],
+    to: Annotated[Path, typer.Option("--to", help="The folder to write (new or empty).", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Replace the folder if it holds files.")] = False,
+):
+    """Write a cell's converted model as a Hugging Face folder with its tokenizer and a model card."""
+    from qcompare.export import export_cell
+
+    with user_errors():
+        out = export_cell(run_dir, cell, to, overwrite=force, say=lambda m: err_console.print(m, highlight=False))
+    console.print(f"[green]exported[/] {cell} → {out}")
 
 
 def main():  # pragma: no cover - console script entry

@@ -76,8 +76,10 @@ def cell_started(cell, cell_dir):
 
 
 @hookspec
-def cell_finished(cell, cell_dir, record):
+def cell_finished(cell, cell_dir, record, report_to, run_name):
     """Called after a cell ends, whether it succeeded or failed.
 
     :param record: the dict stored as the cell's ``result.json`` (status, metrics, cost).
+    :param report_to: the recipe's experiment trackers (transformers' ``report_to`` names).
+    :param run_name: the cell's run name in those trackers, as the distillers' trainers use it.
     """

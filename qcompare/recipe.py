@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from qcompare.errors import QcompareError, RecipeError
+from qcompare.extras import tracker_problems
 from qcompare.plugins import Registry, get_registry, unknown_name_message
 
 
@@ -57,6 +58,8 @@ class Recipe(BaseModel):
     device: str
     teacher: bool
     report_to: list[str]
+    save_models: bool = False
+    export_best: str = ""
     output: Path | None
     data: DataSpec
     quantizers: list[PluginChoice]
@@ -72,7 +75,9 @@ TOP_LEVEL = {
     "seeds": "list of integers",
     "device": "auto, cpu or cuda",
     "teacher": "evaluate the unquantized model as a baseline (true/false)",
-    "report_to": "experiment trackers, as transformers' report_to",
+    "report_to": "experiment trackers, as transformers' report_to (tensorboard, wandb, mlflow, ...)",
+    "save_models": "write every cell's converted model to cells/<id>/model/ (true/false)",
+    "export_best": "a metric (average, task/metric): export the best cell by it to <run folder>/best/",
     "output": "run folder (default runs/<name>)",
     "data": "table: train, split, subset, shuffle_seed",
     "quantizers": "array of tables with name = ... and parameters",
@@ -248,6 +253,13 @@ def validate(raw: dict, source: Path, text: str = "", registry: Registry | None 
     device = check("device", Literal["auto", "cpu", "cuda"], "auto")
     teacher = check("teacher", bool, True)
     report_to = check("report_to", list[str], [])
+    report_to = [] if report_to == ["none"] else report_to
+    errors += [f"{f}: report_to: {p}" for p in tracker_problems(report_to)]
+    save_models = check("save_models", bool, False)
+    export_best = check("export_best", str, "")
+    if export_best and export_best != "average" and not re.fullmatch(r"[^/\s]+/[^/\s]+", export_best):
+        errors.append(f"{f}: export_best: bad value {export_best!r}; give 'average' or a metric as task/metric, "
+                      "e.g. toy_facts/acc")
     output = check("output", str | None, None)
     description = check("description", str, "")
 
@@ -296,7 +308,8 @@ def validate(raw: dict, source: Path, text: str = "", registry: Registry | None 
         raise RecipeError(errors)
     recipe = Recipe(
         name=name, description=description, source=source, text=text, models=models, seeds=seeds,
-        device=device, teacher=teacher, report_to=report_to, output=out_path, data=data,
+        device=device, teacher=teacher, report_to=report_to, save_models=save_models, export_best=export_best,
+        output=out_path, data=data,
         quantizers=quantizers, distillers=distillers, evaluators=evaluators, executor=executors[0],
     )
     from qcompare.cells import expand  # the cross product decides whether anything runs

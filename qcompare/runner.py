@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import resource
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from qcompare.plugins import get_plugin_manager, get_registry
 from qcompare.provenance import provenance
 from qcompare.recipe import Recipe
 from qcompare.store import RESULT, RunStore, write_json, write_jsonl
+
+MODEL = "model"  # a cell's saved model folder (recipe option save_models)
 
 
 def now() -> str:
@@ -49,6 +52,17 @@ def peak_memory_bytes(device: str) -> int:
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (kB on Linux)
+
+
+@dataclass
+class Converted:
+    """A cell's converted model and what made it."""
+
+    model: Any
+    quantizer: Any
+    params: Any
+    cost: dict
+    log: list
 
 
 @dataclass
@@ -119,7 +133,8 @@ class Runner:
         record["finished_at"] = now()
         record["provenance"] = provenance()
         write_json(cell_dir / RESULT, record)
-        self.hooks.cell_finished(cell=cell, cell_dir=cell_dir, record=record)
+        self.hooks.cell_finished(cell=cell, cell_dir=cell_dir, record=record,
+                                 report_to=list(self.recipe.report_to), run_name=self.run_name(cell))
         return record
 
     def store_failure(self, cell: Cell, error: str) -> dict:
@@ -129,48 +144,89 @@ class Runner:
         write_json(self.store.cell_dir(cell.id) / RESULT, record)
         return record
 
-    def _execute(self, cell: Cell, cell_dir: Path) -> dict:
-        import torch
+    def context(self, cell: Cell, cell_dir: Path, trackers: bool = True) -> CellContext:
+        """What every plugin call of this cell receives."""
+        teacher, tokenizer = self.teacher(cell.model)
+        return CellContext(cell_dir=cell_dir, seed=cell.seed, device=self.device, tokenizer=tokenizer,
+                           teacher=teacher, task_folders=list(self.registry.task_folders),
+                           progress=self.progress, report_to=list(self.recipe.report_to) if trackers else [],
+                           run_name=self.run_name(cell))
+
+    def run_name(self, cell: Cell) -> str:
+        """The cell's name in experiment trackers: the recipe and the cell's settings."""
+        return f"{self.recipe.name}/{cell.label()}"
+
+    def converted_model(self, cell: Cell, ctx: CellContext) -> Converted:
+        """The pipeline that makes a cell's converted model: prepare → distill → convert.
+
+        ``qcompare run`` and ``qcompare export`` (rebuilding a model that was not saved) both
+        call this, so an exported model is the one that was evaluated."""
         from transformers import set_seed
 
-        set_seed(cell.seed if cell.seed is not None else 0)
+        qcls = self.registry.get("quantizer", cell.quantizer.name)
+        dcls = self.registry.get("distiller", cell.distiller.name)
+        quantizer, distiller = qcls(), dcls()
+        qparams = qcls.Params.model_validate(cell.quantizer.params)
+        dparams = dcls.Params.model_validate(cell.distiller.params)
+        ctx.data = self.data()
+        teacher = ctx.teacher
+        set_seed(cell.seed if cell.seed is not None else 0)  # after loading: the same RNG state on either path
+        cost: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        student = quantizer.prepare(copy.deepcopy(teacher), qparams, ctx)
+        cost["prepare_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = distiller.distill(teacher, student, ctx.tokenizer, ctx.data, dparams, ctx)
+        cost["distill_seconds"] = time.perf_counter() - t0
+        cost.update(result.cost)
+        t0 = time.perf_counter()
+        model = quantizer.convert(result.student, qparams, ctx)
+        cost["convert_seconds"] = time.perf_counter() - t0
+        return Converted(model, quantizer, qparams, cost, result.log)
+
+    def save_model(self, converted: Converted, ctx: CellContext, folder: Path) -> None:
+        """The converted model as a Hugging Face folder, with the tokenizer."""
+        folder.mkdir(parents=True, exist_ok=True)
+        converted.quantizer.save(converted.model, converted.params, folder, ctx)
+        ctx.tokenizer.save_pretrained(folder)
+
+    def _execute(self, cell: Cell, cell_dir: Path) -> dict:
+        import torch
+
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        teacher, tokenizer = self.teacher(cell.model)
-        ctx = CellContext(cell_dir=cell_dir, seed=cell.seed, device=self.device, tokenizer=tokenizer,
-                          teacher=teacher, task_folders=list(self.registry.task_folders), progress=self.progress,
-                          report_to=list(self.recipe.report_to), run_name=f"{self.recipe.name}/{cell.label()}")
+        ctx = self.context(cell, cell_dir)
+        teacher, tokenizer = ctx.teacher, ctx.tokenizer
         cost: dict[str, Any] = {}
         out: dict[str, Any] = {}
         clock = time.perf_counter()
+        converted = None
         if cell.is_teacher:
+            from transformers import set_seed
+
+            set_seed(0)
             model = teacher
             out["size"] = {"bits_per_weight": torch.finfo(next(teacher.parameters()).dtype).bits,
                            "storage_bytes": sum(t.numel() * t.element_size() for t in teacher.state_dict().values())}
         else:
-            qcls = self.registry.get("quantizer", cell.quantizer.name)
-            dcls = self.registry.get("distiller", cell.distiller.name)
-            quantizer, distiller = qcls(), dcls()
-            qparams = qcls.Params.model_validate(cell.quantizer.params)
-            dparams = dcls.Params.model_validate(cell.distiller.params)
-            ctx.data = self.data()
-            t0 = time.perf_counter()
-            student = quantizer.prepare(copy.deepcopy(teacher), qparams, ctx)
-            cost["prepare_seconds"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            result = distiller.distill(teacher, student, tokenizer, ctx.data, dparams, ctx)
-            cost["distill_seconds"] = time.perf_counter() - t0
-            cost.update(result.cost)
-            if result.log:
-                write_jsonl(cell_dir / "train_log.jsonl", result.log)
-            t0 = time.perf_counter()
-            model = quantizer.convert(result.student, qparams, ctx)
-            cost["convert_seconds"] = time.perf_counter() - t0
-            out["size"] = {"bits_per_weight": quantizer.bits_per_weight(qparams),
-                           "storage_bytes": quantizer.storage_bytes(model)}
+            converted = self.converted_model(cell, ctx)
+            model = converted.model
+            cost.update(converted.cost)
+            if converted.log:
+                write_jsonl(cell_dir / "train_log.jsonl", converted.log)
+            out["size"] = {"bits_per_weight": converted.quantizer.bits_per_weight(converted.params),
+                           "storage_bytes": converted.quantizer.storage_bytes(model)}
         t0 = time.perf_counter()
         merged = self._evaluate(model, tokenizer, ctx, cell_dir)
         cost["evaluate_seconds"] = time.perf_counter() - t0
+        if converted is not None and self.recipe.save_models:
+            t0 = time.perf_counter()
+            try:
+                self.save_model(converted, ctx, cell_dir / MODEL)
+                cost["save_seconds"] = time.perf_counter() - t0
+            except Exception as e:  # the evaluation stands; only the saved copy is missing
+                shutil.rmtree(cell_dir / MODEL, ignore_errors=True)
+                out["save_error"] = str(e) if isinstance(e, QcompareError) else f"{type(e).__name__}: {e}"
         cost["total_seconds"] = time.perf_counter() - clock
         cost["peak_memory_bytes"] = peak_memory_bytes(self.device)
         cost["device"] = self.device

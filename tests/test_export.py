@@ -1,0 +1,185 @@
+"""Exported cells: a Hugging Face folder that reloads to the evaluated model, with a model card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import testplugins
+from qcompare import hookimpl
+from qcompare.api import EvalResult, Evaluator
+from qcompare.cli import app
+from qcompare.plugins import add_plugin, remove_plugin
+
+cli = CliRunner()
+IDS = torch.randint(3, 400, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+class Logits(Evaluator):
+    """Test evaluator: keeps the evaluated model's logits on fixed tokens beside the cell."""
+
+    name = "logits"
+
+    def evaluate(self, model, tokenizer, params, context):
+        with torch.no_grad():
+            logits = model(IDS).logits
+        torch.save(logits, context.cell_dir / "logits.pt")
+        return EvalResult(metrics={"probe/mean": logits.float().mean().item()}, stderr={"probe/mean": 0.01})
+
+
+class LogitsPlugin:
+    @hookimpl
+    def register_evaluators(self, register):
+        register(Logits)
+
+
+@pytest.fixture
+def toy_plugins(monkeypatch):
+    """The toy model, torchao and the test distillers/evaluators; nothing heavier."""
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "local,toy,torchao")
+    plugins = [testplugins, LogitsPlugin()]
+    for p in plugins:
+        add_plugin(p)
+    yield
+    for p in plugins:
+        remove_plugin(p)
+
+
+RECIPE = """
+name = "exp"
+models = ["toy-qwen3"]
+seeds = [0]
+teacher = false
+{extra}
+
+[[quantizers]]
+name = "torchao"
+bits = {bits}
+group_size = 32
+
+[[distillers]]
+name = "nudge"
+max_steps = 2
+
+[[evaluators]]
+name = "logits"
+"""
+
+
+def run_recipe(tmp_path, bits="4", extra=""):
+    recipe = tmp_path / "exp.toml"
+    recipe.write_text(RECIPE.format(bits=bits, extra=extra))
+    out = tmp_path / "run"
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out, [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/result.json"))]
+
+
+def reload(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    AutoTokenizer.from_pretrained(folder)  # the tokenizer travels too
+    with torch.no_grad():
+        return model(IDS).logits, model
+
+
+def test_saved_and_exported_torchao_cell_reloads_to_the_evaluated_logits(toy_plugins, tmp_path):
+    out, [record] = run_recipe(tmp_path, extra="save_models = true")
+    cell_dir = out / "cells" / record["id"]
+    evaluated = torch.load(cell_dir / "logits.pt")
+    saved, model = reload(cell_dir / "model")
+    assert torch.equal(saved, evaluated), (saved - evaluated).abs().max()
+    assert "IntxUnpackedToInt8Tensor" in {type(m.weight).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)}
+
+    to = tmp_path / "export"
+    res = cli.invoke(app, ["export", str(out), record["id"][:6], "--to", str(to)])
+    assert res.exit_code == 0, res.output
+    assert "rebuilding" not in res.output  # the saved model was copied
+    exported, _ = reload(to)
+    assert torch.equal(exported, evaluated)
+
+    card = (to / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "toy-qwen3" and meta["library_name"] == "transformers"
+    assert {"qcompare", "quantization", "torchao"} <= set(meta["tags"])
+    metrics = meta["model-index"][0]["results"][0]["metrics"]
+    assert {(m["type"], m["value"]) for m in metrics} == {("mean", record["metrics"]["probe/mean"]), ("mean_stderr", 0.01)}
+    for text in ("`bits = 4`", "`max_steps = 2`", "| probe/mean |", "0.0100", "## Cost", "train_steps", "git_sha",
+                 "```toml", 'name = "nudge"'):
+        assert text in card, text
+    # an occupied folder is refused unless --force
+    again = cli.invoke(app, ["export", str(out), record["id"], "--to", str(to)])
+    assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_export_rebuilds_an_unsaved_cell_with_its_seed(toy_plugins, tmp_path):
+    out, [record] = run_recipe(tmp_path)
+    cell_dir = out / "cells" / record["id"]
+    assert not (cell_dir / "model").exists()
+    before = sorted(p.name for p in cell_dir.iterdir())
+    to = tmp_path / "export"
+    res = cli.invoke(app, ["export", str(out), record["id"], "--to", str(to)])
+    assert res.exit_code == 0, res.output
+    assert "was not saved during the run" in res.output and "seed 0" in res.output
+    exported, _ = reload(to)
+    assert torch.equal(exported, torch.load(cell_dir / "logits.pt"))
+    assert "rebuilt after the run" in (to / "README.md").read_text()
+    assert sorted(p.name for p in cell_dir.iterdir()) == before  # the stored cell is untouched
+
+
+def test_export_best_picks_the_best_configuration_and_rejects_unknown_metrics(toy_plugins, tmp_path):
+    out, records = run_recipe(tmp_path, bits="[8, 2]", extra='export_best = "probe/mean"')
+    best = max(records, key=lambda r: r["metrics"]["probe/mean"])
+    assert f"cell `{best['id']}`" in (out / "best" / "README.md").read_text()
+    assert torch.equal(reload(out / "best")[0], torch.load(out / "cells" / best["id"] / "logits.pt"))
+
+    recipe = tmp_path / "exp.toml"
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(out), "--set", 'export_best="toy/acc"'])
+    assert res.exit_code == 2 and "export_best: unknown metric 'toy/acc'; known: probe/mean" in res.output
+    res = cli.invoke(app, ["validate", str(recipe), "--set", 'export_best="accuracy please"'])
+    assert res.exit_code == 2 and "export_best: bad value 'accuracy please'" in res.output
+
+
+def test_export_refuses_teacher_unknown_and_ambiguous_cells(toy_plugins, tmp_path):
+    out, [record] = run_recipe(tmp_path)
+    res = cli.invoke(app, ["export", str(out), "zzzz", "--to", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no cell id" in res.output
+    (out / "cells" / (record["id"][:3] + "other")).mkdir()
+    res = cli.invoke(app, ["export", str(out), record["id"][:3], "--to", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "matches 2 cells" in res.output
+
+
+def test_tinygemm_on_cpu_is_not_saved_but_the_cell_keeps_its_results(toy_plugins, tmp_path):
+    recipe_extra = "save_models = true"
+    recipe = tmp_path / "exp.toml"
+    recipe.write_text(RECIPE.format(bits=4, extra=recipe_extra).replace(
+        "group_size = 32", 'group_size = 32\nsymmetric = false\npacking = "tinygemm"'))
+    out = tmp_path / "run"
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    [record] = [json.loads(p.read_text()) for p in out.glob("cells/*/result.json")]
+    assert record["status"] == "done" and "probe/mean" in record["metrics"]
+    assert "cannot save Int4OpaqueTensor" in record["save_error"] and "packing='unpacked'" in record["save_error"]
+    assert not (out / "cells" / record["id"] / "model").exists()
+
+
+def test_torchao_save_refuses_a_student_with_lora_adapters(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qcompare.errors import QcompareError
+    from qcompare_plugins.toy import MODEL
+    from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
+
+    quantizer, params = TorchaoQuantizer(), TorchaoParams(bits=4)
+    student = quantizer.prepare(AutoModelForCausalLM.from_pretrained(MODEL), params, None)
+    student = get_peft_model(student, LoraConfig(r=2, target_modules="all-linear")).get_base_model()
+    model = quantizer.convert(student, params, None)
+    with pytest.raises(QcompareError, match="LoRA adapters"):
+        quantizer.save(model, params, tmp_path / "m", None)
+    assert not (tmp_path / "m").exists()
