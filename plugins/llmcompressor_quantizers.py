@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import tempfile
 import warnings
 from typing import Annotated, Literal
@@ -298,6 +299,14 @@ class _LlmCompressorQuantizer(Quantizer):
             quantize_(student, QATConfig(_weight_only_config(params), step="convert"),
                       filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
         return student.eval()
+
+    def save(self, model, params, folder, context):
+        """The compressed-tensors checkpoint that convert wrote (transformers and vLLM load it)."""
+        source = context.cell_dir / "compressed"
+        if not (source / "config.json").is_file():
+            raise QcompareError(f"{self.name}: no compressed-tensors checkpoint for this cell (a LoRA student "
+                                "cannot be stored in that format); export a full fine-tuning cell (lora_r = 0)")
+        shutil.copytree(source, folder, dirs_exist_ok=True)
 
     def bits_per_weight(self, params) -> float:
         """The code plus a 16-bit scale per group and, if asymmetric, a zero point of the code's

@@ -133,11 +133,14 @@ class EvalResult:
 
     ``metrics`` and ``stderr`` map ``task/metric`` to a number; ``items`` maps a task to
     per-item scores (1/0 correctness, or a float) so two cells can be compared item by item.
+    ``groups`` maps a group task (an aggregate such as lm-eval's ``mmlu``) to its subtasks, so
+    reports average the subtasks and do not count the group twice.
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
     stderr: dict[str, float] = field(default_factory=dict)
     items: dict[str, list[float]] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Evaluator(Plugin):

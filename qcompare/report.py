@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qcompare.errors import QcompareError
-from qcompare.results import group_columns, load_run, primary_metrics
+from qcompare.results import ACCURACY_METRICS, group_columns, leaf_tasks, load_run, primary_metrics
 from qcompare.stats import Comparison, mean_ci, paired_bootstrap
 from qcompare.store import open_run
 
@@ -51,8 +51,10 @@ def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.Da
     """One row per configuration: mean ± 95% CI per metric, Δ to teacher, share recovered, size, cost."""
     if df.empty:
         return df, []
-    metrics = metrics or primary_metrics(df.columns) + sorted(
-        c for c in df.columns if "/" in c and ":" not in c and c not in primary_metrics(df.columns))
+    if not metrics:
+        # The benchmarks' main accuracies, then proxies such as perplexity and KL.
+        metrics = primary_metrics(df.columns, df.attrs.get("groups")) + sorted(
+            c for c in df.columns if "/" in c and ":" not in c and c.partition("/")[2] not in ACCURACY_METRICS)
     if "average" in df.columns:
         metrics = metrics + ["average"]
     keys = group_columns(df)
@@ -170,7 +172,7 @@ def export(summary: pd.DataFrame, metrics: list[str], fmt: str) -> str:
     data = summary.drop(columns=["ids"]).copy()
     if fmt == "csv":
         return data.to_csv(index=False)
-    return data.to_json(orient="records", indent=2)
+    return data.to_json(orient="records", indent=2, double_precision=15)
 
 
 # --- paired comparison -------------------------------------------------------------------
@@ -210,17 +212,22 @@ def _same(stored, wanted: str) -> bool:
         return False
 
 
-def _items(root: Path, ids: list[str], tasks: list[str]) -> dict[str, np.ndarray]:
-    """Per-item scores of a set of cells, averaged over the cells (seeds) item by item."""
+def _items(root: Path, ids: list[str], tasks: list[str], groups: dict) -> dict[str, np.ndarray]:
+    """Per-item scores of a set of cells, averaged over the cells (seeds) item by item.
+
+    A group's items are its subtasks' items, pooled in a fixed order.
+    """
     store = open_run(root)
     per_task: dict[str, list] = {}
     for cid in ids:
         path = store.cell_dir(cid) / "items.json"
         if not path.exists():
             continue
-        for task, scores in json.loads(path.read_text()).items():
-            if task in tasks:
-                per_task.setdefault(task, []).append(scores)
+        items = json.loads(path.read_text())
+        for task in tasks:
+            leaves = leaf_tasks(task, groups)
+            if all(leaf in items for leaf in leaves):
+                per_task.setdefault(task, []).append([x for leaf in leaves for x in items[leaf]])
     return {t: np.mean(np.asarray(v, dtype=float), axis=0) for t, v in per_task.items() if len({len(x) for x in v}) == 1}
 
 
@@ -229,9 +236,11 @@ def compare(root: Path, a: str, b: str) -> tuple[Comparison, pd.DataFrame, pd.Da
     if df.empty:
         raise QcompareError(f"no finished cells in {root}")
     cells_a, cells_b = select(df, a), select(df, b)
-    tasks = [m.split("/")[0] for m in primary_metrics(df.columns)]
+    groups = df.attrs.get("groups", {})
+    tasks = [m.split("/")[0] for m in primary_metrics(df.columns, groups)]
     try:
-        result = paired_bootstrap(_items(root, list(cells_a["id"]), tasks), _items(root, list(cells_b["id"]), tasks))
+        result = paired_bootstrap(_items(root, list(cells_a["id"]), tasks, groups),
+                                  _items(root, list(cells_b["id"]), tasks, groups))
     except ValueError as e:
         raise QcompareError(f"--compare: {e}; per-item scores come from the lm_eval evaluator") from None
     return result, cells_a, cells_b

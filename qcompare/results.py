@@ -21,12 +21,17 @@ ACCURACY_METRICS = ("acc", "exact_match", "acc_norm", "mc2", "f1")
 SETTINGS = ("model", "quantizer", "distiller", "seed")
 
 
-def primary_metrics(columns) -> list[str]:
-    """One accuracy column per task: the first of ACCURACY_METRICS that the task reports."""
+def primary_metrics(columns, groups: dict[str, list[str]] | None = None) -> list[str]:
+    """One accuracy column per top-level task: the first of ACCURACY_METRICS it reports.
+
+    A group (lm-eval's ``mmlu``, the toy ``toy``) counts as one task through its aggregate;
+    its subtasks are left out, as a five-task average counts MMLU once.
+    """
+    subtasks = {t for subs in (groups or {}).values() for t in subs}
     by_task: dict[str, list[str]] = {}
     for col in columns:
         task, _, metric = col.partition("/")
-        if metric in ACCURACY_METRICS:
+        if metric in ACCURACY_METRICS and task not in subtasks:
             by_task.setdefault(task, []).append(metric)
     return [f"{t}/{min(ms, key=ACCURACY_METRICS.index)}" for t, ms in sorted(by_task.items())]
 
@@ -49,16 +54,29 @@ def record_row(record: dict) -> dict:
 
 def load_run(path: str | Path, include_failed: bool = False) -> pd.DataFrame:
     """Every stored cell of a run folder; ``average`` is the mean of the per-task accuracies."""
-    rows = [record_row(r) for r in open_run(path).records()]
-    df = pd.DataFrame(rows)
+    records = list(open_run(path).records())
+    df = pd.DataFrame([record_row(r) for r in records])
     if df.empty:
         return df
     if not include_failed:
         df = df[df["status"] == "done"].reset_index(drop=True)
-    acc = primary_metrics(df.columns)
+    acc = primary_metrics(df.columns, group_tasks(records))
     if acc:
         df["average"] = df[acc].mean(axis=1)
+    df.attrs["groups"] = group_tasks(records)
     return df
+
+
+def group_tasks(records) -> dict[str, list[str]]:
+    """Every group task of a run with its subtasks."""
+    return {g: subs for r in records for g, subs in r.get("groups", {}).items()}
+
+
+def leaf_tasks(task: str, groups: dict[str, list[str]]) -> list[str]:
+    """The tasks with per-item scores under ``task`` (itself, if it is no group)."""
+    if task not in groups:
+        return [task]
+    return [leaf for sub in groups[task] for leaf in leaf_tasks(sub, groups)]
 
 
 def group_columns(df: pd.DataFrame) -> list[str]:

@@ -231,7 +231,7 @@ class Runner:
         cost["peak_memory_bytes"] = peak_memory_bytes(self.device)
         cost["device"] = self.device
         write_json(cell_dir / "cost.json", cost)
-        out.update(metrics=merged.metrics, stderr=merged.stderr, cost=cost)
+        out.update(metrics=merged.metrics, stderr=merged.stderr, groups=merged.groups, cost=cost)
         return out
 
     def _evaluate(self, model, tokenizer, ctx: CellContext, cell_dir: Path) -> EvalResult:
@@ -245,6 +245,7 @@ class Runner:
             merged.metrics.update(res.metrics)
             merged.stderr.update(res.stderr)
             merged.items.update(res.items)
+            merged.groups.update(res.groups)
         if merged.items:
             write_json(cell_dir / "items.json", merged.items)
         return merged

@@ -183,3 +183,22 @@ def test_torchao_save_refuses_a_student_with_lora_adapters(tmp_path):
     with pytest.raises(QcompareError, match="LoRA adapters"):
         quantizer.save(model, params, tmp_path / "m", None)
     assert not (tmp_path / "m").exists()
+
+
+def test_exported_gptq_cell_is_a_compressed_tensors_checkpoint_with_the_evaluated_logits(toy_plugins, monkeypatch, tmp_path):
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "local,toy,torchao,llmcompressor")
+    recipe = tmp_path / "gptq.toml"
+    recipe.write_text(RECIPE.format(bits="4", extra='[data]\ntrain = "toy-chat"\n')
+                      .replace('name = "torchao"', 'name = "gptq"\ncalibration_samples = 16\ncalibration_length = 64'))
+    out = tmp_path / "run"
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    [record] = [json.loads(p.read_text()) for p in out.glob("cells/*/result.json")]
+    to = tmp_path / "export"
+    res = cli.invoke(app, ["export", str(out), record["id"], "--to", str(to)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((to / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    exported, _ = reload(to)
+    evaluated = torch.load(out / "cells" / record["id"] / "logits.pt")
+    assert torch.allclose(exported, evaluated, atol=1e-5), (exported - evaluated).abs().max()

@@ -179,6 +179,9 @@ def _collect(out: dict, result: EvalResult) -> None:
             table = result.stderr if metric.endswith("_stderr") else result.metrics
             metric = metric.removesuffix("_stderr")
             table[f"{task}/{metric},{filter_name}" if several else f"{task}/{metric}"] = value
+    for group, subtasks in out.get("group_subtasks", {}).items():
+        if subtasks:
+            result.groups[group] = list(subtasks)
     for task, samples in out.get("samples", {}).items():
         if not samples:
             continue
