@@ -36,8 +36,8 @@ class Cell:
         data, evaluators = json.loads(self.shared[0]), json.loads(self.shared[1])
         return {
             "model": self.model,
-            "quantizer": self.quantizer.model_dump() if self.quantizer else None,
-            "distiller": self.distiller.model_dump() if self.distiller else None,
+            "quantizer": self.quantizer.settings() if self.quantizer else None,
+            "distiller": self.distiller.settings() if self.distiller else None,
             "seed": self.seed,
             "data": None if self.is_teacher else data,
             "evaluators": evaluators,
@@ -63,7 +63,7 @@ def expand(recipe: Recipe) -> list[Cell]:
     """Every cell the recipe asks for, teacher baselines first, without duplicates."""
     shared = (
         json.dumps(recipe.data.model_dump(), sort_keys=True),
-        json.dumps([e.model_dump() for e in recipe.evaluators], sort_keys=True),
+        json.dumps([e.settings() for e in recipe.evaluators], sort_keys=True),
     )
     cells: list[Cell] = []
     if recipe.teacher:

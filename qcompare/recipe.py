@@ -27,10 +27,26 @@ class PluginChoice(BaseModel):
     model_config = ConfigDict(frozen=True)
     name: str
     params: dict[str, Any] = {}
+    # The parameters that tell this choice apart from the recipe's other choices of the same
+    # plugin; only they appear in labels. Not a setting: cell ids ignore it.
+    label_keys: tuple[str, ...] = ()
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params}
 
     def label(self) -> str:
-        inner = ",".join(f"{k}={v}" for k, v in self.params.items())
+        inner = ",".join(f"{k}={self.params[k]}" for k in self.label_keys)
         return f"{self.name}({inner})" if inner else self.name
+
+
+def with_labels(choices: list[PluginChoice]) -> list[PluginChoice]:
+    """Mark, per plugin name, the parameters whose values differ between its choices."""
+    out = []
+    for c in choices:
+        same = [o for o in choices if o.name == c.name]
+        keys = tuple(k for k in c.params if len({repr(o.params.get(k)) for o in same}) > 1)
+        out.append(c.model_copy(update={"label_keys": keys}))
+    return out
 
 
 class DataSpec(BaseModel):
@@ -310,7 +326,8 @@ def validate(raw: dict, source: Path, text: str = "", registry: Registry | None 
         name=name, description=description, source=source, text=text, models=models, seeds=seeds,
         device=device, teacher=teacher, report_to=report_to, save_models=save_models, export_best=export_best,
         output=out_path, data=data,
-        quantizers=quantizers, distillers=distillers, evaluators=evaluators, executor=executors[0],
+        quantizers=with_labels(quantizers), distillers=with_labels(distillers), evaluators=evaluators,
+        executor=executors[0],
     )
     from qcompare.cells import expand  # the cross product decides whether anything runs
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.Da
         for m in metrics:
             err = g[f"{m}:stderr"].iloc[0] if f"{m}:stderr" in g and len(g) == 1 else None
             row[m], row[f"{m} ±"] = mean_ci(g[m].tolist() if m in g else [], err)
-        row["bits/w"] = first.get("bits_per_weight")
+        row["bits per weight"] = first.get("bits_per_weight")
         row["MB"] = first.get("storage_bytes", float("nan")) / 1e6
         row["time s"] = g["cost.total_seconds"].mean() if "cost.total_seconds" in g else float("nan")
         cuda = g.get("cost.device", pd.Series(dtype=str)).eq("cuda")
@@ -111,20 +112,22 @@ def _fmt(value, half=None, pct=False) -> str:
     if pct:
         return f"{value:.0%}"
     text = f"{value:.3f}" if abs(value) < 100 else f"{value:,.0f}"
-    return f"{text} ± {half:.3f}" if half is not None and not math.isnan(half) else text
+    return f"{text}±{half:.3f}" if half is not None and not math.isnan(half) else text
 
 
-def _cells(row, metrics) -> list[str]:
+def _cells(row, metrics, every_ci: bool = True) -> list[str]:
+    """A summary row as text; ``every_ci=False`` keeps the ± for the average only (narrow tables)."""
     return [
         row["config"], str(row["seeds"]),
-        *(_fmt(row[m], row[f"{m} ±"]) for m in metrics),
+        *(_fmt(row[m], row[f"{m} ±"] if every_ci or m == "average" else None) for m in metrics),
         _fmt(row.get("Δ teacher")), _fmt(row.get("recovered"), pct=True),
-        _fmt(row["bits/w"]), _fmt(row["MB"]), _fmt(row["time s"]), _fmt(row["GPU h"]), _fmt(row["tokens gen"]),
+        _fmt(row["bits per weight"]), _fmt(row["MB"]), _fmt(row["time s"]), _fmt(row["GPU h"]),
+        "—" if math.isnan(row["tokens gen"]) else f"{row['tokens gen']:,.0f}",
     ]
 
 
 HEAD = ["configuration", "seeds"]
-TAIL = ["Δ teacher", "recovered", "bits/w", "MB", "time s", "GPU h", "tokens gen"]
+TAIL = ["Δ teacher", "recovered", "bits per weight", "MB", "time s", "GPU h", "tokens gen"]
 
 
 def print_report(store_or_path, console: Console, fmt: str = "table", metrics: list[str] | None = None) -> None:
@@ -140,20 +143,41 @@ def print_report(store_or_path, console: Console, fmt: str = "table", metrics: l
         console.print(export(summary, metrics, fmt), soft_wrap=True, highlight=False, markup=False)
         return
     for model, part in summary.groupby("model", sort=False):
-        table = Table(title=f"{model}  ({root})", title_justify="left")
-        for col in HEAD + metrics + TAIL:
-            table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=col == "configuration")
-        last = None
-        for _, row in part.iterrows():
-            if last is not None and row["kind"] != last:
-                table.add_section()
-            last = row["kind"]
-            table.add_row(*_cells(row, metrics), style="bold" if row["kind"] == "teacher" else None)
-        console.print(table)
-    console.print("± is the half-width of a 95% CI: over seeds (t), or 1.96 × the evaluator's stderr with one seed. "
-                  "recovered = (distilled − PTQ) / (teacher − PTQ) on the average.", style="dim")
+        rows = [_cells(row, metrics, every_ci=False) for _, row in part.iterrows()]
+        cols = HEAD + metrics + TAIL
+        split = len(HEAD) + len(metrics) + 2  # accuracy table | size-and-cost table
+        for title, idx in ((f"{model}: accuracy  ({root})", range(split)),
+                           (f"{model}: size and cost", [0, *range(split, len(cols))])):
+            keep = [i for i in idx if i < split or any(r[i] not in ("—", "0") for r in rows)]
+            console.print(_table(title, [cols[i] for i in keep], [[r[i] for i in keep] for r in rows], list(part["kind"])))
+    console.print("± is the half-width of a 95% CI: over seeds (t), or 1.96 × the evaluator's stderr with one seed "
+                  "(every column's in --format csv/json/markdown). recovered = (distilled − PTQ) / (teacher − PTQ) "
+                  "on the average.", style="dim")
     if not failed.empty:
         console.print(f"[red]{len(failed)} cells failed[/]: " + "; ".join(f"{r.id} ({r.error})" for r in failed.itertuples()))
+
+
+def _header(name: str) -> str:
+    """Break a long column name at / - _ so narrow columns keep whole values."""
+    parts = []
+    for word in name.split("/"):
+        parts.append(re.sub(r"([-_])", "\\1\n", word) if len(word) > 10 else word)
+    return "/\n".join(parts)
+
+
+def _table(title: str, cols: list[str], rows: list[list[str]], kinds: list[str]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(cols):
+        # a task's main accuracy is headed by the task alone; headers wrap, values never do
+        head = col.removesuffix("/" + col.partition("/")[2]) if col.partition("/")[2] in ACCURACY_METRICS else col
+        table.add_column(_header(head), min_width=max(len(r[i]) for r in rows), justify="left" if i == 0 else "right")
+    last = None
+    for row, kind in zip(rows, kinds):
+        if last is not None and kind != last:
+            table.add_section()
+        last = kind
+        table.add_row(*row, style="bold" if kind == "teacher" else None)
+    return table
 
 
 def export(summary: pd.DataFrame, metrics: list[str], fmt: str) -> str:

@@ -38,7 +38,7 @@ def test_run_stores_every_cell_and_prints_table(test_plugins, write_recipe, tmp_
     assert prov["versions"]["torch"] and trained["started_at"] and trained["finished_at"]
     assert trained["size"]["bits_per_weight"] == 2 + 32 / 16
     assert (out / "recipe.toml").read_text() == recipe.read_text()
-    assert "rtn(bits=2) · nudge" in res.output and "probe/acc" in res.output
+    assert "rtn(bits=2) · nudge" in res.output and "average" in res.output and "size and cost" in res.output
 
 
 def test_rerun_skips_finished_cells(test_plugins, write_recipe, tmp_path):
