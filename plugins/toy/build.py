@@ -1,0 +1,131 @@
+"""Build the toy world: data, tokenizer, task files and the toy-qwen3 teacher.
+
+    python -m qcompare_plugins.toy.build [--seed 0] [--out plugins/toy]
+
+Deterministic for a seed (one thread, seeded torch). Its outputs are committed, so tests
+and recipes never retrain; rerun it only when the world changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from qcompare_plugins.toy.tokenizer import make_tokenizer
+from qcompare_plugins.toy.world import World, benchmarks, chat_rows, heldout_texts, make_world, pretrain_texts
+
+HERE = Path(__file__).parent
+STEPS, BATCH, LR = 4000, 64, 3e-3
+
+
+def model_config(tokenizer) -> Qwen3Config:
+    """~180k parameters: big enough to learn the world, small enough that int2 hurts."""
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def write_world_files(world: World, root: Path) -> None:
+    """train.jsonl (chat), heldout.jsonl (text) and one JSONL per lm-eval task."""
+    write_jsonl(root / "data" / "train.jsonl", chat_rows(world))
+    write_jsonl(root / "data" / "heldout.jsonl", [{"text": t} for t in heldout_texts(world)])
+    for task, docs in benchmarks(world).items():
+        write_jsonl(root / "tasks" / "data" / f"{task}.jsonl", docs)
+
+
+def training_texts(world: World, tokenizer) -> list[str]:
+    """Plain statements plus the chat rows rendered, so the teacher also speaks chat."""
+    chats = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in chat_rows(world)]
+    return pretrain_texts(world) + chats
+
+
+def batches(ids: list[list[int]], pad_id: int, batch: int, rng: random.Random):
+    """Endless random batches, right-padded; labels are -100 on padding."""
+    while True:
+        rows = rng.sample(ids, batch)
+        width = max(map(len, rows))
+        x = torch.full((batch, width), pad_id)
+        labels = torch.full((batch, width), -100)
+        for i, r in enumerate(rows):
+            x[i, : len(r)] = torch.tensor(r)
+            labels[i, : len(r)] = torch.tensor(r)
+        yield x, (x != pad_id).long(), labels
+
+
+def train_teacher(world: World, tokenizer, steps: int = STEPS, log_every: int = 500) -> Qwen3ForCausalLM:
+    """Train from scratch with AdamW, warmup then cosine decay."""
+    torch.manual_seed(world.seed)
+    model = Qwen3ForCausalLM(model_config(tokenizer))
+    texts = training_texts(world, tokenizer)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
+    model.train()
+    data = batches(ids, tokenizer.pad_token_id, BATCH, random.Random(world.seed))
+    start = time.time()
+    for step in range(1, steps + 1):
+        x, mask, labels = next(data)
+        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if log_every and step % log_every == 0:
+            print(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - start:.0f}s", flush=True)
+    model.eval()
+    return model
+
+
+def build(seed: int = 0, out: Path = HERE, steps: int = STEPS) -> Path:
+    """Write everything under ``out``; return the model folder."""
+    torch.set_num_threads(1)
+    world = make_world(seed)
+    tokenizer = make_tokenizer()
+    write_world_files(world, out)
+    model = train_teacher(world, tokenizer, steps)
+    folder = out / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    args = parser.parse_args()
+    print(f"built {build(args.seed, args.out, args.steps)}")
+
+
+if __name__ == "__main__":
+    main()
