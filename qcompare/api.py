@@ -12,13 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Params(BaseModel):
     """Base for plugin parameter schemas: unknown fields are errors, values are checked."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def RuntimeField(default, **kwargs):  # noqa: N802 - reads like pydantic's Field
+    """A parameter that changes how a cell runs but not its result (checkpoint interval, a
+    cache switch): a recipe may set it, and cell ids leave it out, so changing it re-runs nothing."""
+    return Field(default, json_schema_extra={"runtime": True}, **kwargs)
+
+
+def runtime_keys(params_cls: type[BaseModel]) -> tuple[str, ...]:
+    return tuple(k for k, f in params_cls.model_fields.items() if (f.json_schema_extra or {}).get("runtime"))
 
 
 class Plugin:

@@ -21,8 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Piped or captured output gets a wide table instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe TOML file.", show_default=False)]
 SetOpt = Annotated[

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from qcompare.api import runtime_keys
 from qcompare.errors import QcompareError, RecipeError
 from qcompare.extras import tracker_problems
 from qcompare.plugins import Registry, get_registry, unknown_name_message
@@ -30,9 +31,12 @@ class PluginChoice(BaseModel):
     # The parameters that tell this choice apart from the recipe's other choices of the same
     # plugin; only they appear in labels. Not a setting: cell ids ignore it.
     label_keys: tuple[str, ...] = ()
+    # Parameters declared with RuntimeField: they change how a cell runs, not its result.
+    runtime_keys: tuple[str, ...] = ()
 
     def settings(self) -> dict[str, Any]:
-        return {"name": self.name, "params": self.params}
+        """What the cell's result depends on (hashed into its id)."""
+        return {"name": self.name, "params": {k: v for k, v in self.params.items() if k not in self.runtime_keys}}
 
     def label(self) -> str:
         inner = ",".join(f"{k}={self.params[k]}" for k in self.label_keys)
@@ -44,7 +48,7 @@ def with_labels(choices: list[PluginChoice]) -> list[PluginChoice]:
     out = []
     for c in choices:
         same = [o for o in choices if o.name == c.name]
-        keys = tuple(k for k in c.params if len({repr(o.params.get(k)) for o in same}) > 1)
+        keys = tuple(k for k in c.params if k not in c.runtime_keys and len({repr(o.params.get(k)) for o in same}) > 1)
         out.append(c.model_copy(update={"label_keys": keys}))
     return out
 
@@ -225,7 +229,7 @@ def expand_plugin(kind: str, spec: Any, where: str, registry: Registry, errors: 
                 loc = ".".join(map(str, err["loc"])) or "(parameters)"
                 errors.append(f"{where}.{loc}: {_fmt_error(err)} (with {dict(zip(keys, combo))})")
             continue
-        points.append(PluginChoice(name=name, params=params.model_dump(mode="json")))
+        points.append(PluginChoice(name=name, params=params.model_dump(mode="json"), runtime_keys=runtime_keys(cls.Params)))
     return points
 
 

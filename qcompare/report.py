@@ -22,6 +22,7 @@ from qcompare.stats import Comparison, mean_ci, paired_bootstrap
 from qcompare.store import open_run
 
 FORMATS = ("table", "markdown", "latex", "csv", "json")
+MIN_GAP = 0.01  # the teacher − PTQ gap (on the average) below which "recovered" is not computed
 
 
 def _value(v) -> str:
@@ -101,7 +102,8 @@ def _add_recovery(out: pd.DataFrame, shown: list[str]) -> None:
         for c in qcols:
             same_q &= out[c].astype(str) == str(row[c])
         ptq = out[same_q]
-        if row["kind"] == "distilled" and not ptq.empty and t != ptq["average"].iloc[0]:
+        # A share of a gap smaller than MIN_GAP is noise divided by noise: left blank.
+        if row["kind"] == "distilled" and not ptq.empty and t - ptq["average"].iloc[0] >= MIN_GAP:
             p = ptq["average"].iloc[0]
             out.at[i, "recovered"] = (row["average"] - p) / (t - p)
 
@@ -112,6 +114,7 @@ def _fmt(value, half=None, pct=False) -> str:
     if pct:
         return f"{value:.0%}"
     text = f"{value:.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    text = "0.000" if text == "-0.000" else text
     return f"{text}±{half:.3f}" if half is not None and not math.isnan(half) else text
 
 
@@ -152,7 +155,7 @@ def print_report(store_or_path, console: Console, fmt: str = "table", metrics: l
             console.print(_table(title, [cols[i] for i in keep], [[r[i] for i in keep] for r in rows], list(part["kind"])))
     console.print("± is the half-width of a 95% CI: over seeds (t), or 1.96 × the evaluator's stderr with one seed "
                   "(every column's in --format csv/json/markdown). recovered = (distilled − PTQ) / (teacher − PTQ) "
-                  "on the average.", style="dim")
+                  f"on the average, where that gap is at least {MIN_GAP}.", style="dim")
     if not failed.empty:
         console.print(f"[red]{len(failed)} cells failed[/]: " + "; ".join(f"{r.id} ({r.error})" for r in failed.itertuples()))
 

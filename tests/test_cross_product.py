@@ -39,3 +39,24 @@ def test_cell_id_is_stable_and_follows_settings(test_plugins, write_recipe):
     assert all(changed[k] != v for k, v in first.items() if "nudge" in k)
     defaults = {c.id for c in cells_of(path, "distillers[1].learning_rate=0.01")}  # the default, spelled out
     assert defaults == set(first.values())
+
+
+def test_runtime_parameters_leave_cell_ids_alone(monkeypatch, write_recipe):
+    from qcompare.plugins import get_registry
+
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "local,torchao,distillers")
+    body = """
+models = ["{model}"]
+[[quantizers]]
+name = "torchao"
+[[distillers]]
+name = "sft"
+max_steps = 2
+"""
+    assert "save_steps" in get_registry().get("distiller", "sft").Params.model_fields
+    path = write_recipe(body)
+    ids = {c.id for c in cells_of(path)}
+    assert {c.id for c in cells_of(path, "distillers[0].save_steps=7")} == ids
+    assert {c.id for c in cells_of(path, "distillers[0].max_steps=3")} != ids
+    swept = cells_of(path, "distillers[0].save_steps=[5, 7]")  # one cell: the result cannot differ
+    assert {c.id for c in swept} == ids and len(swept) == len(ids)

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from qcompare.api import CellContext, DistillResult, Params
+from qcompare.api import CellContext, DistillResult, Params, RuntimeField
 from qcompare.errors import QcompareError
 
 from .cost import CostMeter, count_params
@@ -46,7 +46,7 @@ class TrainParams(Params):
     lora_targets: str = Field(
         "all-linear", description="comma-separated module names LoRA wraps, or 'all-linear'"
     )
-    save_steps: int = Field(
+    save_steps: int = RuntimeField(
         50, ge=0, description="checkpoint every N steps so an interrupted cell resumes (0 = never)"
     )
 

@@ -26,6 +26,8 @@ COUNTERS = (
     "rollout_tokens",  # prompt + completion tokens that went through generate()
     "student_rollout_tokens",  # the part of rollout_tokens the student generated
     "teacher_tokens",  # tokens through the teacher's forward
+    "teacher_forwards",  # teacher forward calls (a batch served from the teacher cache makes none)
+    "teacher_cached_tokens",  # tokens whose teacher logits came from the run's teacher cache
     "student_tokens",  # tokens through the student's forward+backward
     "train_seconds",  # wall time of trainer.train(), summed over resumed runs
     "loop_seconds",  # the part of train_seconds spent in the step loop (after set-up)
@@ -106,6 +108,8 @@ class CostMeter:
             "other_seconds": round(max(t["loop_seconds"] - t["step_seconds"], 0.0), 4),
             "tokens_generated": int(t["tokens_generated"]),
             "teacher_tokens": int(t["teacher_tokens"]),
+            "teacher_forwards": int(t["teacher_forwards"]),
+            "teacher_cached_tokens": int(t["teacher_cached_tokens"]),
             "student_tokens": int(t["student_tokens"]),
             "rollout_tokens": int(t["rollout_tokens"]),
             "student_params": student_params,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -12,10 +13,17 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-from qcompare.api import CellContext, Distiller, DistillResult
+# At lmbda=1 TRL suggests DistillationTrainer; a λ sweep needs one trainer for every λ, so
+# that advice is noise in every on-policy cell.
+logging.getLogger("trl.experimental.gkd.gkd_trainer").setLevel(logging.ERROR)
+
+from qcompare.api import CellContext, Distiller, DistillResult, RuntimeField
+from qcompare.errors import QcompareError
 
 from .common import MeteredTrainerMixin, TrainParams, check_data, check_tokenizer, lora_config, run_training, training_kwargs
 from .cost import CostMeter
+from .shared_teacher import share_base_weights, teacher_mode, unshare_trainable
+from .teacher_cache import TeacherCache
 
 
 class GKDParams(TrainParams):
@@ -34,6 +42,18 @@ class GKDParams(TrainParams):
         False, description="on off-policy batches, train on teacher-generated answers instead of the data's"
     )
     max_new_tokens: int = Field(128, ge=1, description="rollout length: tokens generated per prompt")
+    teacher_cache: bool = RuntimeField(
+        True, description="reuse teacher logits on off-policy data batches across the run's cells (exact; "
+        "stored in <run>/shared/teacher/)"
+    )
+    teacher_cache_max_gb: float = RuntimeField(
+        2.0, gt=0, description="most the teacher cache keeps per process and teacher (answer tokens x vocab x 4 B)"
+    )
+    shared_teacher: bool = RuntimeField(
+        True, description="with LoRA, the student with adapters and fake quantization off is the teacher "
+        "(one copy of the weights)"
+    )
+    use_vllm: bool = Field(False, description="vLLM rollouts; not offered by TRL 1.16's GKDTrainer (see docs/scale.md)")
 
 
 def jsd_loss(student_logits, teacher_logits, labels, beta: float):
@@ -50,9 +70,15 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
       by ``num_items_in_batch``, counted from the data's answers before a rollout replaces
       them, so an on-policy batch was scaled by (generated tokens / data answer tokens)
       and λ changed the step size as well as the data.
+
+    Teacher logits come from the run's teacher cache when it has the whole batch, else
+    from the float teacher or, with ``shared_teacher``, from the LoRA student itself with
+    adapters and fake quantization off (tests/test_teacher_sharing.py).
     """
 
     distiller_name = "gkd"
+    teacher_cache: TeacherCache | None = None
+    shared_teacher: bool = False  # set by GKDDistiller.distill once the weights are shared
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._rollout_by = None
@@ -80,15 +106,36 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         tokens = inputs["attention_mask"].sum().item()
         self.meter.add("student_tokens", tokens)
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        self.teacher_model.eval()
-        with self.meter.time("teacher_forward_seconds"), torch.no_grad():
-            teacher_outputs = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        self.meter.add("teacher_tokens", tokens)
+        teacher_logits = self.teacher_logits(model, inputs, student_outputs.logits.shape[-1])
         # logits at i predict token i+1; labels are -100 on prompt and padding
-        loss = jsd_loss(
-            student_outputs.logits[:, :-1, :], teacher_outputs.logits[:, :-1, :], inputs["labels"][:, 1:], self.beta
-        )
+        loss = jsd_loss(student_outputs.logits[:, :-1, :], teacher_logits, inputs["labels"][:, 1:], self.beta)
         return (loss, student_outputs) if return_outputs else loss
+
+    def teacher_logits(self, model, inputs, vocab: int):
+        """The teacher's shifted logits: from the run's cache on an off-policy data batch
+        whose examples are all there, else from one teacher forward (stored for later cells)."""
+        cache = self.teacher_cache if getattr(self, "_rollout_by", None) is None else None
+        keys = cache.keys(inputs) if cache is not None else None
+        if cache is not None:
+            cached = cache.lookup(inputs, keys, vocab)
+            if cached is not None:
+                self.meter.add("teacher_cached_tokens", inputs["attention_mask"].sum().item())
+                return cached
+        tokens = inputs["attention_mask"].sum().item()
+        with self.meter.time("teacher_forward_seconds"), torch.no_grad():
+            if self.shared_teacher:
+                student = self.accelerator.unwrap_model(model)
+                with teacher_mode(student):
+                    outputs = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            else:
+                self.teacher_model.eval()
+                outputs = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        self.meter.add("teacher_tokens", tokens)
+        self.meter.add("teacher_forwards", 1)
+        logits = outputs.logits[:, :-1, :]
+        if cache is not None:
+            cache.store(inputs, keys, logits)
+        return logits
 
 
 class GKDDistiller(Distiller):
@@ -100,9 +147,34 @@ class GKDDistiller(Distiller):
     def distill(self, teacher, student, tokenizer, data, params: GKDParams, context: CellContext) -> DistillResult:
         data = check_data(data, self.name)
         check_tokenizer(tokenizer)
+        check_vllm(params)
         meter = CostMeter(context.device)
+        # the student's own copy of the base weights is freed here; the teacher's stays
+        layout = "separate"
+        if params.lora_r and params.shared_teacher:
+            refused = share_base_weights(teacher, student)
+            layout = "shared" if refused is None else f"separate ({refused})"
         trainer = self.make_trainer(teacher, student, tokenizer, data, params, context, meter)
-        return run_training(self.name, trainer, meter, teacher, params, context)
+        if layout == "shared":
+            unshare_trainable(trainer.model, teacher)
+            storage = {p.data_ptr() for p in teacher.parameters()}
+            if any(p.data_ptr() in storage for p in trainer.model.parameters()):
+                trainer.shared_teacher = True
+            else:  # the trainer cast or moved the student: its weights are no longer the teacher's
+                layout = "separate (the trainer copied the student's weights)"
+        cache = None
+        if params.teacher_cache and not (params.seq_kd or params.lmbda == 1.0):
+            cache = TeacherCache.for_cell(teacher, context.cell_dir, params.teacher_cache_max_gb)
+        trainer.teacher_cache = cache
+        try:
+            result = run_training(self.name, trainer, meter, teacher, params, context)
+        finally:
+            if cache is not None:
+                cache.save()
+        result.cost["teacher_layout"] = layout
+        if cache is not None:
+            result.cost["teacher_cache_bytes"] = cache.disk_bytes()
+        return result
 
     def make_trainer(self, teacher, student, tokenizer, data, params, context, meter, callbacks=None):
         args = GKDConfig(
@@ -124,4 +196,23 @@ class GKDDistiller(Distiller):
             callbacks=callbacks,
         )
         trainer._init_meter(meter)
+        # TRL turns the rollouts' KV cache off whenever gradient checkpointing is on, yet
+        # unwrap_model_for_generation switches checkpointing off around generate(): keep the
+        # cache (same tokens, generation linear instead of quadratic in length).
+        trainer.generation_config.use_cache = True
+        trainer.generation_kwargs["use_cache"] = True
         return trainer
+
+
+def check_vllm(params: GKDParams) -> None:
+    """vLLM rollouts: TRL 1.16 offers them in DistillationTrainer, not in GKDTrainer."""
+    if not params.use_vllm:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise QcompareError("gkd: use_vllm = true needs vLLM on a CUDA machine: pip install vllm")
+    raise QcompareError(
+        "gkd: use_vllm = true is not available: TRL 1.16's GKDTrainer generates with transformers' "
+        "generate (KV cache on); only trl.DistillationTrainer has vLLM rollouts (see docs/scale.md)"
+    )

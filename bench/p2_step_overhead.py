@@ -1,0 +1,66 @@
+"""P2: step time of a λ=1 (on-policy) GKD cell through qcompare's gkd distiller vs plain TRL
+GKDTrainer, same student, data and settings; runs alternate to spread machine drift.
+
+    .venv/bin/python bench/p2_step_overhead.py [--steps 30 --repeats 2]
+
+Target: qcompare ≤ 1.0× (no wrapper overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import MATCHED, StepTimer, int4_student, load_toy, median, plain_gkd, table
+
+# a learning rate so small the student does not move: both trainers then sample the same
+# rollouts (same seed), so they do the same work and only the wrappers differ
+SETTINGS = dict(lmbda=1.0, beta=0.5, learning_rate=1e-9, per_device_train_batch_size=8, max_length=64,
+                max_new_tokens=16, temperature=1.0)
+
+
+def qcompare_steps(teacher, tokenizer, data, steps: int, folder: Path) -> list[float]:
+    from qcompare.api import CellContext
+    from qcompare_plugins.distillers.common import check_data, run_training
+    from qcompare_plugins.distillers.cost import CostMeter
+    from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams
+
+    params = GKDParams(**SETTINGS, max_steps=steps, save_steps=0)
+    context = CellContext(cell_dir=folder, seed=0, device="cpu", tokenizer=tokenizer)
+    timer, meter = StepTimer(), CostMeter("cpu")
+    trainer = GKDDistiller().make_trainer(teacher, int4_student(teacher), tokenizer, check_data(data, "gkd"), params,
+                                          context, meter, callbacks=[timer])
+    run_training("gkd", trainer, meter, teacher, params, context)
+    return timer.seconds
+
+
+def plain_steps(teacher, tokenizer, data, steps: int, folder: Path) -> list[float]:
+    timer = StepTimer()
+    plain_gkd(teacher, tokenizer, data, folder, callbacks=[timer], max_steps=steps, **SETTINGS, **MATCHED)
+    return timer.seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    teacher, tokenizer, data = load_toy()
+    times = {"plain": [], "qcompare": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            # the first step of a run (lazy inits) is left out of both
+            times["plain"] += plain_steps(teacher, tokenizer, data, args.steps, Path(tmp) / f"p{r}")[1:]
+            times["qcompare"] += qcompare_steps(teacher, tokenizer, data, args.steps, Path(tmp) / f"q{r}")[1:]
+    rows = [(k, len(v), f"{1000 * median(v):.1f}", f"{1000 * sum(v) / len(v):.1f}") for k, v in times.items()]
+    print(f"P2: lambda=1 GKD step time, batch {SETTINGS['per_device_train_batch_size']}, "
+          f"{SETTINGS['max_new_tokens']} new tokens, toy-qwen3, one core\n")
+    table(rows, ("trainer", "steps", "median_ms", "mean_ms"))
+    ratio_median = median(times["qcompare"]) / median(times["plain"])
+    ratio_mean = sum(times["qcompare"]) / sum(times["plain"])
+    print(f"\nratio qcompare / plain: median {ratio_median:.2f}, mean {ratio_mean:.2f}  (target <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()

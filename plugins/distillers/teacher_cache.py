@@ -1,0 +1,182 @@
+"""Teacher logits on the fixed training data, computed once per run and reused by every cell.
+
+On an off-policy batch (data answers, no rollout) the teacher's logits depend only on the
+teacher's weights and the token ids, so every GKD cell of a run that sees the same
+example can reuse them. Entries are keyed by the example's token ids and the positions the
+loss reads (its answer tokens), inside a folder keyed by a fingerprint of the teacher
+(config, dtype, device, attention implementation, a sample of every weight).
+
+Exactness: an entry holds the teacher's raw logits at the answer positions, in the dtype
+the teacher produced them (fp32 on CPU, bf16 on a bf16 GPU run), so feeding them to the
+loss is the same computation as recomputing them. A batch is served from the cache only
+when *all* its examples are there; otherwise the teacher runs on the whole batch, exactly
+as without a cache, and the new examples are stored. A cell that sees the same batches as
+the cell that filled the cache (same seed, same batch size: a learning-rate sweep) gets a
+bit-identical loss curve; a cell whose batches group the examples differently gets logits
+computed in another batch shape, equal up to float summation order.
+
+Storage: ``<run>/shared/teacher/<fingerprint>/shard-*.safetensors``, one shard per cell
+that added entries, each written to a temporary name and renamed, so two processes (Ray
+workers) filling the same cache never see a half-written file. Size: answer tokens ×
+vocabulary × 4 bytes (fp32); a 151k-token vocabulary costs 0.6 MB per answer token, so
+``teacher_cache_max_gb`` caps what one process keeps and writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+import weakref
+from pathlib import Path
+
+import torch
+
+RUN_MARKER = "recipe.toml"  # written by qcompare.store.RunStore.init at the root of every run folder
+
+# In-process caches by folder, so cells run one after another in one process (the local
+# executor) reuse entries without reading the disk again.
+_MEMORY: dict[str, "TeacherCache"] = {}
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def run_folder(cell_dir: Path) -> Path | None:
+    """The run folder holding ``cell_dir`` (``<run>/cells/<id>``), or None outside a run."""
+    run = Path(cell_dir).parent.parent
+    if Path(cell_dir).parent.name == "cells" and (run / RUN_MARKER).exists():
+        return run
+    return None
+
+
+def teacher_fingerprint(teacher) -> str:
+    """A short hash of what the teacher's logits depend on. Hashes a strided sample of every
+    weight (not all of it) so a 4B model is fingerprinted in well under a second."""
+    if teacher in _FINGERPRINTS:
+        return _FINGERPRINTS[teacher]
+    h = hashlib.blake2b(digest_size=12)
+    config = teacher.config.to_dict() if hasattr(teacher.config, "to_dict") else dict(teacher.config)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(str(getattr(teacher.config, "_attn_implementation", "")).encode())
+    for name, p in teacher.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{p.device.type}".encode())
+        h.update(sample.float().cpu().numpy().tobytes())
+    _FINGERPRINTS[teacher] = h.hexdigest()
+    return _FINGERPRINTS[teacher]
+
+
+def _example_key(ids: torch.Tensor, real: torch.Tensor, need: torch.Tensor) -> str:
+    """Key of one row: its real token ids and the (padding-free) positions the loss reads."""
+    first = int(real.nonzero()[0]) if real.any() else 0
+    positions = need.nonzero().flatten() - first
+    h = hashlib.blake2b(digest_size=16)
+    h.update(ids[real].to(torch.int64).cpu().numpy().tobytes())
+    h.update(b"|")
+    h.update(positions.to(torch.int64).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class TeacherCache:
+    """Teacher logits at the answer positions of each training example, for one teacher."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.entries: dict[str, torch.Tensor] = {}
+        self.new: dict[str, torch.Tensor] = {}
+        self.loaded_shards: set[str] = set()
+        self.bytes = 0
+        self.full = False
+
+    @classmethod
+    def for_cell(cls, teacher, cell_dir: Path, max_gb: float) -> "TeacherCache | None":
+        """The run's cache for ``teacher``, refreshed from disk; None outside a run folder."""
+        run = run_folder(cell_dir)
+        if run is None:
+            return None
+        folder = run / "shared" / "teacher" / teacher_fingerprint(teacher)
+        cache = _MEMORY.setdefault(str(folder), cls(folder, int(max_gb * 1e9)))
+        cache.max_bytes = int(max_gb * 1e9)
+        cache.refresh()
+        return cache
+
+    def refresh(self) -> None:
+        """Read the shards other cells (or processes) wrote since we last looked."""
+        from safetensors.torch import load_file
+
+        if not self.folder.is_dir():
+            return
+        for shard in sorted(self.folder.glob("shard-*.safetensors")):
+            if shard.name in self.loaded_shards:
+                continue
+            for key, tensor in load_file(shard).items():
+                self._keep(key, tensor)
+            self.loaded_shards.add(shard.name)
+
+    def _keep(self, key: str, tensor: torch.Tensor) -> bool:
+        if key in self.entries:
+            return False
+        size = tensor.numel() * tensor.element_size()
+        if self.bytes + size > self.max_bytes:
+            self.full = True
+            return False
+        self.entries[key] = tensor
+        self.bytes += size
+        return True
+
+    def keys(self, inputs) -> list[str]:
+        need = inputs["labels"][:, 1:] != -100
+        real = inputs["attention_mask"].bool()
+        return [_example_key(inputs["input_ids"][b], real[b], need[b]) for b in range(len(need))]
+
+    def lookup(self, inputs, keys: list[str], vocab: int) -> torch.Tensor | None:
+        """The batch's shifted teacher logits (B, T-1, V) if every example is cached, else None.
+        Positions the loss does not read stay zero; the loss masks them out."""
+        if not all(k in self.entries for k in keys):
+            return None
+        ids = inputs["input_ids"]
+        need = inputs["labels"][:, 1:] != -100
+        first = self.entries[keys[0]]
+        out = torch.zeros(ids.shape[0], ids.shape[1] - 1, vocab, dtype=first.dtype, device=ids.device)
+        for b, key in enumerate(keys):
+            out[b, need[b]] = self.entries[key].to(ids.device)
+        return out
+
+    def store(self, inputs, keys: list[str], shifted_logits: torch.Tensor) -> None:
+        need = inputs["labels"][:, 1:] != -100
+        for b, key in enumerate(keys):
+            if key not in self.entries:
+                rows = shifted_logits[b, need[b]].detach().to("cpu", copy=True).contiguous()
+                if self._keep(key, rows):
+                    self.new[key] = rows
+
+    def save(self) -> None:
+        """Write this process's new entries as one shard: temporary file, then rename."""
+        from safetensors.torch import save_file
+
+        if not self.new:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"shard-{uuid.uuid4().hex}.safetensors"
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(self.new, tmp)
+            os.replace(tmp, self.folder / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.loaded_shards.add(name)
+        self.new = {}
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.glob("shard-*.safetensors")) if self.folder.is_dir() else 0
+
+
+def clear_memory() -> None:
+    """Forget the in-process caches (tests use this to stand for a fresh process)."""
+    _MEMORY.clear()
+    _FINGERPRINTS.clear()

@@ -1,0 +1,237 @@
+"""Teacher work shared across cells (the λ=0 teacher cache) and within a LoRA cell (the
+student with adapters and fake quantization off is the teacher)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_chat import make_context, make_data, make_student, make_teacher, make_tokenizer
+
+from qcompare.errors import QcompareError
+from qcompare_plugins.distillers import GKDDistiller
+from qcompare_plugins.distillers.gkd import GKDParams
+from qcompare_plugins.distillers.shared_teacher import fake_quantizers, share_base_weights, teacher_mode
+from qcompare_plugins.distillers.teacher_cache import clear_memory
+
+TINY = dict(max_steps=4, max_length=64, learning_rate=1e-3, per_device_train_batch_size=2, max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def world():
+    tokenizer = make_tokenizer()
+    return tokenizer, make_teacher(tokenizer), make_data()
+
+
+def run_cell(tmp_path, name):
+    """A cell folder inside a run folder, laid out as qcompare.store.RunStore does."""
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "recipe.toml").write_text('name = "t"\n')
+    return make_context(tmp_path / "run" / "cells" / name)
+
+
+def distill(world, context, **params):
+    tokenizer, teacher, data = world
+    result = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, GKDParams(**{**TINY, **params}), context)
+    return [(e["step"], e["loss"]) for e in result.log], result.cost
+
+
+def test_a_cached_lambda0_cell_has_the_same_loss_curve_and_no_teacher_forwards(world, tmp_path):
+    clear_memory()
+    reference, ref_cost = distill(world, run_cell(tmp_path, "plain"), lmbda=0.0, teacher_cache=False)
+    assert ref_cost["teacher_forwards"] == 4 and ref_cost["teacher_cached_tokens"] == 0
+    first, cost = distill(world, run_cell(tmp_path, "first"), lmbda=0.0)  # fills the cache
+    assert first == reference and cost["teacher_forwards"] == 4
+    folder = tmp_path / "run" / "shared" / "teacher"
+    shards = list(folder.glob("*/shard-*.safetensors"))
+    assert len(shards) == 1 and not list(folder.glob("*/.tmp-*"))
+    assert cost["teacher_cache_bytes"] == shards[0].stat().st_size > 0
+
+    clear_memory()  # a fresh process (another Ray worker) reads the cache from the run folder
+    second, cost = distill(world, run_cell(tmp_path, "second"), lmbda=0.0, learning_rate=1e-3)
+    assert second == reference  # bit-identical, not approximately
+    assert cost["teacher_forwards"] == 0 and cost["teacher_forward_seconds"] == 0
+    assert cost["teacher_cached_tokens"] == ref_cost["teacher_tokens"] and cost["teacher_tokens"] == 0
+    assert len(list(folder.glob("*/shard-*.safetensors"))) == 1  # nothing new to write
+
+
+def test_a_different_learning_rate_reuses_the_cache_in_the_same_process(world, tmp_path):
+    clear_memory()
+    distill(world, run_cell(tmp_path, "lr1"), lmbda=0.0, learning_rate=1e-3)
+    reference, _ = distill(world, run_cell(tmp_path, "plain"), lmbda=0.0, learning_rate=3e-3, teacher_cache=False)
+    curve, cost = distill(world, run_cell(tmp_path, "lr2"), lmbda=0.0, learning_rate=3e-3)
+    assert curve == reference and cost["teacher_forwards"] == 0
+
+
+def test_the_cache_is_not_used_on_policy_or_outside_a_run_folder(world, tmp_path):
+    clear_memory()
+    _, cost = distill(world, make_context(tmp_path / "loose"), lmbda=0.0)
+    assert cost["teacher_forwards"] == 4 and "teacher_cache_bytes" not in cost
+    distill(world, run_cell(tmp_path, "off"), lmbda=0.0)
+    _, cost = distill(world, run_cell(tmp_path, "on"), lmbda=1.0)
+    assert cost["teacher_forwards"] == 4 and cost["teacher_cached_tokens"] == 0
+
+
+def lora_student(teacher):
+    from peft import LoraConfig, get_peft_model
+
+    student = make_student(teacher)
+    assert share_base_weights(teacher, student) is None
+    model = get_peft_model(student, LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():  # adapters that change the function, as after some training
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def test_the_shared_student_in_teacher_mode_gives_the_float_teachers_logits_exactly(world):
+    tokenizer, teacher, _ = world
+    model = lora_student(teacher)
+    ids = tokenizer(["<|user|> what is 3 plus 4 <|end|> <|assistant|> it is 7"], return_tensors="pt").input_ids
+    base = model.get_base_model()
+    assert base.model.layers[0].mlp.up_proj.base_layer.weight.data_ptr() == teacher.model.layers[0].mlp.up_proj.weight.data_ptr()
+    with torch.no_grad():
+        expected = teacher(ids).logits
+        with teacher_mode(model):
+            shared = model(ids).logits
+            assert not any(q.enabled for q in fake_quantizers(model))
+        student = model(ids).logits
+    assert shared.dtype == torch.float32 and torch.equal(shared, expected)
+    assert not torch.allclose(student, expected, atol=1e-2)  # adapters and fake quant are back on
+    assert model.training and all(q.enabled for q in fake_quantizers(model))
+
+
+def test_lora_training_with_the_shared_teacher_matches_two_copies(world, tmp_path):
+    tokenizer, teacher, data = world
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    grads = [p.requires_grad for p in teacher.parameters()]
+    curves = {}
+    for shared in (False, True):
+        params = GKDParams(**TINY, lmbda=0.5, lora_r=4, shared_teacher=shared)
+        context = make_context(tmp_path / str(shared), seed=3)
+        result = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, context)
+        assert result.cost["teacher_layout"] == ("shared" if shared else "separate")
+        curves[shared] = [(e["step"], e["loss"], e["on_policy"]) for e in result.log]
+    assert [c[2] for c in curves[True]] == [c[2] for c in curves[False]] and 0 < sum(c[2] for c in curves[True]) < 4
+    for (_, a, _), (_, b, _) in zip(curves[False], curves[True]):
+        assert a == b  # bit-identical on CPU: the same float teacher logits either way
+    # the teacher the runner keeps for the next cell is untouched
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert [p.requires_grad for p in teacher.parameters()] == grads
+
+
+def test_sharing_is_refused_when_the_quantizer_changed_the_weights(world, tmp_path):
+    tokenizer, teacher, data = world
+    student = make_student(teacher)
+    with torch.no_grad():
+        student.model.layers[1].self_attn.o_proj.weight.mul_(1.01)  # as GPTQ/AWQ would
+    reason = share_base_weights(teacher, student)
+    assert reason and "o_proj" in reason
+    params = GKDParams(**TINY, lmbda=0.0, lora_r=4)
+    result = GKDDistiller().distill(teacher, student, tokenizer, data, params, make_context(tmp_path))
+    assert result.cost["teacher_layout"].startswith("separate (") and "o_proj" in result.cost["teacher_layout"]
+
+
+def test_use_vllm_says_what_to_install_or_why_not(world, tmp_path):
+    tokenizer, teacher, data = world
+    with pytest.raises(QcompareError, match="vllm|vLLM") as e:
+        GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, GKDParams(**TINY, use_vllm=True), make_context(tmp_path))
+    assert "\n" not in str(e.value)
+    assert "pip install vllm" in str(e.value) or "DistillationTrainer" in str(e.value)
+
+
+def test_rollouts_keep_the_kv_cache_under_gradient_checkpointing(world, tmp_path):
+    from qcompare_plugins.distillers.cost import CostMeter
+
+    tokenizer, teacher, data = world
+    params = GKDParams(**TINY, lmbda=1.0, gradient_checkpointing=True)
+    trainer = GKDDistiller().make_trainer(teacher, make_student(teacher), tokenizer, data, params,
+                                          make_context(tmp_path), CostMeter("cpu"))
+    assert trainer.args.gradient_checkpointing  # TRL would have set use_cache=False here
+    assert trainer.generation_config.use_cache is True and trainer.generation_kwargs["use_cache"] is True
+    assert trainer.generation_config.do_sample and trainer.generation_config.max_new_tokens == 8
+
+
+def test_two_processes_filling_one_cache_write_separate_whole_shards(tmp_path):
+    from qcompare_plugins.distillers.teacher_cache import TeacherCache
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 40, (2, 9), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    inputs["labels"][:, :5] = -100
+    logits = torch.randn(2, 8, 45, generator=g)
+    a, b = TeacherCache(tmp_path, 10**9), TeacherCache(tmp_path, 10**9)  # as two Ray workers
+    keys = a.keys(inputs)
+    a.store(inputs, keys, logits)
+    b.store(inputs, keys, logits)
+    a.save()
+    b.save()
+    assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2 and not list(tmp_path.glob(".tmp-*"))
+    fresh = TeacherCache(tmp_path, 10**9)
+    fresh.refresh()
+    served = fresh.lookup(inputs, keys, 45)
+    need = inputs["labels"][:, 1:] != -100
+    assert torch.equal(served[need], logits[need]) and not served[~need].any()
+    tiny = TeacherCache(tmp_path, 1000)  # room for one 720-byte entry of two: the batch is not served
+    tiny.refresh()
+    assert len(tiny.entries) == 1 and tiny.full and tiny.lookup(inputs, keys, 45) is None
+
+
+@pytest.mark.parametrize("qparams", [dict(bits=4, group_size=32, embeddings=True), dict(bits=8, activations="int8")])
+def test_teacher_mode_switches_off_the_torchao_plugins_fake_quantizers(world, tmp_path, qparams):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from qcompare.plugins import get_registry
+
+    tokenizer, teacher, _ = world
+    quantizer = get_registry().get("quantizer", "torchao")
+    params = quantizer.Params(**qparams)
+    student = quantizer().prepare(copy.deepcopy(teacher), params, make_context(tmp_path))
+    assert share_base_weights(teacher, student) is None
+    model = get_peft_model(student, LoraConfig(r=4, target_modules="all-linear"))
+    ids = tokenizer(["<|user|> what is 3 plus 4 <|end|> <|assistant|> it is 7"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        with teacher_mode(model):
+            assert torch.equal(model(ids).logits, teacher(ids).logits)
+        assert not torch.equal(model(ids).logits, teacher(ids).logits)
+
+
+def test_a_lambda0_sweep_through_the_runner_runs_the_teacher_once(tmp_path):
+    import json
+
+    from qcompare.recipe import load_recipe
+    from qcompare.runner import Runner
+    from qcompare.store import RunStore
+
+    clear_memory()
+    recipe = tmp_path / "sweep.toml"
+    recipe.write_text("""
+name = "sweep"
+models = ["toy-qwen3"]
+device = "cpu"
+teacher = false
+[data]
+train = "toy-chat"
+subset = 32
+[[quantizers]]
+name = "torchao"
+bits = 4
+group_size = 32
+[[distillers]]
+name = "gkd"
+lmbda = 0.0
+learning_rate = [1e-4, 1e-3]
+max_steps = 3
+per_device_train_batch_size = 4
+max_length = 64
+save_steps = 0
+""")
+    records = Runner(load_recipe(recipe), RunStore(tmp_path / "run")).run()
+    assert [r["status"] for r in records] == ["done", "done"]
+    forwards = sorted(r["cost"]["teacher_forwards"] for r in records)
+    assert forwards == [0, 3]
+    logs = [(tmp_path / "run" / "cells" / r["id"] / "train_log.jsonl").read_text().splitlines() for r in records]
+    assert json.loads(logs[0][0])["loss"] == json.loads(logs[1][0])["loss"]  # step 1: same student, same teacher
+    assert list((tmp_path / "run" / "shared" / "teacher").glob("*/shard-*.safetensors"))
