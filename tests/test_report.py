@@ -87,3 +87,13 @@ def test_pivot_and_figures(finished_run, tmp_path):
     assert pngs == ["loss_curves.png", "metric_per_configuration.png", "metric_vs_steps.png"]
     assert all((tmp_path / "figs" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert cli.invoke(app, ["report", str(finished_run), "--rows", "bits"]).exit_code == 2
+
+
+def test_learning_rate_figure_has_a_line_per_lambda_like_setting(test_plugins, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    res = cli.invoke(app, ["run", str(write_recipe(BASIC)), "-o", str(out), "--set", "quantizers[0].bits=[2]",
+                           "--set", "distillers[1].learning_rate=[0.001, 0.01, 0.1]"])
+    assert res.exit_code == 0, res.output
+    res = cli.invoke(app, ["report", str(out), "--figures", str(tmp_path / "figs")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "figs" / "metric_vs_learning_rate.png").read_bytes()[:4] == b"\x89PNG"
