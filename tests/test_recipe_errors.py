@@ -94,3 +94,11 @@ def test_nothing_stored_is_touched_by_bad_input(test_plugins, write_recipe, tmp_
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     check(["run", write_recipe(BASIC.replace("bits = [8, 2]", "bits = 5")), "-o", out], "bits")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_gkd_lambda_and_beta_outside_0_1_are_named(monkeypatch, write_recipe):
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "local,torchao,distillers")
+    body = 'models = ["{model}"]\n[[quantizers]]\nname = "torchao"\n[[distillers]]\nname = "gkd"\nlmbda = [0.0, 1.5]\nbeta = -0.1\n'
+    out = check(["validate", write_recipe(body)], lines=2)
+    assert "distillers[0].lmbda: bad value 1.5: input should be less than or equal to 1" in out
+    assert "distillers[0].beta: bad value -0.1: input should be greater than or equal to 0" in out
