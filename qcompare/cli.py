@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from qcompare.api import CellProgress
 from qcompare.errors import QcompareError
+
+# torchao announces on import the CUDA kernels a CPU wheel lacks, and torch warns about its
+# pytree registrations: noise on every command, with nothing for the user to do.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 app = typer.Typer(
     help="Compare LLM quantizers and the distillation methods that recover their accuracy, from one TOML recipe.",
@@ -30,6 +36,21 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a recipe field, e.g. --set seeds=[0,1] --set quantizers[0].bits=4.",
                  metavar="FIELD=VALUE"),
 ]
+
+
+def _version(value: bool):
+    if value:
+        from qcompare import __version__
+
+        console.print(f"qcompare {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+):
+    """Compare LLM quantizers and the distillation methods that recover their accuracy, from one TOML recipe."""
 
 
 @contextmanager
