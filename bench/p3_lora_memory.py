@@ -1,16 +1,17 @@
-"""P3: peak memory (RSS) of a LoRA-QAT GKD cell with the shared teacher vs the two-copy
-layout, on a random Qwen3 of ~76M parameters (fp32: weights dominate), each layout in its
-own subprocess.
+"""P3: peak memory (RSS) of a LoRA-QAT GKD cell through qcompare's own pipeline
+(``Runner.converted_model``: prepare -> distill -> convert) vs the two-copy layout, on a random
+Qwen3 of ~76M parameters (fp32: weights dominate), each layout in its own subprocess.
 
     .venv/bin/python bench/p3_lora_memory.py [--steps 3]
 
-Layouts:
-  two-copy          teacher + a deep copy as the student (shared_teacher = false)
-  shared, deepcopy  the runner's deep copy, then the distiller points the student's
-                    weights at the teacher's (the copy is freed, but it existed)
-  shared, no copy   the student is built over the teacher's weights from the start
-                    (shared_teacher.weight_sharing_copy), so two copies never exist
-Target: shared ≤ 0.6× two-copy.
+Layouts (all through the runner, the same recipe, only the copy and teacher switches differ):
+  two-copy           the runner deep-copies the teacher, the distiller keeps a separate teacher
+                     (torchao's shares_teacher_weights off, shared_teacher = false)
+  runner deep copy   the runner deep-copies, the distiller then points the student's weights
+                     at the teacher's (the copy existed for a while: the old runner)
+  qcompare           the runner builds the student over the teacher's memory (LoRA + torchao:
+                     weight_sharing_copy), so two copies never exist
+Target: qcompare <= 0.6x two-copy.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-LAYOUTS = ("two-copy", "shared, deepcopy", "shared, no copy")
+LAYOUTS = ("two-copy", "runner deep copy", "qcompare")
 
 
 def rss_bytes() -> int:
@@ -36,44 +37,78 @@ def current_rss_bytes() -> int:
     return int(text.split("VmRSS:")[1].split()[0]) * 1024
 
 
-def child(layout: str, steps: int, checkpointing: bool) -> dict:
-    import copy
+RECIPE = """
+name = "p3"
+models = ["toy-qwen3"]
+device = "cpu"
+teacher = false
+[data]
+train = "toy-chat"
+subset = 64
+[[quantizers]]
+name = "torchao"
+bits = 4
+group_size = 32
+[[distillers]]
+name = "gkd"
+lmbda = 0.0
+lora_r = 8
+lora_alpha = 16
+max_steps = {steps}
+per_device_train_batch_size = 2
+max_length = 64
+save_steps = 0
+gradient_checkpointing = {checkpointing}
+teacher_cache = false
+shared_teacher = {shared}
+"""
 
+
+def child(layout: str, steps: int, checkpointing: bool) -> dict:
+    import common  # noqa: F401 - one thread, offline
     import torch
-    from common import load_toy
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
-    from torchao.quantization.qat import QATConfig
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from qcompare.api import CellContext
-    from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams
-    from qcompare_plugins.distillers.shared_teacher import weight_sharing_copy
+    from qcompare.recipe import load_recipe
+    from qcompare.runner import Runner
+    from qcompare.store import RunStore
+    from qcompare_plugins.torchao_quantizer import TorchaoQuantizer
 
-    toy, tokenizer, data = load_toy()
-    data = data.select(range(64))
-    params = dict(lmbda=0.0, lora_r=8, lora_alpha=16, max_steps=steps, per_device_train_batch_size=2,
-                  max_length=64, save_steps=0, gradient_checkpointing=checkpointing)
+    TorchaoQuantizer.shares_teacher_weights = layout == "qcompare"
+    convert, seen = TorchaoQuantizer.convert, {}
+
+    def measured_convert(self, student, params, context):  # the peak of prepare + training alone
+        seen["train_peak"] = rss_bytes()
+        return convert(self, student, params, context)
+
+    TorchaoQuantizer.convert = measured_convert
     with tempfile.TemporaryDirectory() as tmp:
-        # warm-up on the 180k-parameter toy model: the first step imports and compiles what
-        # torchao/TRL need (~200 MB of code), the same in every layout
-        context = CellContext(cell_dir=Path(tmp), seed=0, device="cpu", tokenizer=tokenizer)
-        GKDDistiller().distill(toy, copy.deepcopy(toy), tokenizer, data, GKDParams(**params), context)
-    baseline = current_rss_bytes()
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    teacher = Qwen3ForCausalLM(config).eval()
-    n_params = sum(p.numel() for p in teacher.parameters())
-    student = weight_sharing_copy(teacher) if layout == "shared, no copy" else copy.deepcopy(teacher)
-    quantize_(student, QATConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)), step="prepare"))
-    params = GKDParams(**params, shared_teacher=layout != "two-copy")
-    with tempfile.TemporaryDirectory() as tmp:
-        context = CellContext(cell_dir=Path(tmp), seed=0, device="cpu", tokenizer=tokenizer)
-        result = GKDDistiller().distill(teacher, student, tokenizer, data, params, context)
-    return {"layout": layout, "peak": rss_bytes(), "baseline": baseline, "params": n_params,
-            "teacher_layout": result.cost["teacher_layout"], "loss": result.log[-1]["loss"]}
+        path = Path(tmp) / "p3.toml"
+        path.write_text(RECIPE.format(steps=steps, checkpointing=str(checkpointing).lower(),
+                                      shared=str(layout != "two-copy").lower()))
+        recipe = load_recipe(path)
+        store = RunStore(Path(tmp) / "run")
+        store.init(recipe.text)
+        runner = Runner(recipe, store)
+        [cell] = runner.cells()
+        # warm-up cell on the 180k-parameter toy teacher: the first step imports and compiles
+        # what torchao/TRL need (~200 MB of code), the same in every layout
+        runner.converted_model(cell, runner.context(cell, store.cell_dir(cell.id)))
+        baseline = current_rss_bytes()
+        toy, tokenizer = runner.teacher(cell.model)
+        torch.manual_seed(0)
+        config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048,
+                             num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
+                             tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+        teacher = Qwen3ForCausalLM(config).eval()
+        n_params = sum(p.numel() for p in teacher.parameters())
+        runner._models = {cell.model: (teacher, tokenizer)}  # the random model stands in for the toy one
+        del toy
+        converted = runner.converted_model(cell, runner.context(cell, store.cell_dir(cell.id)))
+    return {"layout": layout, "peak": rss_bytes(), "train_peak": seen["train_peak"], "baseline": baseline,
+            "params": n_params, "student_weights": converted.cost["student_weights"],
+            "teacher_layout": converted.cost["teacher_layout"], "loss": converted.log[-1]["loss"]}
 
 
 def main():
@@ -105,18 +140,24 @@ def main():
             raise SystemExit(f"{layout} failed:\n{out.stderr[-3000:]}")
         results[layout] = json.loads(lines[-1][len("RESULT "):])
     ref = results["two-copy"]
-    print(f"P3: LoRA-QAT GKD cell (r=8, int4 g32, lambda=0, {args.steps} steps), random Qwen3 with "
+    print(f"P3: LoRA-QAT GKD cell through Runner.converted_model (r=8, int4 g32, lambda=0, {args.steps} steps, "
+          f"convert included), random Qwen3 with "
           f"{ref['params'] / 1e6:.0f}M parameters ({ref['params'] * 4 / 1e6:.0f} MB fp32), gradient checkpointing "
           f"{'off' if args.no_checkpointing else 'on'}, malloc {'default' if args.malloc_default else 'mmap >= 64 KiB'}, "
           "peak RSS per subprocess\n")
     rows = []
+    above = lambda r, key="peak": r[key] - r["baseline"]  # noqa: E731
     for layout, r in results.items():
-        rows.append((layout, r["teacher_layout"], f"{r['peak'] / 1e6:.0f}", f"{(r['peak'] - r['baseline']) / 1e6:.0f}",
-                     f"{r['peak'] / ref['peak']:.2f}", f"{(r['peak'] - r['baseline']) / (ref['peak'] - ref['baseline']):.2f}",
+        rows.append((layout, r["student_weights"], r["teacher_layout"], f"{r['peak'] / 1e6:.0f}",
+                     f"{above(r) / 1e6:.0f}",
+                     f"{r['peak'] / ref['peak']:.2f}", f"{above(r) / above(ref):.2f}",
+                     f"{above(r, 'train_peak') / above(ref, 'train_peak'):.2f}",
                      f"{r['loss']:.6f}"))
-    table(rows, ("layout", "teacher", "peak_MB", "above_base_MB", "ratio", "ratio_above_base", "last_loss"))
+    table(rows, ("layout", "runner copy", "teacher", "peak_MB", "above_base_MB", "ratio", "ratio_above_base",
+                 "before_convert", "last_loss"))
     print("\n'above base' subtracts the RSS after imports, data loading and a warm-up cell on the toy model "
-          "(code torch/TRL load on first use; the same in every layout). Target <= 0.6.")
+          "(code torch/TRL load on first use; the same in every layout); 'before_convert' is that ratio for the "
+          "peak of prepare + training alone. Target <= 0.6.")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ GPTQ/AWQ model computes (to the bit), and training moves the weights on that sam
 packed ints, the format vLLM serves; transformers reloads it to the same logits) and returns
 torchao's real int-weight model, whose logits equal the student's (``IntxWeightOnlyConfig``
 with the student's scales). A LoRA student keeps float adapters, which that format cannot
-hold: it is converted, with a warning instead of the checkpoint.
+hold: the checkpoint holds its quantized base, and ``save`` puts the adapter beside it as a
+PEFT adapter (``qcompare.export.save_converted``).
 
 Why the scales stay frozen: GPTQ's error feedback and AWQ's scale search chose each
 weight's code *given* those scales; the grid is the result being compared. A trained
@@ -288,13 +289,13 @@ class _LlmCompressorQuantizer(Quantizer):
         if not any(isinstance(m, FakeQuantizedLinear) for m in student.modules()):
             raise QcompareError(f"{self.name}: convert needs a student made by {self.name}'s prepare; "
                                 "this model has no fake-quantized Linear layers")
-        if any(hasattr(m, "lora_A") for m in student.modules()):
+        if context is not None and context.cell_dir is not None:
+            from qcompare.export import without_adapters
+
             # a LoRA distiller keeps its adapters in float beside the quantized layers (merging
-            # them would re-quantize W + BA); compressed-tensors has no place for them
-            warnings.warn(f"{self.name}: the student carries LoRA adapters; no compressed-tensors "
-                          "checkpoint is written (it cannot hold float adapters)", stacklevel=2)
-        elif context is not None and context.cell_dir is not None:
-            save_compressed(student, params, context.cell_dir / "compressed", context.tokenizer)
+            # them would re-quantize W + BA); the checkpoint holds the base, save adds the adapter
+            with without_adapters(student) as base:
+                save_compressed(base, params, context.cell_dir / "compressed", context.tokenizer)
         with torch.no_grad():
             quantize_(student, QATConfig(_weight_only_config(params), step="convert"),
                       filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
@@ -304,8 +305,8 @@ class _LlmCompressorQuantizer(Quantizer):
         """The compressed-tensors checkpoint that convert wrote (transformers and vLLM load it)."""
         source = context.cell_dir / "compressed"
         if not (source / "config.json").is_file():
-            raise QcompareError(f"{self.name}: no compressed-tensors checkpoint for this cell (a LoRA student "
-                                "cannot be stored in that format); export a full fine-tuning cell (lora_r = 0)")
+            raise QcompareError(f"{self.name}: no compressed-tensors checkpoint for this cell ({source} is "
+                                "missing); convert writes it, so re-run the cell")
         shutil.copytree(source, folder, dirs_exist_ok=True)
 
     def bits_per_weight(self, params) -> float:

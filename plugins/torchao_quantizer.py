@@ -218,6 +218,7 @@ class TorchaoQuantizer(Quantizer):
 
     name = "torchao"
     Params = TorchaoParams
+    shares_teacher_weights = True  # prepare swaps modules over the same Parameters; convert builds new tensors
 
     def prepare(self, model, params, context):
         from torchao.quantization import quantize_
@@ -273,10 +274,6 @@ class TorchaoQuantizer(Quantizer):
         from transformers import TorchAoConfig
         from transformers.quantizers.auto import AutoHfQuantizer
 
-        if any(hasattr(m, "lora_A") for m in model.modules()):
-            raise QcompareError("torchao: a converted student with LoRA adapters cannot be saved as one "
-                                "from_pretrained folder (float adapters on quantized base layers); train with "
-                                "lora_r = 0 to export it")
         kinds = {type(t).__name__ for t in model.state_dict().values()} - {"Tensor", "Parameter"}
         unsupported = sorted(kinds - set(ALLOWED_TENSORS_SUBCLASSES))
         if unsupported:

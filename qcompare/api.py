@@ -88,6 +88,13 @@ class CellContext:
 class Quantizer(Plugin):
     """Base class of quantizers."""
 
+    # True when ``prepare`` and ``convert`` never write into the float weights they are
+    # given (they swap modules, quantize on the fly, build new tensors). The runner may then
+    # hand ``prepare`` a student whose weights share memory with the teacher's, when the
+    # distiller keeps the base weights too (``Distiller.keeps_base_weights``). GPTQ/AWQ
+    # rewrite weights in place: False.
+    shares_teacher_weights: ClassVar[bool] = False
+
     def prepare(self, model, params, context: CellContext):
         """Return a trainable student: ``model`` (already a copy of the teacher) with its
         Linear layers fake-quantized, gradients passing straight through."""
@@ -102,7 +109,11 @@ class Quantizer(Plugin):
 
         The runner writes the tokenizer and the model card itself. Override when plain
         ``save_pretrained`` cannot describe the format (e.g. set ``config.quantization_config``
-        so transformers knows how to load the low-bit weights back)."""
+        so transformers knows how to load the low-bit weights back).
+
+        A student trained with LoRA keeps float adapters beside its quantized layers; this
+        method then receives the base with the adapters unwrapped, and the runner writes the
+        adapter beside it as a PEFT adapter (``qcompare.export.save_converted``)."""
         model.save_pretrained(folder)
 
     def bits_per_weight(self, params) -> float:
@@ -127,6 +138,12 @@ class Distiller(Plugin):
     """Base class of distillers (recovery methods)."""
 
     seeded = True
+
+    def keeps_base_weights(self, params) -> bool:
+        """True when ``distill`` never updates the student's base weights (LoRA: only the
+        adapters train), so they may share the teacher's memory (see
+        ``Quantizer.shares_teacher_weights``)."""
+        return False
 
     def distill(self, teacher, student, tokenizer, data, params, context: CellContext) -> DistillResult:
         """Train ``student`` toward ``teacher`` (or the data) and return a DistillResult.

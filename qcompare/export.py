@@ -3,10 +3,18 @@
 The weights come from the cell's saved ``model/`` folder (recipe option ``save_models``) or,
 when the run did not keep them, from re-running the cell's pipeline with the Runner (same
 seed, same settings), so an exported model is always the one that was evaluated.
+
+A LoRA cell's model is the quantized base with float adapters beside its layers (merging
+them would re-quantize W + BA, a different function). ``save_converted`` is the one place
+that saves such a model: the quantizer writes the base as for any cell, and the adapter goes
+beside it as a PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``), which
+``AutoModelForCausalLM.from_pretrained(folder)`` loads together with the base.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import shutil
 import sys
@@ -132,6 +140,70 @@ def rebuild(store: RunStore, record: dict, folder: Path, say: Callable[[str], No
         runner.save_model(runner.converted_model(cell, ctx), ctx, folder)
 
 
+# --- LoRA students: the quantized base plus a PEFT adapter ------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_layers(model) -> list[tuple[str, object]]:
+    """(name, layer) of the PEFT tuner layers (LoRA) a distiller left in ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if n and isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def without_adapters(model):
+    """``model`` with each LoRA layer swapped for its (quantized) base layer inside the block;
+    the adapters are put back afterwards, so the evaluated model leaves unchanged."""
+    layers = lora_layers(model)
+    for name, layer in layers:
+        model.set_submodule(name, layer.get_base_layer())
+    try:
+        yield model
+    finally:
+        for name, layer in layers:
+            model.set_submodule(name, layer)
+
+
+def save_converted(quantizer, model, params, folder: Path, context) -> None:
+    """Save a converted model into ``folder``: the one place that decides how LoRA cells are saved.
+
+    Without adapters this is ``quantizer.save``. With them, ``quantizer.save`` writes the
+    quantized base (its layers unwrapped) exactly as for a full fine-tuning cell, and the
+    adapter follows as a PEFT adapter in the same folder."""
+    if not lora_layers(model):
+        quantizer.save(model, params, folder, context)
+        return
+    with without_adapters(model) as base:
+        quantizer.save(base, params, folder, context)
+    save_adapter(model, folder)
+
+
+def save_adapter(model, folder: Path) -> None:
+    """Write the LoRA adapter of ``model`` as peft's ``PeftModel.save_pretrained`` does."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    configs = getattr(model, "peft_config", None) or {}
+    if len(configs) != 1:
+        raise QcompareError(f"the student carries {len(configs)} PEFT adapters ({', '.join(configs) or 'no config'}); "
+                            "export needs exactly one, as the distillers make")
+    [(name, config)] = configs.items()
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    # peft's own key prefix (PeftModel wraps the transformers model as base_model.model)
+    save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
+              str(Path(folder) / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    config = copy.deepcopy(config)
+    config.inference_mode = True
+    # The base is this folder, not the float model the student came from: transformers loads a
+    # local folder holding config.json and adapter_config.json as base + adapter and ignores
+    # this field; a loader that follows it would put the adapter on the wrong (float) base.
+    config.base_model_name_or_path = None
+    config.save_pretrained(str(folder))
+
+
 # --- the model card --------------------------------------------------------------------
 
 
@@ -166,12 +238,44 @@ def model_index(record: dict, name: str) -> list[dict]:
     return [{"name": name, "results": results}]
 
 
+def use_lines(folder: Path) -> list[str]:
+    """The card's "Use" section: the code that loads this folder to the evaluated model."""
+    if not (folder / ADAPTER_CONFIG).is_file():
+        return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```", ""]
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    compressed = config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+    lines = ["The folder holds the quantized base model (`config.json`, `model.safetensors`) and the LoRA adapter "
+             "trained on it (`adapter_config.json`, `adapter_model.safetensors`: float, not merged, since merging "
+             "would re-quantize the weights and change the model). transformers loads both at once from the "
+             "folder (`peft` must be installed); a loader that ignores the adapter files gets the base alone, "
+             "which is not the evaluated model. Before uploading the folder to the Hugging Face Hub, set "
+             "`base_model_name_or_path` in `adapter_config.json` to the repository's id: transformers takes the "
+             "base of a Hub repository with an adapter from there (a local folder is its own base)."]
+    if compressed:
+        # peft wraps Linear layers that hold a .weight; compressed-tensors keeps them packed unless asked
+        lines[0] += (" The adapter needs the compressed-tensors weights dequantized on load "
+                     "(`dequantize=True`: the same values, held in float; transformers warns that it "
+                     "overrides that loading attribute of the folder's config).")
+        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig", "",
+                'model = AutoModelForCausalLM.from_pretrained(  # base + LoRA adapter',
+                '    "path/to/this/folder", quantization_config=CompressedTensorsConfig(dequantize=True))']
+    else:
+        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")  # base + LoRA adapter']
+    return lines + ["", "```python"] + load + ['tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+                                               "```", ""]
+
+
 def model_card(store: RunStore, record: dict, folder: Path, rebuilt: bool) -> str:
     s = record["settings"]
     q, d = s["quantizer"], s["distiller"]
     name = f"{Path(s['model']).name}-{q['name']}-{d['name']}-{record['id']}"
+    lora = (folder / ADAPTER_CONFIG).is_file()
     meta = {"base_model": s["model"], "library_name": "transformers",
-            "tags": ["qcompare", "quantization", q["name"]] + ([d["name"]] if d["name"] != "none" else []),
+            "tags": ["qcompare", "quantization", q["name"]] + ([d["name"]] if d["name"] != "none" else [])
+            + (["lora", "peft"] if lora else []),
             "model-index": model_index(record, name)}
     lines = ["---", _yaml(meta).rstrip(), "---", "", f"# {name}", "",
              f"A quantized **{s['model']}** made and evaluated by qcompare "
@@ -201,9 +305,7 @@ def model_card(store: RunStore, record: dict, folder: Path, rebuilt: bool) -> st
     if rebuilt:
         lines.append("- the weights were rebuilt after the run by re-running this cell's pipeline "
                      "(prepare → distill → convert, same settings and seed); the numbers above are the run's")
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-              'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```", ""]
+    lines += ["", "## Use", ""] + use_lines(folder)
     recipe = store.root / "recipe.toml"
     if recipe.is_file():
         lines += ["## The recipe that produced it", "", "```toml", recipe.read_text().rstrip(), "```", ""]

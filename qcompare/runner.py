@@ -54,6 +54,30 @@ def peak_memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (kB on Linux)
 
 
+def weight_sharing_copy(model):
+    """A copy of ``model``'s module tree whose weights are the same memory (nothing new allocated).
+
+    Parameters and buffers are new tensor objects over the original storage, so rebinding
+    them in the copy (``.to(dtype)``, ``requires_grad_``, swapping a module) leaves the
+    original alone; only in-place writes reach it. Tied weights stay tied (one alias each)."""
+    from torch import nn
+
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b.detach() for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def student_copy(teacher, quantizer, distiller, dparams) -> tuple[Any, str]:
+    """The copy of the teacher that ``prepare`` turns into the student, and how it was made.
+
+    One copy of the weights instead of two when neither step writes into them: the quantizer
+    says ``prepare``/``convert`` leave them (torchao QAT) and the distiller says training
+    leaves them (LoRA). Otherwise (GPTQ/AWQ, full fine-tuning) a deep copy."""
+    if quantizer.shares_teacher_weights and distiller.keeps_base_weights(dparams):
+        return weight_sharing_copy(teacher), "shared"
+    return copy.deepcopy(teacher), "copied"
+
+
 @dataclass
 class Converted:
     """A cell's converted model and what made it."""
@@ -173,7 +197,8 @@ class Runner:
         set_seed(cell.seed if cell.seed is not None else 0)  # after loading: the same RNG state on either path
         cost: dict[str, Any] = {}
         t0 = time.perf_counter()
-        student = quantizer.prepare(copy.deepcopy(teacher), qparams, ctx)
+        student, cost["student_weights"] = student_copy(teacher, quantizer, distiller, dparams)
+        student = quantizer.prepare(student, qparams, ctx)
         cost["prepare_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         result = distiller.distill(teacher, student, ctx.tokenizer, ctx.data, dparams, ctx)
@@ -185,9 +210,11 @@ class Runner:
         return Converted(model, quantizer, qparams, cost, result.log)
 
     def save_model(self, converted: Converted, ctx: CellContext, folder: Path) -> None:
-        """The converted model as a Hugging Face folder, with the tokenizer."""
+        """The converted model as a Hugging Face folder, with the tokenizer (and a LoRA adapter)."""
+        from qcompare.export import save_converted
+
         folder.mkdir(parents=True, exist_ok=True)
-        converted.quantizer.save(converted.model, converted.params, folder, ctx)
+        save_converted(converted.quantizer, converted.model, converted.params, folder, ctx)
         ctx.tokenizer.save_pretrained(folder)
 
     def _execute(self, cell: Cell, cell_dir: Path) -> dict:

@@ -79,13 +79,20 @@ def run_recipe(tmp_path, bits="4", extra=""):
     return out, [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/result.json"))]
 
 
-def reload(folder):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def reload_model(folder):
+    """The user's one line (a LoRA folder loads base and adapter together), and its logits."""
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder)
-    AutoTokenizer.from_pretrained(folder)  # the tokenizer travels too
     with torch.no_grad():
         return model(IDS).logits, model
+
+
+def reload(folder):
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(folder)  # the tokenizer travels too
+    return reload_model(folder)
 
 
 def test_saved_and_exported_torchao_cell_reloads_to_the_evaluated_logits(toy_plugins, tmp_path):
@@ -168,21 +175,104 @@ def test_tinygemm_on_cpu_is_not_saved_but_the_cell_keeps_its_results(toy_plugins
     assert not (out / "cells" / record["id"] / "model").exists()
 
 
-def test_torchao_save_refuses_a_student_with_lora_adapters(tmp_path):
+def test_saving_a_torchao_lora_student_writes_the_base_and_a_peft_adapter_beside_it(tmp_path):
     from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from qcompare.errors import QcompareError
+    from qcompare.export import save_converted
     from qcompare_plugins.toy import MODEL
     from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
 
     quantizer, params = TorchaoQuantizer(), TorchaoParams(bits=4)
     student = quantizer.prepare(AutoModelForCausalLM.from_pretrained(MODEL), params, None)
-    student = get_peft_model(student, LoraConfig(r=2, target_modules="all-linear")).get_base_model()
-    model = quantizer.convert(student, params, None)
-    with pytest.raises(QcompareError, match="LoRA adapters"):
-        quantizer.save(model, params, tmp_path / "m", None)
-    assert not (tmp_path / "m").exists()
+    torch.manual_seed(0)  # init_lora_weights=False: random B, so a lost adapter changes the logits
+    student = get_peft_model(student, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    model = quantizer.convert(student.get_base_model(), params, None)
+    with torch.no_grad():
+        evaluated = model(IDS).logits
+    save_converted(quantizer, model, params, tmp_path / "m", None)
+
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, evaluated)  # the adapters went back after the save
+    assert not any("lora_" in k for k in load_file(tmp_path / "m" / "model.safetensors"))  # the base alone
+    adapter = load_file(tmp_path / "m" / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 14 and all(k.startswith("base_model.model.model.layers.") for k in adapter)
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] is None and config["inference_mode"] is True
+    reloaded, back = reload_model(tmp_path / "m")
+    assert torch.equal(reloaded, evaluated), (reloaded - evaluated).abs().max()
+    bases = [m.base_layer for m in back.modules() if hasattr(m, "lora_A")]  # peft's layers on torchao's weights
+    assert len(bases) == 14 and {type(b.weight).__name__ for b in bases} == {"IntxUnpackedToInt8Tensor"}
+
+
+LORA = """
+[data]
+train = "toy-chat"
+"""
+
+
+def lora_recipe(tmp_path, quantizer_lines: str, save_models: bool):
+    """Run one LoRA cell (sft, lora_r = 4) and export it: copied if saved, else rebuilt."""
+    recipe = tmp_path / "lora.toml"
+    recipe.write_text(RECIPE.format(bits="4", extra=f"save_models = {str(save_models).lower()}\n" + LORA)
+                      .replace('name = "torchao"', quantizer_lines)
+                      .replace('name = "nudge"', 'name = "sft"\nlora_r = 4\nlearning_rate = 0.01\n'
+                                                 'per_device_train_batch_size = 1\nmax_length = 64'))
+    out = tmp_path / "run"
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    [record] = [json.loads(p.read_text()) for p in out.glob("cells/*/result.json")]
+    assert record["status"] == "done" and "save_error" not in record, record.get("error") or record.get("save_error")
+    to = tmp_path / "export"
+    res = cli.invoke(app, ["export", str(out), record["id"], "--to", str(to)])
+    assert res.exit_code == 0, res.output
+    assert ("rebuilding" in res.output) is not save_models
+    return to, torch.load(out / "cells" / record["id"] / "logits.pt")
+
+
+def card_loads(to):
+    """Run the model card's own "Use" code on the folder; return the model's logits and the model."""
+    card = (to / "README.md").read_text()
+    code = card.split("## Use")[1].split("```python")[1].split("```")[0]
+    scope = {}
+    exec(code.replace("path/to/this/folder", str(to)), scope)  # noqa: S102 - the card's code is what we test
+    with torch.no_grad():
+        return scope["model"](IDS).logits, scope["model"], card
+
+
+def check_lora_folder(to):
+    """Base and adapter files, a trained adapter, the lora tags; return what the card's code loads."""
+    from safetensors.torch import load_file
+
+    assert {"config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors",
+            "README.md"} <= {p.name for p in to.iterdir()}
+    assert not any("lora_" in k for k in load_file(to / "model.safetensors"))  # the base alone
+    adapter = load_file(to / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())  # trained (B starts at zero)
+    logits, model, card = card_loads(to)
+    assert {"lora", "peft"} <= set(yaml.safe_load(card.split("---")[1])["tags"])
+    assert "LoRA adapter trained on it" in card and "# base + LoRA adapter" in card
+    assert getattr(model, "_hf_peft_config_loaded", False)  # the adapter came with the one call
+    return logits
+
+
+def test_exported_lora_torchao_cell_loads_base_and_adapter_in_one_from_pretrained(toy_plugins, monkeypatch, tmp_path):
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "local,toy,torchao,distillers")
+    to, evaluated = lora_recipe(tmp_path, 'name = "torchao"', save_models=True)
+    exported = check_lora_folder(to)
+    assert torch.equal(exported, evaluated), (exported - evaluated).abs().max()  # fp32 on CPU: exact
+
+
+def test_exported_lora_gptq_cell_is_the_compressed_base_plus_a_peft_adapter(toy_plugins, monkeypatch, tmp_path):
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "local,toy,torchao,distillers,llmcompressor")
+    gptq = 'name = "gptq"\ncalibration_samples = 8\ncalibration_length = 64'
+    to, evaluated = lora_recipe(tmp_path, gptq, save_models=False)
+    config = json.loads((to / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    exported = check_lora_folder(to)
+    # compressed-tensors dequantizes to float weights on load (measured: exact; 1e-5 as for full fine-tuning)
+    assert torch.allclose(exported, evaluated, atol=1e-5), (exported - evaluated).abs().max()
 
 
 def test_exported_gptq_cell_is_a_compressed_tensors_checkpoint_with_the_evaluated_logits(toy_plugins, monkeypatch, tmp_path):

@@ -135,8 +135,11 @@ def test_fused_and_tied_architectures_go_through_exactly(tmp_path, world, method
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")(batch).logits, expected)
 
 
-def test_lora_student_converts_exactly_and_skips_the_checkpoint_with_a_warning(tmp_path, world):
+def test_lora_student_converts_exactly_and_its_checkpoint_holds_the_quantized_base(tmp_path, world):
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qcompare.export import lora_layers, without_adapters
 
     params, ctx, batch = GPTQParams(calibration_samples=16, calibration_length=64), context(tmp_path, world), ids(world)
     student = GPTQQuantizer().prepare(copy.deepcopy(world[1]), params, ctx)
@@ -144,11 +147,15 @@ def test_lora_student_converts_exactly_and_skips_the_checkpoint_with_a_warning(t
     student = student.get_base_model()  # what the distillers hand back after LoRA training
     with torch.no_grad():
         trained = student(batch).logits
-    with pytest.warns(UserWarning, match="LoRA adapters"):
-        real = GPTQQuantizer().convert(student, params, ctx)
+    real = GPTQQuantizer().convert(student, params, ctx)
     with torch.no_grad():
         assert torch.equal(real(batch).logits, trained)
-    assert not (tmp_path / "compressed").exists()
+        assert lora_layers(real)  # the adapters stay in float beside the quantized layers
+        with without_adapters(real) as base:  # the checkpoint is the quantized base, adapters apart
+            expected = base(batch).logits
+        assert not torch.equal(expected, trained)
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")(batch).logits,
+                              expected, atol=1e-5)
 
 
 def test_convert_rejects_a_model_prepare_did_not_make(tmp_path, world):

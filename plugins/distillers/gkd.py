@@ -144,6 +144,10 @@ class GKDDistiller(Distiller):
     name = "gkd"
     Params = GKDParams
 
+    def keeps_base_weights(self, params: GKDParams) -> bool:
+        # LoRA trains adapters only (a trainable shared weight is copied first: unshare_trainable)
+        return params.lora_r > 0
+
     def distill(self, teacher, student, tokenizer, data, params: GKDParams, context: CellContext) -> DistillResult:
         data = check_data(data, self.name)
         check_tokenizer(tokenizer)

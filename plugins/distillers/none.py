@@ -14,5 +14,8 @@ class NoDistiller(Distiller):
     Params = Params
     seeded = False
 
+    def keeps_base_weights(self, params) -> bool:
+        return True  # nothing trains: the student may sit on the teacher's memory
+
     def distill(self, teacher, student, tokenizer, data, params, context: CellContext) -> DistillResult:
         return DistillResult(student=student, log=[], cost=zero_cost())

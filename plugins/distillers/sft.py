@@ -8,6 +8,7 @@ from qcompare.api import CellContext, Distiller, DistillResult
 
 from .common import MeteredTrainerMixin, TrainParams, check_data, check_tokenizer, lora_config, run_training, training_kwargs
 from .cost import CostMeter
+from .shared_teacher import unshare_trainable
 
 
 class SFTParams(TrainParams):
@@ -39,11 +40,16 @@ class SFTDistiller(Distiller):
     name = "sft"
     Params = SFTParams
 
+    def keeps_base_weights(self, params: SFTParams) -> bool:
+        return params.lora_r > 0  # LoRA trains adapters only
+
     def distill(self, teacher, student, tokenizer, data, params: SFTParams, context: CellContext) -> DistillResult:
         data = to_prompt_completion(check_data(data, self.name))
         check_tokenizer(tokenizer)
         meter = CostMeter(context.device)
         trainer = self.make_trainer(student, tokenizer, data, params, context, meter)
+        if teacher is not None:  # the runner may have built the student over the teacher's memory
+            unshare_trainable(trainer.model, teacher)
         # the teacher is not used; its parameter count is left out of the FLOPs
         return run_training(self.name, trainer, meter, None, params, context)
 

@@ -12,13 +12,14 @@ on the fly, like torchao QAT) they are bit-for-bit the teacher's weights. So:
   float teacher's exactly (tests/test_teacher_sharing.py).
 
 A quantizer that changes the weights it prepares (GPTQ, AWQ) leaves a student whose base
-is not the teacher; sharing is then refused and the cell keeps two copies.
+is not the teacher; sharing is then refused and the cell keeps two copies. (The runner
+itself builds a LoRA student over the teacher's memory when the quantizer allows it:
+``qcompare.runner.weight_sharing_copy``; sharing here then finds it already done.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 from torch import nn
@@ -84,13 +85,3 @@ def teacher_mode(model: nn.Module):
             q.enabled = was
         model.train(training)
 
-
-def weight_sharing_copy(teacher: nn.Module) -> nn.Module:
-    """A copy of the teacher's module tree whose weights *are* the teacher's (no new memory).
-
-    For building a LoRA student without ever holding two copies, when the quantizer's
-    ``prepare`` does not write the weights it is given (torchao QAT swaps modules and
-    quantizes on the fly; GPTQ/AWQ rewrite weights and must get a real copy).
-    """
-    memo = {id(t): t for t in (*teacher.parameters(), *teacher.buffers())}
-    return copy.deepcopy(teacher, memo)
