@@ -31,6 +31,11 @@ def runtime_keys(params_cls: type[BaseModel]) -> tuple[str, ...]:
     return tuple(k for k, f in params_cls.model_fields.items() if (f.json_schema_extra or {}).get("runtime"))
 
 
+def state_dict_bytes(model) -> int:
+    """Bytes of a model's plain tensors (what a float model's weights take)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 class Plugin:
     """Common ground of every plugin class."""
 
@@ -122,7 +127,7 @@ class Quantizer(Plugin):
 
     def storage_bytes(self, model) -> int:
         """Bytes the converted model's weights take; override for packed tensor types."""
-        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        return state_dict_bytes(model)
 
 
 @dataclass

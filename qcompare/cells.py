@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qcompare.plugins import get_registry
@@ -59,10 +60,31 @@ def _seeded(kind: str, choice: PluginChoice | None) -> bool:
     return choice is not None and get_registry().get(kind, choice.name).seeded
 
 
+_digests: dict[tuple, str] = {}
+
+
+def data_identity(data) -> dict:
+    """The training data as cell ids see it: a local file by its name and content, not its path,
+    so a moved or re-cloned project finds its finished cells and an edited file makes new ones."""
+    out = data.model_dump()
+    path = Path(data.train) if data.train else None
+    if path is not None and path.is_file():
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _digests:
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            _digests[key] = digest.hexdigest()
+        out.update(train=path.name, train_sha256=_digests[key])
+    return out
+
+
 def expand(recipe: Recipe) -> list[Cell]:
     """Every cell the recipe asks for, teacher baselines first, without duplicates."""
     shared = (
-        json.dumps(recipe.data.model_dump(), sort_keys=True),
+        json.dumps(data_identity(recipe.data), sort_keys=True),
         json.dumps([e.settings() for e in recipe.evaluators], sort_keys=True),
     )
     cells: list[Cell] = []

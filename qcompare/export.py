@@ -48,15 +48,13 @@ def find_cell(store: RunStore, prefix: str) -> dict:
 def best_cell(root: Path, metric: str) -> dict:
     """The best finished non-teacher cell by ``metric``: the configuration with the best mean over
     seeds, then its best seed."""
-    from qcompare.results import group_columns, load_run
+    from qcompare.results import group_columns, load_run, metric_column
 
     df = load_run(root)
     df = df[df["quantizer"] != "teacher"] if not df.empty else df
     if df.empty:
         raise QcompareError(f"export_best: no finished quantized cell in {root}")
-    if metric not in df.columns:
-        known = sorted(c for c in df.columns if "/" in c and ":" not in c) + (["average"] if "average" in df else [])
-        raise QcompareError(f"export_best: unknown metric {metric!r}; known: {', '.join(known)}")
+    metric_column(df, metric, "export_best metric")
     lower = metric.rpartition("/")[2] in LOWER_IS_BETTER
     keys = group_columns(df)
     means = df.groupby(keys, dropna=False, sort=False)[metric].mean()
@@ -75,31 +73,54 @@ def export_cell(run_dir: Path, cell: str, to: Path, overwrite: bool = False,
     store = open_run(run_dir)
     record = find_cell(store, cell)
     to = Path(to)
-    if to.exists() and (not to.is_dir() or any(to.iterdir())):
-        if not overwrite:
-            raise QcompareError(f"{to} exists and is not empty; give a new folder (or --force to replace it)")
-        shutil.rmtree(to) if to.is_dir() else to.unlink()
+    if to.exists() and (not to.is_dir() or any(to.iterdir())) and not overwrite:
+        raise QcompareError(f"{to} exists and is not empty; give a new folder (or --force to replace it)")
     saved = store.cell_dir(record["id"]) / "model"
     to.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target, replacing it only once complete: a failed or interrupted export
+    # leaves no half model, and an earlier export it was to replace stays as it was.
     staging = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; an exported model is meant to be shared
     try:
-        if (saved / "config.json").is_file():
-            shutil.copytree(saved, staging, dirs_exist_ok=True)
-            rebuilt = False
-        else:
-            seed = record["settings"]["seed"]
-            say(f"the model of cell {record['id']} was not saved during the run (save_models = false); rebuilding it: "
-                f"prepare → distill → convert{'' if seed is None else f' with seed {seed}'}")
-            rebuild(store, record, staging, say)
-            rebuilt = True
-        (staging / "README.md").write_text(model_card(store, record, staging, rebuilt))
-        if to.is_dir():
-            to.rmdir()  # empty (checked above)
-        staging.rename(to)  # the whole folder at once: an interrupted export leaves no half model
+        try:
+            if (saved / "config.json").is_file():
+                shutil.copytree(saved, staging, dirs_exist_ok=True)
+                rebuilt = False
+            else:
+                seed = record["settings"]["seed"]
+                say(f"the model of cell {record['id']} was not saved during the run (save_models = false); "
+                    f"rebuilding it: prepare → distill → convert{'' if seed is None else f' with seed {seed}'}")
+                rebuild(store, record, staging, say)
+                rebuilt = True
+            (staging / "README.md").write_text(model_card(store, record, staging, rebuilt))
+        except QcompareError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            kept = f"; {to} was left as it was" if to.exists() else ""
+            raise QcompareError(f"exporting cell {record['id']} failed ({type(e).__name__}: {first}){kept}") from e
+        replace_folder(staging, to)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return to
+
+
+def replace_folder(new: Path, to: Path) -> None:
+    """Put the finished folder ``new`` at ``to``: any earlier ``to`` is moved aside first and
+    deleted only after ``new`` is in place (put back if that move fails)."""
+    if to.is_dir() and not any(to.iterdir()):
+        to.rmdir()
+    if not to.exists():
+        new.rename(to)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{to.name}.old.", dir=to.parent)) / to.name
+    to.rename(old)
+    try:
+        new.rename(to)
+    except BaseException:
+        old.rename(to)
+        raise
+    shutil.rmtree(old.parent)  # the earlier export (a folder or a file) and the folder holding it
 
 
 def export_best(run_dir: Path, metric: str, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
@@ -114,7 +135,7 @@ def export_best(run_dir: Path, metric: str, say: Callable[[str], None] = lambda 
 
 def rebuild(store: RunStore, record: dict, folder: Path, say: Callable[[str], None]) -> None:
     """Re-run the cell's pipeline with the Runner and save the converted model into ``folder``."""
-    from qcompare.cells import Cell
+    from qcompare.cells import Cell, data_identity
     from qcompare.recipe import PluginChoice, validate
     from qcompare.runner import Runner
 
@@ -125,10 +146,14 @@ def rebuild(store: RunStore, record: dict, folder: Path, say: Callable[[str], No
         raise QcompareError(f"cell {record['id']}: its settings.json no longer hashes to its id; cannot rebuild it")
     source = store.root / "recipe.toml"
     # The stored settings, not the recipe file (--set overrides are not in it), decide the cell.
+    data = record.get("data_source", s["data"])
     raw = {"name": store.root.name, "models": [s["model"]], "seeds": [s["seed"] or 0], "teacher": False,
-           "data": s["data"], "quantizers": [{"name": cell.quantizer.name, **cell.quantizer.params}],
+           "data": data, "quantizers": [{"name": cell.quantizer.name, **cell.quantizer.params}],
            "distillers": [{"name": cell.distiller.name, **cell.distiller.params}]}
     recipe = validate(raw, source, source.read_text() if source.exists() else "")
+    if data_identity(recipe.data) != s["data"]:
+        raise QcompareError(f"cell {record['id']}: its training data {data.get('train')!r} is missing or changed since "
+                            "the run, so its model cannot be rebuilt; save_models = true keeps models")
     runner = Runner(recipe, store)
     ran_on = record.get("cost", {}).get("device")
     if ran_on and ran_on != runner.device:
@@ -306,7 +331,10 @@ def model_card(store: RunStore, record: dict, folder: Path, rebuilt: bool) -> st
         lines.append("- the weights were rebuilt after the run by re-running this cell's pipeline "
                      "(prepare → distill → convert, same settings and seed); the numbers above are the run's")
     lines += ["", "## Use", ""] + use_lines(folder)
-    recipe = store.root / "recipe.toml"
-    if recipe.is_file():
-        lines += ["## The recipe that produced it", "", "```toml", recipe.read_text().rstrip(), "```", ""]
+    produced = record.get("recipe") or {}
+    text = produced.get("text") or ((store.root / "recipe.toml").read_text() if (store.root / "recipe.toml").is_file() else "")
+    if text:
+        lines += ["## The recipe that produced it", "", "```toml", text.rstrip(), "```", ""]
+        if produced.get("overrides"):
+            lines += ["with " + " ".join(f"`--set {o}`" for o in produced["overrides"]), ""]
     return "\n".join(lines)

@@ -12,24 +12,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from qcompare.report import _value, summarize  # noqa: E402
-from qcompare.results import load_run  # noqa: E402
+from qcompare.report import _value, _varying, summarize  # noqa: E402
+from qcompare.results import group_columns, load_run  # noqa: E402
 from qcompare.stats import mean_ci  # noqa: E402
 from qcompare.store import open_run  # noqa: E402
 
 
 def _metric_vs(df: pd.DataFrame, x: str, metric: str, path: Path, xlabel: str, log: bool) -> Path | None:
-    """One line per distiller configuration other than ``x`` (e.g. per λ), mean ± 95% CI over seeds."""
+    """One line per configuration of every other setting the run sweeps (λ, β, steps, bits,
+    quantizer, ...), mean ± 95% CI over seeds: a line never pools different configurations."""
     part = df[df[x].notna()] if x in df else df.iloc[0:0]
     if part.empty or part[x].nunique() < 2:
         return None
-    series_keys = [c for c in ("distiller", "distiller.lmbda", "quantizer.bits") if c in part and c != x]
+    swept = [c for c in ("model", "quantizer", "distiller") if c in df and df[c].astype(str).nunique() > 1]
+    swept += _varying(df, group_columns(df))
+    # A setting constant among the cells drawn here splits nothing; it would only lengthen the labels.
+    series_keys = [c for c in swept if c != x and part[c].astype(str).nunique() > 1]
+    groups = part.groupby(series_keys, dropna=False) if series_keys else [((), part)]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for key, g in part.groupby(series_keys, dropna=False):
+    for key, g in groups:
         pts = [(xv, *mean_ci(h[metric].tolist())) for xv, h in g.groupby(x)]
         xs, ms, hs = zip(*pts)
-        label = ", ".join(f"{k.split('.')[-1]}={_value(v)}" for k, v in zip(series_keys, np.atleast_1d(key)) if pd.notna(v))
-        ax.errorbar(xs, ms, yerr=[h or 0 for h in hs], marker="o", capsize=3, label=label)
+        # a tuple, not np.atleast_1d: that turns mixed keys ("nudge", 2.0) into strings ("2.0", "nan")
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{k.split('.')[-1]}={_value(v)}" for k, v in zip(series_keys, key) if pd.notna(v))
+        ax.errorbar(xs, ms, yerr=[h or 0 for h in hs], marker="o", capsize=3,
+                    label=label or ", ".join(sorted(part["distiller"].astype(str).unique())))
     teacher = df[df["quantizer"] == "teacher"]
     if not teacher.empty:
         ax.axhline(teacher[metric].mean(), color="k", ls="--", lw=1, label="teacher")

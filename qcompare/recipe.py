@@ -73,6 +73,7 @@ class Recipe(BaseModel):
     description: str = ""
     source: Path
     text: str
+    overrides: list[str] = []  # the --set assignments applied on top of ``text``
     models: list[str]
     seeds: list[int]
     device: str
@@ -146,8 +147,11 @@ def apply_override(raw: dict, assignment: str) -> None:
                 continue
             raise QcompareError(f"--set {assignment!r}: the recipe has no field {'.'.join(map(str, keys[: i + 1]))}") from None
     last = keys[-1]
+    where = ".".join(map(str, keys[:-1]))
     if isinstance(node, list) and (not isinstance(last, int) or last >= len(node)):
         raise QcompareError(f"--set {assignment!r}: index {last} is outside the list of {len(node)}")
+    if not isinstance(node, (dict, list)) or (isinstance(node, dict) and isinstance(last, int)):
+        raise QcompareError(f"--set {assignment!r}: {where} = {node!r} is not a table; it has no field {last}")
     node[last] = value
 
 
@@ -346,4 +350,4 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry 
     raw, text = parse_toml(path)
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate(raw, path, text, registry)
+    return validate(raw, path, text, registry).model_copy(update={"overrides": list(overrides)})

@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from qcompare.errors import QcompareError
-from qcompare.results import ACCURACY_METRICS, group_columns, leaf_tasks, load_run, primary_metrics
+from qcompare.results import (group_columns, is_accuracy, leaf_tasks, load_run, metric_column, primary_metrics,
+                               setting_column)
 from qcompare.stats import Comparison, mean_ci, paired_bootstrap
 from qcompare.store import open_run
 
@@ -56,7 +57,7 @@ def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.Da
     if not metrics:
         # The benchmarks' main accuracies, then proxies such as perplexity and KL.
         metrics = primary_metrics(df.columns, df.attrs.get("groups")) + sorted(
-            c for c in df.columns if "/" in c and ":" not in c and c.partition("/")[2] not in ACCURACY_METRICS)
+            c for c in df.columns if "/" in c and ":" not in c and not is_accuracy(c.partition("/")[2]))
     if "average" in df.columns:
         metrics = metrics + ["average"]
     keys = group_columns(df)
@@ -67,7 +68,7 @@ def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.Da
         row = {k: first[k] for k in keys}
         row["config"] = _describe(first, shown)
         row["kind"] = "teacher" if first["quantizer"] == "teacher" else ("ptq" if pd.isna(first["seed"]) else "distilled")
-        row["seeds"] = int(g["seed"].notna().sum()) or 1
+        row["seeds"] = int(g["seed"].nunique()) or 1
         row["ids"] = list(g["id"])
         for m in metrics:
             err = g[f"{m}:stderr"].iloc[0] if f"{m}:stderr" in g and len(g) == 1 else None
@@ -80,6 +81,10 @@ def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.Da
         row["tokens gen"] = g["cost.tokens_generated"].mean() if "cost.tokens_generated" in g else float("nan")
         rows.append(row)
     out = pd.DataFrame(rows)
+    # The same configuration run on other data or evaluations (an earlier version of the
+    # recipe in the same folder) is a row of its own, told apart by its setup digest.
+    twice = out.duplicated(["model", "config"], keep=False)
+    out.loc[twice, "config"] = out.loc[twice, "config"] + " · setup " + out.loc[twice, "setup"]
     out["_order"] = out["kind"].map({"teacher": 0, "ptq": 1, "distilled": 2})
     out = out.sort_values(["model", "_order", "config"], kind="stable").drop(columns="_order").reset_index(drop=True)
     if "average" in metrics:
@@ -157,7 +162,8 @@ def print_report(store_or_path, console: Console, fmt: str = "table", metrics: l
                   "(every column's in --format csv/json/markdown). recovered = (distilled − PTQ) / (teacher − PTQ) "
                   f"on the average, where that gap is at least {MIN_GAP}.", style="dim")
     if not failed.empty:
-        console.print(f"[red]{len(failed)} cells failed[/]: " + "; ".join(f"{r.id} ({r.error})" for r in failed.itertuples()))
+        console.print(f"[red]{len(failed)} cells not finished[/] (failed, or interrupted: run the recipe again): "
+                      + "; ".join(f"{r.id} ({r.error if isinstance(r.error, str) else r.status})" for r in failed.itertuples()))
 
 
 def _header(name: str) -> str:
@@ -172,7 +178,7 @@ def _table(title: str, cols: list[str], rows: list[list[str]], kinds: list[str])
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(cols):
         # a task's main accuracy is headed by the task alone; headers wrap, values never do
-        head = col.removesuffix("/" + col.partition("/")[2]) if col.partition("/")[2] in ACCURACY_METRICS else col
+        head = col.removesuffix("/" + col.partition("/")[2]) if is_accuracy(col.partition("/")[2]) else col
         table.add_column(_header(head), min_width=max(len(r[i]) for r in rows), justify="left" if i == 0 else "right")
     last = None
     for row, kind in zip(rows, kinds):
@@ -218,11 +224,8 @@ def select(df: pd.DataFrame, spec: str) -> pd.DataFrame:
     mask = pd.Series(True, index=df.index)
     for part in spec.split(","):
         key, _, value = part.partition("=")
-        key = key.strip()
-        cols = [c for c in df.columns if c == key or c.endswith(f".{key}")]
-        if not cols:
-            raise QcompareError(f"--compare: unknown setting {key!r}; known: {', '.join(group_columns(df))}")
-        mask &= df[cols[0]].map(lambda v, want=value.strip(): _same(v, want))
+        column = setting_column(df, key.strip(), "--compare setting")
+        mask &= df[column].map(lambda v, want=value.strip(): _same(v, want))
     hit = df[mask]
     if hit.empty:
         raise QcompareError(f"--compare: no finished cell matches {spec!r}")
@@ -269,7 +272,7 @@ def compare(root: Path, a: str, b: str) -> tuple[Comparison, pd.DataFrame, pd.Da
         result = paired_bootstrap(_items(root, list(cells_a["id"]), tasks, groups),
                                   _items(root, list(cells_b["id"]), tasks, groups))
     except ValueError as e:
-        raise QcompareError(f"--compare: {e}; per-item scores come from the lm_eval evaluator") from None
+        raise QcompareError(f"--compare: {e}") from None
     return result, cells_a, cells_b
 
 
@@ -290,17 +293,8 @@ def pivot(root: Path, rows: str, cols: str, metric: str) -> pd.DataFrame:
     df = load_run(root)
     if df.empty:
         raise QcompareError(f"no finished cells in {root}")
-
-    def column(name):
-        hits = [c for c in df.columns if c == name or c.endswith(f".{name}")]
-        if not hits:
-            raise QcompareError(f"unknown axis {name!r}; known: {', '.join(group_columns(df) + ['seed'])}")
-        return hits[0]
-
-    r, c = column(rows), column(cols)
-    if metric not in df.columns:
-        known = [k for k in df.columns if "/" in k and ":" not in k] + (["average"] if "average" in df else [])
-        raise QcompareError(f"unknown metric {metric!r}; known: {', '.join(known)}")
+    r, c = setting_column(df, rows, "axis"), setting_column(df, cols, "axis")
+    metric_column(df, metric)
     table = {}
     for (rv, cv), g in df[df["quantizer"] != "teacher"].groupby([r, c]):
         m, half = mean_ci(g[metric].tolist())

@@ -9,10 +9,13 @@ This is the notebook API, and the report reads runs through it too::
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pandas as pd
 
+from qcompare.errors import QcompareError
 from qcompare.store import open_run
 
 # Metrics that are accuracies of a benchmark (higher is better, averaged into "average").
@@ -25,20 +28,35 @@ def primary_metrics(columns, groups: dict[str, list[str]] | None = None) -> list
     """One accuracy column per top-level task: the first of ACCURACY_METRICS it reports.
 
     A group (lm-eval's ``mmlu``, the toy ``toy``) counts as one task through its aggregate;
-    its subtasks are left out, as a five-task average counts MMLU once.
+    its subtasks are left out, as a five-task average counts MMLU once. A task scored under
+    several filters (gsm8k's ``exact_match,strict-match`` / ``,flexible-extract``) counts once,
+    by its strict match.
     """
     subtasks = {t for subs in (groups or {}).values() for t in subs}
     by_task: dict[str, list[str]] = {}
     for col in columns:
         task, _, metric = col.partition("/")
-        if metric in ACCURACY_METRICS and task not in subtasks:
+        if is_accuracy(metric) and ":" not in metric and task not in subtasks:
             by_task.setdefault(task, []).append(metric)
-    return [f"{t}/{min(ms, key=ACCURACY_METRICS.index)}" for t, ms in sorted(by_task.items())]
+
+    def preference(metric: str):
+        base, _, filter_name = metric.partition(",")
+        return ACCURACY_METRICS.index(base), filter_name not in ("", "strict-match"), filter_name
+
+    return [f"{t}/{min(ms, key=preference)}" for t, ms in sorted(by_task.items())]
+
+
+def is_accuracy(metric: str) -> bool:
+    """Whether a metric name (``acc``, ``exact_match,strict-match``) is a benchmark accuracy."""
+    return metric.partition(",")[0] in ACCURACY_METRICS
 
 
 def record_row(record: dict) -> dict:
     s = record["settings"]
+    # Cells of one configuration pool as seeds only if they saw the same data and evaluations.
+    setup = hashlib.sha256(json.dumps([s.get("data"), s.get("evaluators")], sort_keys=True).encode()).hexdigest()[:6]
     row = {"id": record["id"], "status": record["status"], "label": record.get("label", ""), "model": s["model"],
+           "setup": setup,
            "quantizer": s["quantizer"]["name"] if s["quantizer"] else "teacher",
            "distiller": s["distiller"]["name"] if s["distiller"] else "",
            "seed": s["seed"], "error": record.get("error")}
@@ -79,6 +97,24 @@ def leaf_tasks(task: str, groups: dict[str, list[str]]) -> list[str]:
     return [leaf for sub in groups[task] for leaf in leaf_tasks(sub, groups)]
 
 
+def setting_column(df: pd.DataFrame, name: str, what: str = "setting") -> str:
+    """The settings column a user names, in full (``distiller.lmbda``) or by parameter (``lmbda``)."""
+    hits = [c for c in (*group_columns(df), "seed") if c == name or c.endswith(f".{name}")]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise QcompareError(f"unknown {what} {name!r}; known: {', '.join(group_columns(df) + ['seed'])}")
+    raise QcompareError(f"{what} {name!r} is ambiguous: {' or '.join(hits)}; give the full name")
+
+
+def metric_column(df: pd.DataFrame, name: str, what: str = "metric") -> str:
+    """A metric the run reports (``task/metric``, or ``average``), checked by name."""
+    known = sorted(c for c in df.columns if "/" in c and ":" not in c) + (["average"] if "average" in df else [])
+    if name not in known:
+        raise QcompareError(f"unknown {what} {name!r}; known: {', '.join(known)}")
+    return name
+
+
 def group_columns(df: pd.DataFrame) -> list[str]:
     """The settings that tell cells apart, except the seed: one group per configuration."""
-    return [c for c in df.columns if c in SETTINGS[:3] or c.startswith(("quantizer.", "distiller."))]
+    return [c for c in df.columns if c in (*SETTINGS[:3], "setup") or c.startswith(("quantizer.", "distiller."))]

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from qcompare.api import CellContext, CellProgress, EvalResult
+from qcompare.api import CellContext, CellProgress, EvalResult, state_dict_bytes
 from qcompare.cells import Cell, expand
 from qcompare.data import load_model, load_training_data
 from qcompare.errors import QcompareError
@@ -44,6 +44,11 @@ def pick_device(wanted: str) -> str:
 
 def default_output(recipe: Recipe) -> Path:
     return recipe.output or Path("runs") / recipe.name
+
+
+def error_line(e: Exception) -> str:
+    """How a failure reads in a result: the user's error as it is, anything else with its type."""
+    return str(e) if isinstance(e, QcompareError) else f"{type(e).__name__}: {e}"
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -118,7 +123,7 @@ class Runner:
 
     def __getstate__(self):
         # Executors that ship the runner to other processes (Ray) rebuild it there.
-        return {"recipe": self.recipe, "store": self.store}
+        return {"recipe": self.recipe, "store": RunStore(self.store.root.resolve())}
 
     def __setstate__(self, state):
         self.__init__(state["recipe"], state["store"])
@@ -143,7 +148,11 @@ class Runner:
         cell_dir = self.store.cell_dir(cell.id)
         cell_dir.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {"id": cell.id, "label": cell.label(), "settings": cell.settings(),
-                                  "status": "running", "started_at": now()}
+                                  "status": "running", "started_at": now(),
+                                  # what produced the cell: the run folder's recipe.toml is the latest run's
+                                  "recipe": {"text": self.recipe.text, "overrides": self.recipe.overrides}}
+        if not cell.is_teacher:
+            record["data_source"] = self.recipe.data.model_dump()  # where the data was read from
         write_json(cell_dir / "settings.json", cell.settings())
         write_json(cell_dir / RESULT, record)
         self.hooks.cell_started(cell=cell, cell_dir=cell_dir)
@@ -152,7 +161,7 @@ class Runner:
             record["status"] = "done"
         except Exception as e:  # the sweep goes on; the traceback is kept with the cell
             record["status"] = "failed"
-            record["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, QcompareError) else str(e)
+            record["error"] = error_line(e)
             (cell_dir / "traceback.txt").write_text(traceback.format_exc())
         record["finished_at"] = now()
         record["provenance"] = provenance()
@@ -201,7 +210,14 @@ class Runner:
         student = quantizer.prepare(student, qparams, ctx)
         cost["prepare_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = distiller.distill(teacher, student, ctx.tokenizer, ctx.data, dparams, ctx)
+        # The distiller trains against a view of the cached teacher (same memory, its own module
+        # objects): whatever a trainer rebinds on it (accelerate's autocast forward under bf16,
+        # .to(), train mode) ends with this cell instead of leaking into the next ones.
+        ctx.teacher = weight_sharing_copy(teacher)
+        try:
+            result = distiller.distill(ctx.teacher, student, ctx.tokenizer, ctx.data, dparams, ctx)
+        finally:
+            ctx.teacher = teacher
         cost["distill_seconds"] = time.perf_counter() - t0
         cost.update(result.cost)
         t0 = time.perf_counter()
@@ -234,7 +250,7 @@ class Runner:
             set_seed(0)
             model = teacher
             out["size"] = {"bits_per_weight": torch.finfo(next(teacher.parameters()).dtype).bits,
-                           "storage_bytes": sum(t.numel() * t.element_size() for t in teacher.state_dict().values())}
+                           "storage_bytes": state_dict_bytes(teacher)}
         else:
             converted = self.converted_model(cell, ctx)
             model = converted.model
@@ -253,9 +269,11 @@ class Runner:
                 cost["save_seconds"] = time.perf_counter() - t0
             except Exception as e:  # the evaluation stands; only the saved copy is missing
                 shutil.rmtree(cell_dir / MODEL, ignore_errors=True)
-                out["save_error"] = str(e) if isinstance(e, QcompareError) else f"{type(e).__name__}: {e}"
+                out["save_error"] = error_line(e)
         cost["total_seconds"] = time.perf_counter() - clock
         cost["peak_memory_bytes"] = peak_memory_bytes(self.device)
+        # CUDA's peak is reset per cell; CPU RSS only ever grows, so it is the process's peak so far
+        cost["peak_memory_scope"] = "cell" if self.device == "cuda" else "process"
         cost["device"] = self.device
         write_json(cell_dir / "cost.json", cost)
         out.update(metrics=merged.metrics, stderr=merged.stderr, groups=merged.groups, cost=cost)

@@ -53,7 +53,11 @@ def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], resampl
     """
     tasks = sorted(set(a) & set(b))
     if not tasks:
-        raise ValueError("the two sides share no task with per-item scores")
+        raise ValueError("the two sides share no task with per-item scores (they come from the lm_eval evaluator)")
+    for t in tasks:
+        if len(a[t]) != len(b[t]):
+            raise ValueError(f"task {t}: A has {len(a[t])} items and B {len(b[t])}; "
+                             "compare cells evaluated on the same items (the same limit)")
     rng = np.random.default_rng(seed)
     diffs = []
     for t in tasks:

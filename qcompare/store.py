@@ -1,7 +1,8 @@
 """The result store: ``runs/<recipe>/`` with a copy of the recipe and one folder per cell.
 
-Every file is plain JSON/JSONL written atomically (temporary file, then rename), so a
-crash or ``kill -9`` can lose at most the cell that was running, never a stored one.
+Results are plain JSON/JSONL written atomically (temporary file, then rename), and a cell's
+``result.json`` is written last, so a crash or ``kill -9`` can lose at most the cell that
+was running, never a stored one. (A cell's traceback and saved model are written before it.)
 """
 
 from __future__ import annotations
@@ -65,10 +66,6 @@ class RunStore:
             return read_json(path)
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-
-    def is_done(self, cell_id: str) -> bool:
-        r = self.result(cell_id)
-        return r is not None and r.get("status") == "done"
 
     def records(self) -> Iterator[dict]:
         """Every stored cell result, teacher rows first, in a stable order."""

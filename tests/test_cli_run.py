@@ -5,6 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from conftest import BASIC
+from qcompare import hookimpl
 from qcompare.cli import app
 
 cli = CliRunner()
@@ -82,3 +83,48 @@ def test_report_prints_stored_metrics(test_plugins, write_recipe, tmp_path):
     res = run("report", out)
     assert res.exit_code == 0 and "teacher" in res.output and "rtn(bits=2" in res.output
     assert run("report", tmp_path).exit_code == 2
+
+
+class Meddle:
+    """A distiller that rebinds things on the teacher, as trainers do (accelerate wraps forward)."""
+
+    @hookimpl
+    def register_distillers(self, register):
+        import torch
+
+        from qcompare.api import Distiller, DistillResult
+
+        class MeddlingDistiller(Distiller):
+            name = "meddle"
+
+            def distill(self, teacher, student, tokenizer, data, params, context):
+                teacher.forward = lambda *a, **k: None
+                teacher.to(torch.bfloat16).train()
+                return DistillResult(student)
+
+        register(MeddlingDistiller)
+
+
+def test_a_distiller_cannot_change_the_teacher_later_cells_use(test_plugins, write_recipe, tmp_path):
+    import torch
+
+    from qcompare.plugins import add_plugin, remove_plugin
+    from qcompare.recipe import load_recipe
+    from qcompare.runner import Runner
+    from qcompare.store import RunStore
+
+    meddle = Meddle()
+    add_plugin(meddle)
+    try:
+        recipe = load_recipe(write_recipe(BASIC.replace('name = "keep"', 'name = "meddle"')), ["seeds=[0]"])
+        runner = Runner(recipe, RunStore(tmp_path / "run"))
+        records = runner.run()
+    finally:
+        remove_plugin(meddle)
+    assert all(r["status"] == "done" for r in records)
+    [(teacher, _)] = runner._models.values()
+    assert "forward" not in teacher.__dict__ and not teacher.training
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    # the cells after the meddling ones saw the same teacher: int8 stays at KL ~0
+    int8 = [r for r in records if r["settings"]["quantizer"] and r["settings"]["quantizer"]["params"]["bits"] == 8]
+    assert all(r["metrics"]["probe/kl"] < 1e-3 for r in int8)

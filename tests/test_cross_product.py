@@ -60,3 +60,15 @@ max_steps = 2
     assert {c.id for c in cells_of(path, "distillers[0].max_steps=3")} != ids
     swept = cells_of(path, "distillers[0].save_steps=[5, 7]")  # one cell: the result cannot differ
     assert {c.id for c in swept} == ids and len(swept) == len(ids)
+
+
+def test_cell_ids_follow_the_data_file_content_not_its_folder(test_plugins, write_recipe, tmp_path):
+    rows = '{"messages": [{"role": "user", "content": "w3"}, {"role": "assistant", "content": "w4"}]}\n'
+    ids = []
+    for folder, text in (("a", rows), ("b", rows), ("c", rows * 2)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "train.jsonl").write_text(text)
+        path = write_recipe(BASIC + f'\n[data]\ntrain = "{tmp_path / folder / "train.jsonl"}"\n', name=f"{folder}.toml")
+        ids.append({c.id for c in cells_of(path) if not c.is_teacher})
+    assert ids[0] == ids[1]  # the same file moved: the same cells
+    assert not ids[0] & ids[2]  # other content: new cells

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from qcompare.errors import QcompareError
 from qcompare.plugins import get_registry
 from qcompare_plugins.distillers import GKDDistiller, NoDistiller, SFTDistiller
 from qcompare_plugins.distillers.common import TrainingDivergedError
+from qcompare_plugins.distillers.cost import SAVED_NAME as COST_FILE, CostMeter
 from qcompare_plugins.distillers.gkd import GKDParams
 from qcompare_plugins.distillers.sft import SFTParams
 
@@ -217,6 +219,40 @@ def test_gkd_resumes_an_interrupted_cell_from_its_checkpoint(world, tmp_path):
         assert a["on_policy"] == b["on_policy"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
     assert resumed.cost["steps"] == 6  # cost so far came back with the checkpoint
     assert not (cell / "checkpoints").exists()
+
+
+def test_a_crash_while_saving_the_cost_keeps_the_previous_file(tmp_path, monkeypatch):
+    meter = CostMeter("cpu")
+    meter.add("steps", 2)
+    meter.save(tmp_path)
+    meter.add("steps", 2)
+
+    def crash(fd):  # the process dies after writing, before the data is on disk
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        meter.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [COST_FILE]  # no temporary file left either
+    again = CostMeter("cpu")
+    again.load(tmp_path)
+    assert again.totals["steps"] == 2
+
+
+def test_an_unreadable_cost_file_restarts_the_count_instead_of_failing_the_resume(world, tmp_path):
+    tokenizer, teacher, data = world
+    params = SFTParams(**{**TINY, "save_steps": 2})
+    cell = tmp_path / "cell"
+    with pytest.raises(KeyboardInterrupt):
+        SFTDistiller().distill(teacher, make_student(teacher, False), tokenizer, data, params,
+                               make_context(cell, progress=CellProgress(Bar(stop_at=3).start)))
+    saved = cell / "checkpoints" / "checkpoint-2" / COST_FILE
+    saved.write_text(saved.read_text()[:20])  # truncated mid-write by an older version
+    with pytest.warns(UserWarning, match="unreadable .*counts from zero"):
+        resumed = SFTDistiller().distill(teacher, make_student(teacher, False), tokenizer, data, params,
+                                         make_context(cell))
+    assert [e["step"] for e in resumed.log][-1] == 4
+    assert resumed.cost["steps"] == 2  # the two steps trained after the resume
 
 
 def test_a_nan_loss_fails_the_cell_naming_the_step(world, tmp_path):

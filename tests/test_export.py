@@ -139,6 +139,27 @@ def test_export_rebuilds_an_unsaved_cell_with_its_seed(toy_plugins, tmp_path):
     assert sorted(p.name for p in cell_dir.iterdir()) == before  # the stored cell is untouched
 
 
+def test_a_failed_forced_export_keeps_the_earlier_export(toy_plugins, monkeypatch, tmp_path):
+    out, [record] = run_recipe(tmp_path)
+    to = tmp_path / "export"
+    assert cli.invoke(app, ["export", str(out), record["id"], "--to", str(to)]).exit_code == 0
+    before = {p.relative_to(to): p.read_bytes() for p in to.rglob("*") if p.is_file()}
+    assert "model.safetensors" in {p.name for p in before}
+
+    from qcompare.runner import Runner
+
+    def broken(self, cell, ctx):
+        raise RuntimeError("out of memory\nsecond line")
+
+    monkeypatch.setattr(Runner, "converted_model", broken)
+    res = cli.invoke(app, ["export", str(out), record["id"], "--to", str(to), "--force"])
+    assert res.exit_code == 2, res.output
+    [line] = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert "RuntimeError: out of memory" in line and "left as it was" in line and "second line" not in res.output
+    assert {p.relative_to(to): p.read_bytes() for p in to.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.toml", "export", "run"]  # no staging left
+
+
 def test_export_best_picks_the_best_configuration_and_rejects_unknown_metrics(toy_plugins, tmp_path):
     out, records = run_recipe(tmp_path, bits="[8, 2]", extra='export_best = "probe/mean"')
     best = max(records, key=lambda r: r["metrics"]["probe/mean"])
@@ -147,7 +168,7 @@ def test_export_best_picks_the_best_configuration_and_rejects_unknown_metrics(to
 
     recipe = tmp_path / "exp.toml"
     res = cli.invoke(app, ["run", str(recipe), "-o", str(out), "--set", 'export_best="toy/acc"'])
-    assert res.exit_code == 2 and "export_best: unknown metric 'toy/acc'; known: probe/mean" in res.output
+    assert res.exit_code == 2 and "unknown export_best metric 'toy/acc'; known: probe/mean" in res.output
     res = cli.invoke(app, ["validate", str(recipe), "--set", 'export_best="accuracy please"'])
     assert res.exit_code == 2 and "export_best: bad value 'accuracy please'" in res.output
 

@@ -78,6 +78,8 @@ def test_output_path_that_is_a_file(test_plugins, write_recipe, tmp_path):
     ("seeds", "malformed --set 'seeds'"),
     ("quantizers[7].bits=4", "index 7 is outside the list of 1"),
     ("nosuch.field=1", "unknown top-level field"),
+    ("name.x=1", "name = 'basic' is not a table; it has no field x"),
+    ("seeds[0].a=1", "seeds.0 = 0 is not a table; it has no field a"),
 ])
 def test_malformed_set(test_plugins, write_recipe, assignment, expected):
     check(["validate", write_recipe(BASIC), "--set", assignment], expected)

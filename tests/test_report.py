@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import BASIC
 from qcompare.cli import app
-from qcompare.report import summarize
+from qcompare.report import MIN_GAP, summarize
 from qcompare.results import load_run
 from qcompare.stats import mean_ci, paired_bootstrap
 
@@ -41,7 +41,8 @@ def test_paired_bootstrap_tells_noise_from_a_real_difference():
 @pytest.fixture
 def finished_run(test_plugins, write_recipe, tmp_path):
     out = tmp_path / "run"
-    res = cli.invoke(app, ["run", str(write_recipe(BASIC)), "-o", str(out), "--set", "distillers[1].max_steps=[1,3]"])
+    res = cli.invoke(app, ["run", str(write_recipe(BASIC)), "-o", str(out), "--set", "distillers[1].max_steps=[1,3]",
+                           "--set", "evaluators[0].sequences=16"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -51,13 +52,15 @@ def test_summary_groups_seeds_and_computes_recovery(finished_run):
     summary, metrics = summarize(df)
     assert "average" in metrics and list(summary["kind"]) == ["teacher", "ptq", "ptq"] + ["distilled"] * 4
     assert (summary.loc[summary["kind"] == "distilled", "seeds"] == 2).all()
-    row = summary[(summary["kind"] == "distilled")].iloc[0]
+    teacher = summary.loc[0, "average"]
+    ptqs = summary[summary["kind"] == "ptq"].set_index("quantizer.bits")["average"]
+    bits = (teacher - ptqs).idxmax()  # the bit width with the larger gap, so that recovery is computed
+    ptq = ptqs[bits]
+    assert teacher - ptq >= MIN_GAP
+    row = summary[(summary["kind"] == "distilled") & (summary["quantizer.bits"] == bits)].iloc[0]
     cells = df[df["id"].isin(row["ids"])]
     assert row["average"] == pytest.approx(cells["average"].mean())
-    teacher = summary.loc[0, "average"]
-    ptq = summary[(summary["kind"] == "ptq") & (summary["quantizer.bits"] == row["quantizer.bits"])]["average"].iloc[0]
-    if teacher != ptq:
-        assert row["recovered"] == pytest.approx((row["average"] - ptq) / (teacher - ptq))
+    assert row["recovered"] == pytest.approx((row["average"] - ptq) / (teacher - ptq))
     assert row["Δ teacher"] == pytest.approx(row["average"] - teacher)
 
 
@@ -71,11 +74,15 @@ def test_exports(finished_run, fmt, marker):
 
 
 def test_compare_gives_interval_and_verdict(finished_run):
-    res = cli.invoke(app, ["report", str(finished_run), "--compare", "bits=8,max_steps=3", "bits=2,max_steps=3"])
+    # 8-bit RTN keeps the teacher's top-1 on every probe sequence, 2-bit loses it on many
+    res = cli.invoke(app, ["report", str(finished_run), "--compare", "bits=8,distiller=keep", "bits=2,distiller=keep"])
     assert res.exit_code == 0, res.output
-    assert "95% CI" in res.output and ("A is better" in res.output or "within noise" in res.output)
+    assert "95% CI" in res.output and "A is better" in res.output and "(16 paired items)" in res.output
+    cell = load_run(finished_run).query("distiller == 'nudge'")["id"].iloc[0]
+    res = cli.invoke(app, ["report", str(finished_run), "--compare", cell, cell])
+    assert res.exit_code == 0 and "+0.0000, 95% CI [+0.0000, +0.0000]" in res.output and "within noise" in res.output
     bad = cli.invoke(app, ["report", str(finished_run), "--compare", "nosuch=1", "bits=2"])
-    assert bad.exit_code == 2 and "unknown setting 'nosuch'" in bad.output
+    assert bad.exit_code == 2 and "unknown --compare setting 'nosuch'" in bad.output
 
 
 def test_pivot_and_figures(finished_run, tmp_path):
@@ -97,3 +104,45 @@ def test_learning_rate_figure_has_a_line_per_lambda_like_setting(test_plugins, w
     res = cli.invoke(app, ["report", str(out), "--figures", str(tmp_path / "figs")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "figs" / "metric_vs_learning_rate.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cells_run_on_other_data_are_not_pooled_as_seeds(test_plugins, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    assert cli.invoke(app, ["run", str(write_recipe(BASIC)), "-o", str(out), "--set", "seeds=[0]"]).exit_code == 0
+    again = cli.invoke(app, ["run", str(write_recipe(BASIC)), "-o", str(out), "--set", "seeds=[0]",
+                             "--set", "evaluators[0].sequences=8"])
+    assert again.exit_code == 0, again.output
+    summary, _ = summarize(load_run(out))
+    nudged = summary[summary["config"].str.contains("nudge")]
+    assert len(nudged) == 4 and (nudged["seeds"] == 1).all()  # 2 bits × 2 setups, one seed each
+    assert nudged["config"].str.contains("setup").all()
+
+
+def test_figure_lines_never_pool_other_swept_settings(test_plugins, write_recipe, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    res = cli.invoke(app, ["run", str(write_recipe(BASIC)), "-o", str(out), "--set", "quantizers[0].bits=[2]",
+                           "--set", "seeds=[0]", "--set", "distillers[1].learning_rate=[0.001, 0.1]",
+                           "--set", "distillers[1].max_steps=[1, 2]"])
+    assert res.exit_code == 0, res.output
+    from matplotlib.axes import Axes
+
+    lines, errorbar = [], Axes.errorbar
+
+    def record(self, x, y, *args, **kwargs):
+        if kwargs.get("label") not in (None, "_nolegend_"):  # the bar chart's error bars are unlabelled
+            lines.append((kwargs["label"], [float(v) for v in x]))
+        return errorbar(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", record)
+    res = cli.invoke(app, ["report", str(out), "--figures", str(tmp_path / "figs")])
+    assert res.exit_code == 0, res.output
+    # metric vs learning rate: one line per max_steps; metric vs steps: one line per learning rate
+    assert lines == [("max_steps=1", [0.001, 0.1]), ("max_steps=2", [0.001, 0.1]),
+                     ("learning_rate=0.001", [1, 2]), ("learning_rate=0.1", [1, 2])]
+
+
+def test_compare_names_a_task_scored_on_different_items():
+    from qcompare.stats import paired_bootstrap
+
+    with pytest.raises(ValueError, match="task t: A has 3 items and B 2"):
+        paired_bootstrap({"t": [1, 0, 1]}, {"t": [1, 0]})

@@ -13,9 +13,12 @@ import json
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
+
+from qcompare.store import write_json
 
 # Counters that accumulate over a cell and survive a resume (saved next to each checkpoint).
 COUNTERS = (
@@ -75,12 +78,26 @@ class CostMeter:
         totals = dict(self.totals)
         for key, start in self.running.items():  # time so far, for a cell resumed from here
             totals[key] += time.perf_counter() - start
-        (Path(folder) / SAVED_NAME).write_text(json.dumps(totals))
+        # atomic: a crash while writing leaves the previous file (or none), never half a JSON
+        write_json(Path(folder) / SAVED_NAME, totals)
 
     def load(self, folder: Path) -> None:
+        """Add the cost saved beside a checkpoint. An unreadable file (a checkpoint written by an
+        older version mid-crash) costs the measurement, not the cell: the count restarts at zero."""
         path = Path(folder) / SAVED_NAME
-        if path.exists():
-            self.totals.update(json.loads(path.read_text()))
+        if not path.exists():
+            return
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+            totals = {k: float(saved[k]) for k in COUNTERS if k in saved}
+        except (OSError, ValueError, TypeError) as e:
+            warnings.warn(f"{path} is unreadable ({type(e).__name__}: {e}); the cost of the resumed cell "
+                          "counts from zero (train_seconds, tokens and steps before the resume are missing)",
+                          stacklevel=2)
+            return
+        self.totals.update(totals)
 
     def summary(self, student_params: int, teacher_params: int) -> dict:
         """The ``cost`` dict of a DistillResult."""
