@@ -137,8 +137,9 @@ def run(
         r, store = _load(recipe, set_, output, executor)
         progress, cell_progress = _progress_bars()
         runner = Runner(r, store, progress=cell_progress)
-        todo = [c for c, s in runner.plan() if s != "done"]
-        skipped = len(runner.cells()) - len(todo)
+        plan = runner.plan()
+        todo = [c for c, s in plan if s != "done"]
+        skipped = len(plan) - len(todo)
         if skipped:
             err_console.print(f"{skipped} cells already done in {store.root}; running {len(todo)}")
         with progress:
@@ -239,6 +240,3 @@ def export(
         out = export_cell(run_dir, cell, to, overwrite=force, say=lambda m: err_console.print(m, highlight=False))
     console.print(f"[green]exported[/] {cell} → {out}")
 
-
-def main():  # pragma: no cover - console script entry
-    sys.exit(app())

@@ -8,6 +8,7 @@ none) limits which entry points load.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -59,8 +60,14 @@ def unknown_name_message(kind: str, name: str, known) -> str:
 def _package_of(module) -> str:
     """The distribution that ships ``module``, or its module name for test plugins."""
     name = getattr(module, "__name__", None) or type(module).__module__
-    dists = metadata.packages_distributions().get(name.split(".")[0])
+    dists = _distributions().get(name.split(".")[0])
     return dists[0] if dists else name
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    # scans every installed package: once per process, not once per hook implementation
+    return metadata.packages_distributions()
 
 
 def make_plugin_manager(extra: list | None = None) -> pluggy.PluginManager:

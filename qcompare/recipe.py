@@ -61,11 +61,6 @@ class DataSpec(BaseModel):
     shuffle_seed: int = 0
 
 
-class ExecutorSpec(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str = "local"
-
-
 class Recipe(BaseModel):
     """A validated recipe: every plugin choice expanded to its sweep points."""
 
@@ -241,7 +236,8 @@ def looks_like_path(value: str) -> bool:
     return value.endswith((".jsonl", ".json", ".parquet")) or value.startswith((".", "/", "~"))
 
 
-def resolve_data_path(value: str, recipe_dir: Path) -> Path | None:
+def resolve_local_path(value: str, recipe_dir: Path) -> Path | None:
+    """A data file or model folder named relative to the working directory or the recipe."""
     for base in (Path.cwd(), recipe_dir):
         p = (base / value).expanduser()
         if p.exists():
@@ -296,14 +292,14 @@ def validate(raw: dict, source: Path, text: str = "", registry: Registry | None 
                 loc = ".".join(str(p) for p in ("data", *err["loc"]))
                 errors.append(f"{f}: {loc}: {_fmt_error(err)}")
     if data.train and data.train not in registry.datasets and looks_like_path(data.train):
-        found = resolve_data_path(data.train, source.parent)
+        found = resolve_local_path(data.train, source.parent)
         if found is None:
             errors.append(f"{f}: data.train: file not found: {data.train}")
         else:
             data = data.model_copy(update={"train": str(found)})
 
     for m in models:
-        if m not in registry.models and looks_like_path(m) and resolve_data_path(m, source.parent) is None:
+        if m not in registry.models and looks_like_path(m) and resolve_local_path(m, source.parent) is None:
             errors.append(f"{f}: models: folder not found: {m}; known names: {', '.join(registry.models) or '(none)'}")
 
     def plugins(kind: str, default: list, sweep: bool = True) -> list[PluginChoice]:
@@ -328,20 +324,17 @@ def validate(raw: dict, source: Path, text: str = "", registry: Registry | None 
     out_path = Path(output) if output else None
     if out_path is not None and out_path.exists() and not out_path.is_dir():
         errors.append(f"{f}: output: {output} is a file; give a folder path")
+    if not errors and not teacher and not (quantizers and distillers):
+        errors.append(f"{f}: the recipe expands to zero cells; give at least one [[quantizers]] table or teacher = true")
     if errors:
         raise RecipeError(errors)
-    recipe = Recipe(
+    return Recipe(
         name=name, description=description, source=source, text=text, models=models, seeds=seeds,
         device=device, teacher=teacher, report_to=report_to, save_models=save_models, export_best=export_best,
         output=out_path, data=data,
         quantizers=with_labels(quantizers), distillers=with_labels(distillers), evaluators=evaluators,
         executor=executors[0],
     )
-    from qcompare.cells import expand  # the cross product decides whether anything runs
-
-    if not expand(recipe):
-        raise RecipeError([f"{f}: the recipe expands to zero cells; give at least one [[quantizers]] table or teacher = true"])
-    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry | None = None) -> Recipe:

@@ -34,11 +34,11 @@ def _value(v) -> str:
 def _describe(row: pd.Series, params: list[str]) -> str:
     if row["quantizer"] == "teacher":
         return "teacher"
-    parts = [f"{c.split('.', 1)[1]}={_value(row[c])}" for c in params if c.startswith("quantizer.") and _present(row[c])]
-    q = f"{row['quantizer']}({','.join(parts)})" if parts else row["quantizer"]
-    parts = [f"{c.split('.', 1)[1]}={_value(row[c])}" for c in params if c.startswith("distiller.") and _present(row[c])]
-    d = f"{row['distiller']}({','.join(parts)})" if parts else row["distiller"]
-    return f"{q} · {d}"
+    described = []
+    for kind in ("quantizer", "distiller"):
+        parts = [f"{c.split('.', 1)[1]}={_value(row[c])}" for c in params if c.startswith(f"{kind}.") and _present(row[c])]
+        described.append(f"{row[kind]}({','.join(parts)})" if parts else row[kind])
+    return " · ".join(described)
 
 
 def _present(v) -> bool:
@@ -88,11 +88,11 @@ def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.Da
     out["_order"] = out["kind"].map({"teacher": 0, "ptq": 1, "distilled": 2})
     out = out.sort_values(["model", "_order", "config"], kind="stable").drop(columns="_order").reset_index(drop=True)
     if "average" in metrics:
-        _add_recovery(out, shown)
+        _add_recovery(out)
     return out, metrics
 
 
-def _add_recovery(out: pd.DataFrame, shown: list[str]) -> None:
+def _add_recovery(out: pd.DataFrame) -> None:
     """Δ to the teacher and the share of the quantization gap recovered: (D − PTQ) / (T − PTQ)."""
     qcols = [c for c in out.columns if c.startswith("quantizer.")]
     out["Δ teacher"] = np.nan
@@ -140,9 +140,9 @@ TAIL = ["Δ teacher", "recovered", "bits per weight", "MB", "time s", "GPU h", "
 
 def print_report(store_or_path, console: Console, fmt: str = "table", metrics: list[str] | None = None) -> None:
     root = getattr(store_or_path, "root", store_or_path)
-    df = load_run(root)
-    failed = load_run(root, include_failed=True)
-    failed = failed[failed["status"] != "done"] if not failed.empty else failed
+    every = load_run(root, include_failed=True)
+    failed = every[every["status"] != "done"] if not every.empty else every
+    df = every[every["status"] == "done"].reset_index(drop=True) if not every.empty else every
     if df.empty:
         console.print(f"no finished cells in {root}")
         return

@@ -78,10 +78,11 @@ def load_run(path: str | Path, include_failed: bool = False) -> pd.DataFrame:
         return df
     if not include_failed:
         df = df[df["status"] == "done"].reset_index(drop=True)
-    acc = primary_metrics(df.columns, group_tasks(records))
+    groups = group_tasks(records)
+    acc = primary_metrics(df.columns, groups)
     if acc:
         df["average"] = df[acc].mean(axis=1)
-    df.attrs["groups"] = group_tasks(records)
+    df.attrs["groups"] = groups
     return df
 
 
