@@ -111,9 +111,9 @@ def plan(
     console.print(table)
 
 
-def _progress_bars():
+def _progress_bars(quiet: bool = False):
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=err_console, transient=False)
+                        TimeElapsedColumn(), console=err_console, transient=False, disable=quiet)
 
     def start(description, total):
         task = progress.add_task(f"  {description}", total=total)
@@ -131,35 +131,40 @@ def run(
 ):
     """Run every cell of a recipe not yet done, then print the comparison table."""
     from qcompare.report import print_report
-    from qcompare.runner import Runner
+    from qcompare.runner import Runner, launcher_ranks
 
+    first = launcher_ranks()[0] == 0  # under torchrun every process runs the cells; the first one speaks
     with user_errors():
         r, store = _load(recipe, set_, output, executor)
-        progress, cell_progress = _progress_bars()
+        progress, cell_progress = _progress_bars(quiet=not first)
         runner = Runner(r, store, progress=cell_progress)
         plan = runner.plan()
         todo = [c for c, s in plan if s != "done"]
         skipped = len(plan) - len(todo)
-        if skipped:
+        if skipped and first:
             err_console.print(f"{skipped} cells already done in {store.root}; running {len(todo)}")
         with progress:
             overall = progress.add_task("cells", total=len(todo))
 
             def on_done(cell, record):
                 progress.advance(overall)
+                if not first:
+                    return
                 mark = "[green]done[/]" if record["status"] == "done" else f"[red]failed[/]: {record.get('error', '')}"
                 if record.get("save_error"):
                     mark += f" [yellow](model not saved: {record['save_error']})[/]"
                 progress.console.print(f"{cell.label()} — {mark}", highlight=False)
 
             records = runner.run(on_done=on_done)
+    failed = [rec for rec in records if rec["status"] != "done"]
+    if not first:
+        raise typer.Exit(1 if failed else 0)
     print_report(store, console)
     if r.export_best:
         from qcompare.export import export_best
 
         with user_errors():
             export_best(store.root, r.export_best, say=lambda m: err_console.print(m, highlight=False))
-    failed = [rec for rec in records if rec["status"] != "done"]
     if failed:
         err_console.print(f"[red]{len(failed)} of {len(records)} cells failed[/]; tracebacks in their folders under {store.root}/cells")
         raise typer.Exit(1)

@@ -7,6 +7,7 @@ failed with its traceback and the sweep goes on.
 from __future__ import annotations
 
 import copy
+import os
 import resource
 import shutil
 import time
@@ -32,13 +33,26 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def launcher_ranks() -> tuple[int, int, int]:
+    """(rank, local rank, world size) as torchrun and accelerate launch set them; (0, 0, 1) alone."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
 def pick_device(wanted: str) -> str:
     import torch
 
     if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted == "cuda" and not torch.cuda.is_available():
         raise QcompareError("device = 'cuda' but no CUDA device is visible; use device = 'cpu' or 'auto'")
+    _, local_rank, world = launcher_ranks()
+    if wanted == "cuda" and world > 1:
+        # before anything is loaded: each process's teacher goes to its own GPU, not all to GPU 0
+        if local_rank >= torch.cuda.device_count():
+            raise QcompareError(f"process LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA "
+                                "devices are visible; start at most one process per GPU")
+        torch.cuda.set_device(local_rank)
     return wanted
 
 
@@ -107,6 +121,14 @@ class Runner:
         self.registry = get_registry()
         self.hooks = get_plugin_manager().hook
         self.device = pick_device(self.recipe.device)
+        # Under a distributed launcher every process runs every cell (the trainers keep them in
+        # step); only the first writes the run folder and reports to trackers.
+        rank, _, self.processes = launcher_ranks()
+        self.writes = rank == 0
+
+    def _json(self, path: Path, obj) -> None:
+        if self.writes:
+            write_json(path, obj)
 
     # --- planning -------------------------------------------------------------------
 
@@ -153,20 +175,23 @@ class Runner:
                                   "recipe": {"text": self.recipe.text, "overrides": self.recipe.overrides}}
         if not cell.is_teacher:
             record["data_source"] = self.recipe.data.model_dump()  # where the data was read from
-        write_json(cell_dir / "settings.json", cell.settings())
-        write_json(cell_dir / RESULT, record)
-        self.hooks.cell_started(cell=cell, cell_dir=cell_dir)
+        self._json(cell_dir / "settings.json", cell.settings())
+        self._json(cell_dir / RESULT, record)
+        if self.writes:
+            self.hooks.cell_started(cell=cell, cell_dir=cell_dir)
         try:
             record.update(self._execute(cell, cell_dir))
             record["status"] = "done"
         except Exception as e:  # the sweep goes on; the traceback is kept with the cell
             record["status"] = "failed"
             record["error"] = error_line(e)
-            (cell_dir / "traceback.txt").write_text(traceback.format_exc())
+            if self.writes:
+                (cell_dir / "traceback.txt").write_text(traceback.format_exc())
         record["finished_at"] = now()
-        record["provenance"] = provenance()
-        write_json(cell_dir / RESULT, record)
-        self.hooks.cell_finished(cell=cell, cell_dir=cell_dir, record=record,
+        record["provenance"] = {**provenance(), "processes": self.processes}
+        self._json(cell_dir / RESULT, record)
+        if self.writes:
+            self.hooks.cell_finished(cell=cell, cell_dir=cell_dir, record=record,
                                  report_to=list(self.recipe.report_to), run_name=self.run_name(cell))
         return record
 
@@ -174,7 +199,7 @@ class Runner:
         """Record a cell that died outside run_cell (e.g. its worker process was killed)."""
         record = {"id": cell.id, "label": cell.label(), "settings": cell.settings(), "status": "failed",
                   "error": error, "finished_at": now()}
-        write_json(self.store.cell_dir(cell.id) / RESULT, record)
+        self._json(self.store.cell_dir(cell.id) / RESULT, record)
         return record
 
     def context(self, cell: Cell, cell_dir: Path, trackers: bool = True) -> CellContext:
@@ -255,14 +280,14 @@ class Runner:
             converted = self.converted_model(cell, ctx)
             model = converted.model
             cost.update(converted.cost)
-            if converted.log:
+            if converted.log and self.writes:
                 write_jsonl(cell_dir / "train_log.jsonl", converted.log)
             out["size"] = {"bits_per_weight": converted.quantizer.bits_per_weight(converted.params),
                            "storage_bytes": converted.quantizer.storage_bytes(model)}
         t0 = time.perf_counter()
         merged = self._evaluate(model, tokenizer, ctx, cell_dir)
         cost["evaluate_seconds"] = time.perf_counter() - t0
-        if converted is not None and self.recipe.save_models:
+        if converted is not None and self.recipe.save_models and self.writes:
             t0 = time.perf_counter()
             try:
                 self.save_model(converted, ctx, cell_dir / MODEL)
@@ -275,7 +300,7 @@ class Runner:
         # CUDA's peak is reset per cell; CPU RSS only ever grows, so it is the process's peak so far
         cost["peak_memory_scope"] = "cell" if self.device == "cuda" else "process"
         cost["device"] = self.device
-        write_json(cell_dir / "cost.json", cost)
+        self._json(cell_dir / "cost.json", cost)
         out.update(metrics=merged.metrics, stderr=merged.stderr, groups=merged.groups, cost=cost)
         return out
 
@@ -292,14 +317,15 @@ class Runner:
             merged.items.update(res.items)
             merged.groups.update(res.groups)
         if merged.items:
-            write_json(cell_dir / "items.json", merged.items)
+            self._json(cell_dir / "items.json", merged.items)
         return merged
 
     # --- the sweep --------------------------------------------------------------------
 
     def run(self, on_done=None) -> list[dict]:
         """Run every cell not yet done; return the records of the cells run now."""
-        self.store.init(self.recipe.text)
+        if self.writes:
+            self.store.init(self.recipe.text)
         todo = [c for c, status in self.plan() if status != "done"]
         ex_cls = self.registry.get("executor", self.recipe.executor.name)
         params = ex_cls.Params.model_validate(self.recipe.executor.params)

@@ -238,6 +238,7 @@ def run_training(name: str, trainer, meter: CostMeter, teacher, params: TrainPar
         meter.start("train_seconds")
         trainer.train(resume_from_checkpoint=last)
         meter.stop("train_seconds")
+    processes = meter.sum_processes(trainer.accelerator)
     student = trainer.model
     if hasattr(student, "get_base_model"):
         # LoRA: keep the adapters beside the fake-quant layers (the model class stays the
@@ -248,6 +249,7 @@ def run_training(name: str, trainer, meter: CostMeter, teacher, params: TrainPar
     student.eval()
     log = [_log_entry(e) for e in trainer.state.log_history if "loss" in e]
     cost = meter.summary(count_params(student), count_params(teacher) if teacher is not None else 0)
+    cost["processes"] = processes  # data-parallel: each step covered processes x the batch
     shutil.rmtree(folder, ignore_errors=True)  # checkpoints (optimizer state included) and TRL's model card
     return DistillResult(student=student, log=log, cost=cost)
 

@@ -37,6 +37,10 @@ COUNTERS = (
     "steps",
 )
 SAVED_NAME = "qcompare_cost.json"
+# The counters each data-parallel process counts for its own shard of the batch (the rest are
+# wall times and steps, the same in every process).
+PER_PROCESS = ("tokens_generated", "rollout_tokens", "student_rollout_tokens", "teacher_tokens", "teacher_forwards",
+               "teacher_cached_tokens", "student_tokens")
 
 
 class CostMeter:
@@ -98,6 +102,16 @@ class CostMeter:
                           stacklevel=2)
             return
         self.totals.update(totals)
+
+    def sum_processes(self, accelerator) -> int:
+        """Make the token counters the whole cell's under data parallelism (every process
+        takes part); returns the number of processes."""
+        n = accelerator.num_processes
+        if n > 1:
+            counts = torch.tensor([self.totals[k] for k in PER_PROCESS], dtype=torch.float64, device=accelerator.device)
+            counts = accelerator.reduce(counts, reduction="sum")
+            self.totals.update(zip(PER_PROCESS, counts.tolist()))
+        return n
 
     def summary(self, student_params: int, teacher_params: int) -> dict:
         """The ``cost`` dict of a DistillResult."""
