@@ -1,17 +1,130 @@
-"""The default executor: cells one after another in this process."""
+"""The default executor: cells on this machine, one after another or several at once.
+
+With ``workers = N`` the cells go to N worker processes. Each worker rebuilds the runner once
+(so it loads a model once, not once per cell) and writes its cells' folders itself, as a Ray
+worker does; the run folder's teacher cache is shared through the disk. On a GPU run each
+worker sees one GPU (``CUDA_VISIBLE_DEVICES``, worker i takes GPU i mod the GPUs visible),
+so ``workers`` = the number of GPUs runs one cell per GPU; more workers than GPUs share them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from pydantic import Field
 
 from qcompare import hookimpl
-from qcompare.api import Executor
+from qcompare.api import Executor, Params
+from qcompare.errors import QcompareError
+
+
+class LocalParams(Params):
+    workers: int = Field(1, ge=1, description="cells run at once on this machine, each in its own process "
+                         "(on a GPU run: one GPU per worker)")
 
 
 class LocalExecutor(Executor):
-    """Run cells one after another in this process (the default)."""
+    """Run cells on this machine: one after another in this process, or in ``workers`` processes."""
 
     name = "local"
+    Params = LocalParams
 
     def run(self, jobs, run_job, params, on_done):
-        for job in jobs:
-            on_done(job, run_job(job))
+        if params.workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                on_done(job, run_job(job))
+            return
+        runner = getattr(run_job, "__self__", None)
+        if runner is None:
+            raise QcompareError("executor local: workers > 1 needs the runner's run_cell as its job")
+        if runner.processes > 1:
+            raise QcompareError("executor local: workers > 1 cannot run under torchrun / accelerate launch "
+                                "(data-parallel cells); use workers = 1 there")
+        _run_in_workers(jobs, runner, params.workers, on_done)
+
+
+def _run_in_workers(jobs, runner, workers: int, on_done) -> None:
+    gpu = runner.device == "cuda"
+    gpus = _visible_gpus() if gpu else []
+    # fork is instant and safe while this process has not touched CUDA (a CPU run);
+    # a GPU run starts clean workers that pick their GPU before CUDA starts
+    context = multiprocessing.get_context("spawn" if gpu else "fork")
+    threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // workers)
+    todo = list(jobs)
+    while todo:  # a new pool after a worker died; the cells it was running are failed, the rest go on
+        todo = _pool_round(todo, runner, workers, context, gpus, threads, on_done)
+
+
+def _pool_round(jobs, runner, workers, context, gpus, threads, on_done) -> list:
+    """Run ``jobs`` in one pool; return the ones not started when a worker died (else [])."""
+    slots = context.Queue()
+    for i in range(workers):
+        slots.put(i)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(runner.__getstate__(), slots, gpus, threads))
+    pending, not_started = {}, []
+    try:
+        pending = {pool.submit(_run_cell, job): job for job in jobs}
+        while pending:
+            finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = pending.pop(future)
+                try:
+                    record = future.result()
+                except BrokenProcessPool:
+                    record = _lost(runner, job)
+                    if record is None:
+                        not_started.append(job)
+                        continue
+                on_done(job, record)
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return not_started
+
+
+def _lost(runner, job) -> dict | None:
+    """A cell whose worker died (killed, out of memory): failed if it had started, else None."""
+    stored = runner.store.result(job.id)
+    if stored and stored.get("status") == "running":
+        return runner.store_failure(job, "a worker process died while this cell ran (killed or out of memory; "
+                                         "a pool's running cells end with it): run the recipe again to retry")
+    return None
+
+
+def _visible_gpus() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+_runner = None  # the worker's own runner, built once
+
+
+def _start_worker(state, slots, gpus, threads) -> None:
+    global _runner
+    slot = slots.get()
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from qcompare.runner import Runner
+
+    _runner = Runner.__new__(Runner)
+    _runner.__setstate__(state)
+
+
+def _run_cell(cell) -> dict:
+    return _runner.run_cell(cell)
 
 
 @hookimpl

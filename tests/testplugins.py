@@ -6,7 +6,10 @@ subprocess tests install it as a distribution with an entry point).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from pathlib import Path
 
 import torch
 from pydantic import Field
@@ -20,6 +23,8 @@ class NudgeParams(Params):
     learning_rate: float = Field(1e-2, gt=0, description="step size")
     fail: bool = Field(False, description="raise inside the cell (tests failure handling)")
     sleep: float = Field(0.0, ge=0, description="seconds to wait per step (tests interruption)")
+    kill_once: str = Field("", description="a marker file: if it is missing, create it and SIGKILL this process "
+                           "(a worker that dies, as if out of memory)")
 
 
 class Nudge(Distiller):
@@ -31,6 +36,9 @@ class Nudge(Distiller):
     def distill(self, teacher, student, tokenizer, data, params, context):
         if params.fail:
             raise RuntimeError("nudge was asked to fail")
+        if params.kill_once and not Path(params.kill_once).exists():
+            Path(params.kill_once).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
         gen = torch.Generator().manual_seed(context.seed or 0)
         opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=params.learning_rate)
         log = []

@@ -1,0 +1,60 @@
+"""The local executor with ``workers = 2``: cells in two worker processes, the same results as
+one after another, and a worker that dies loses only the cells it had not finished."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from conftest import BASIC
+from qcompare.cli import app
+
+cli = CliRunner()
+
+
+def records(run) -> dict:
+    return {c.name: json.loads((c / "result.json").read_text()) for c in (run / "cells").iterdir()}
+
+
+def test_two_workers_give_the_same_results_as_one(test_plugins, write_recipe, tmp_path):
+    recipe = write_recipe(BASIC)
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "serial")])
+    assert res.exit_code == 0, res.output
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "parallel"), "--set", "executor.workers=2"])
+    assert res.exit_code == 0, res.output
+    serial, parallel = records(tmp_path / "serial"), records(tmp_path / "parallel")
+    assert serial.keys() == parallel.keys() and len(serial) == 7
+    for cell, r in serial.items():
+        assert parallel[cell]["status"] == "done"
+        assert parallel[cell]["metrics"] == r["metrics"]  # exactly: same seeds, same code, other processes
+    # the parallel cells ran in processes other than this one
+    assert {r["provenance"]["processes"] for r in parallel.values()} == {1}
+    assert "average" in res.output  # the report is printed as usual
+
+
+def test_a_worker_that_dies_loses_only_its_unfinished_cells(test_plugins, write_recipe, tmp_path):
+    marker = tmp_path / "killed-once"
+    recipe = write_recipe(BASIC.replace("max_steps = 2", f'max_steps = 2\nkill_once = ["", "{marker}"]')
+                          + "\n[executor]\nworkers = 2\n")
+    run = tmp_path / "run"
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(run)])
+    assert res.exit_code == 1 and marker.exists()
+    first = records(run)
+    died = [r for r in first.values() if r["status"] == "failed"]
+    assert died and all("worker process died" in r["error"] for r in died) and len(died) <= 2
+    done = {k: (run / "cells" / k / "result.json").stat().st_mtime_ns for k, r in first.items() if r["status"] == "done"}
+    # the sweep went on in a new pool: every cell ended, none was left "running" or not started
+    assert len(first) == 11 and all(r["status"] in ("done", "failed") for r in first.values())
+
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(run)])
+    assert res.exit_code == 0, res.output
+    second = records(run)
+    assert len(second) == 1 + 2 * (1 + 2 * 2) and all(r["status"] == "done" for r in second.values())
+    assert {k: (run / "cells" / k / "result.json").stat().st_mtime_ns for k in done} == done  # untouched
+
+
+def test_workers_is_validated(test_plugins, write_recipe):
+    recipe = write_recipe(BASIC + "\n[executor]\nworkers = 0\n")
+    res = cli.invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 2 and "executor.workers" in res.output and "greater than or equal to 1" in res.output
