@@ -55,7 +55,11 @@ def _run_in_workers(jobs, runner, workers: int, on_done) -> None:
     threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // workers)
     todo = list(jobs)
     while todo:  # a new pool after a worker died; the cells it was running are failed, the rest go on
-        todo = _pool_round(todo, runner, workers, context, gpus, threads, on_done)
+        left = _pool_round(todo, runner, workers, context, gpus, threads, on_done)
+        if len(left) == len(todo):  # no cell even started: the workers die on their own
+            raise QcompareError(f"executor local: the worker processes died before running any cell ({len(left)} "
+                                "left pending); their error is printed above, or run with workers = 1 to see it")
+        todo = left
 
 
 def _pool_round(jobs, runner, workers, context, gpus, threads, on_done) -> list:
@@ -67,7 +71,12 @@ def _pool_round(jobs, runner, workers, context, gpus, threads, on_done) -> list:
                                initargs=(runner.__getstate__(), slots, gpus, threads))
     pending, not_started = {}, []
     try:
-        pending = {pool.submit(_run_cell, job): job for job in jobs}
+        for i, job in enumerate(jobs):
+            try:
+                pending[pool.submit(_run_cell, job)] = job
+            except BrokenProcessPool:  # a worker already died: the rest wait for the next pool
+                not_started += jobs[i:]
+                break
         while pending:
             finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for future in finished:

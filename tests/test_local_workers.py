@@ -58,3 +58,15 @@ def test_workers_is_validated(test_plugins, write_recipe):
     recipe = write_recipe(BASIC + "\n[executor]\nworkers = 0\n")
     res = cli.invoke(app, ["validate", str(recipe)])
     assert res.exit_code == 2 and "executor.workers" in res.output and "greater than or equal to 1" in res.output
+
+
+def test_workers_that_die_before_any_cell_stop_the_run_with_one_line(test_plugins, write_recipe, tmp_path, monkeypatch):
+    import os
+
+    from qcompare_plugins import local_executor
+
+    monkeypatch.setattr(local_executor, "_start_worker", lambda *args: os._exit(3))  # forked workers inherit it
+    recipe = write_recipe(BASIC + "\n[executor]\nworkers = 2\n")
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "run")])
+    assert res.exit_code == 2
+    assert "worker processes died before running any cell (7 left pending)" in res.output
