@@ -20,6 +20,7 @@ logging.getLogger("trl.experimental.gkd.gkd_trainer").setLevel(logging.ERROR)
 from qcompare.api import CellContext, Distiller, DistillResult, RuntimeField
 from qcompare.errors import QcompareError
 
+from .chat_tokens import ReusedChatCollator
 from .common import MeteredTrainerMixin, TrainParams, check_data, check_tokenizer, lora_config, run_training, training_kwargs
 from .cost import CostMeter
 from .shared_teacher import share_base_weights, teacher_mode, unshare_trainable
@@ -194,6 +195,8 @@ class GKDDistiller(Distiller):
             model=student,
             teacher_model=teacher,
             args=args,
+            # TRL's collator, each chat tokenized once per process (a sweep's cells share it)
+            data_collator=ReusedChatCollator(tokenizer=tokenizer, max_length=args.max_length),
             train_dataset=data,
             processing_class=tokenizer,
             peft_config=lora_config(params),
