@@ -9,6 +9,7 @@ so ``workers`` = the number of GPUs runs one cell per GPU; more workers than GPU
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -130,6 +131,9 @@ def _start_worker(state, slots, gpus, threads) -> None:
 
     _runner = Runner.__new__(Runner)
     _runner.__setstate__(state)
+    # as Runner.run does in one process (a forked worker inherits the parent's freeze)
+    gc.collect()
+    gc.freeze()
 
 
 def _run_cell(cell) -> dict:
