@@ -1,15 +1,22 @@
-"""P1: a 4-cell λ=0 learning-rate sweep through qcompare (teacher cache on) vs four plain
-TRL GKDTrainer runs, the script a user writes today. Same model, data, student, settings.
+"""P1: a 4-cell λ=0 learning-rate sweep through qcompare vs four plain TRL GKDTrainer runs, the
+script a user writes today. Same model, data, student and settings; runs one after another.
 
-    .venv/bin/python bench/p1_lambda0_sweep.py [--steps 40]
+    .venv/bin/python bench/p1_lambda0_sweep.py [--steps 100]
 
-Target: qcompare ≤ 0.6× the plain scripts' wall time.
+Rows:
+  plain, 1 thread        four GKDTrainer runs in a row, one thread (the qcompare rows' per-cell budget)
+  plain, all cores       the same with torch using every core (what a script does by default)
+  qcompare, 1 worker     `qcompare run`: cells in one process (teacher cache, chats tokenized once)
+  qcompare, N workers    the same with `workers = N` (cores): N cells at once, one thread each
+Ratios: the spend (qcompare, 1 worker vs plain, 1 thread: the same CPU) and the machine's wall
+time (qcompare, N workers vs the faster plain row). Target: wall time <= 0.6x.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -43,61 +50,77 @@ per_device_train_batch_size = {batch}
 max_length = {max_length}
 max_steps = {steps}
 save_steps = 0
+
+[executor]
+name = "local"
+workers = {workers}
 """
 
 
-def run_plain(steps: int, folder: Path, settings: dict) -> float:
-    t0 = time.perf_counter()
-    teacher, tokenizer, data = load_toy()
-    for i, lr in enumerate(LRS):
-        plain_gkd(teacher, tokenizer, data, folder / f"plain{i}", learning_rate=lr, lmbda=0.0, beta=0.5,
-                  per_device_train_batch_size=BATCH, max_length=MAX_LENGTH, max_steps=steps, **settings)
-    return time.perf_counter() - t0
+def run_plain(steps: int, folder: Path, threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        teacher, tokenizer, data = load_toy()
+        for i, lr in enumerate(LRS):
+            plain_gkd(teacher, tokenizer, data, folder / f"plain{i}", learning_rate=lr, lmbda=0.0, beta=0.5,
+                      per_device_train_batch_size=BATCH, max_length=MAX_LENGTH, max_steps=steps, **MATCHED)
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(1)
 
 
-def run_qcompare(steps: int, folder: Path) -> tuple[float, list[dict]]:
+def run_qcompare(steps: int, folder: Path, workers: int) -> tuple[float, list[dict]]:
     from qcompare.recipe import load_recipe
     from qcompare.runner import Runner
     from qcompare.store import RunStore
 
-    path = folder / "p1.toml"
-    path.write_text(RECIPE.format(lrs=json.dumps(LRS), batch=BATCH, max_length=MAX_LENGTH, steps=steps))
+    path = folder / f"p1-{workers}.toml"
+    path.write_text(RECIPE.format(lrs=json.dumps(LRS), batch=BATCH, max_length=MAX_LENGTH, steps=steps, workers=workers))
     t0 = time.perf_counter()
-    recipe = load_recipe(path)
-    records = Runner(recipe, RunStore(folder / "run")).run()
-    return time.perf_counter() - t0, records
+    records = Runner(load_recipe(path), RunStore(folder / f"run{workers}")).run()
+    seconds = time.perf_counter() - t0
+    failed = [r.get("error") for r in records if r["status"] != "done"]
+    if failed:
+        raise SystemExit(f"qcompare cells failed: {failed}")
+    return seconds, records
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="qcompare's parallel row")
     args = parser.parse_args()
+    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # warm-up: first-use imports and compilation would otherwise land on whichever runs first
         teacher, tokenizer, data = load_toy()
         plain_gkd(teacher, tokenizer, data, tmp / "warmup", lmbda=0.0, per_device_train_batch_size=BATCH,
                   max_length=MAX_LENGTH, max_steps=2, **MATCHED)
-        plain = run_plain(args.steps, tmp, MATCHED)
-        ours, records = run_qcompare(args.steps, tmp)
-        plain_defaults = run_plain(args.steps, tmp, {})
-        failed = [r.get("error") for r in records if r["status"] != "done"]
-        if failed:
-            raise SystemExit(f"qcompare cells failed: {failed}")
-        cache = sum(p.stat().st_size for p in (tmp / "run" / "shared").rglob("*.safetensors"))
+        plain1 = run_plain(args.steps, tmp, 1)
+        serial, records = run_qcompare(args.steps, tmp, 1)
+        plain_all = run_plain(args.steps, tmp, cores)
+        parallel, _ = run_qcompare(args.steps, tmp, args.workers)
+        cache = sum(p.stat().st_size for p in (tmp / "run1" / "shared").rglob("*.safetensors"))
     rows = []
     for r in sorted(records, key=lambda r: r["settings"]["distiller"]["params"]["learning_rate"]):
         c = r["cost"]
         rows.append((r["settings"]["distiller"]["params"]["learning_rate"], c["teacher_forwards"],
-                     c["teacher_cached_tokens"], f"{c['distill_seconds']:.1f}", f"{c['total_seconds']:.1f}"))
-    print(f"P1: 4-cell lambda=0 learning-rate sweep, {args.steps} steps x batch {BATCH}, toy-qwen3, one core\n")
+                     c["teacher_cached_tokens"], f"{c['distill_seconds']:.2f}", f"{c['total_seconds']:.2f}"))
+    print(f"P1: 4-cell lambda=0 learning-rate sweep, {args.steps} steps x batch {BATCH}, toy-qwen3, {cores} cores\n")
+    print("qcompare, 1 worker, per cell:")
     table(rows, ("learning_rate", "teacher_forwards", "cached_tokens", "distill_s", "cell_s"))
-    print(f"\nteacher cache on disk: {cache / 1e6:.2f} MB")
-    table([("plain TRL GKDTrainer x4, qcompare's settings", f"{plain:.1f}"),
-           ("plain TRL GKDTrainer x4, TRL defaults (grad. checkpointing)", f"{plain_defaults:.1f}"),
-           ("qcompare run (teacher cache)", f"{ours:.1f}")], ("", "wall_s"))
-    print(f"\nratio qcompare / plain, same settings = {ours / plain:.2f}  (target <= 0.6)")
-    print(f"ratio qcompare / plain, TRL defaults  = {ours / plain_defaults:.2f}")
+    print(f"teacher cache on disk: {cache / 1e6:.2f} MB\n")
+    table([("plain TRL GKDTrainer x4, 1 thread", f"{plain1:.2f}"),
+           (f"plain TRL GKDTrainer x4, {cores} threads", f"{plain_all:.2f}"),
+           ("qcompare run, 1 worker (1 thread)", f"{serial:.2f}"),
+           (f"qcompare run, {args.workers} workers (1 thread each)", f"{parallel:.2f}")], ("", "wall_s"))
+    best_plain = min(plain1, plain_all)
+    print(f"\nspend: qcompare 1 worker / plain 1 thread       = {serial / plain1:.2f}")
+    print(f"wall:  qcompare {args.workers} workers / faster plain row = {parallel / best_plain:.2f}  (target <= 0.6)")
 
 
 if __name__ == "__main__":
