@@ -22,11 +22,11 @@ def world():
     return tokenizer, make_teacher(tokenizer), make_data()
 
 
-def run_cell(tmp_path, name):
+def run_cell(tmp_path, name, seed=0):
     """A cell folder inside a run folder, laid out as qcompare.store.RunStore does."""
-    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run").mkdir(parents=True, exist_ok=True)
     (tmp_path / "run" / "recipe.toml").write_text('name = "t"\n')
-    return make_context(tmp_path / "run" / "cells" / name)
+    return make_context(tmp_path / "run" / "cells" / name, seed=seed)
 
 
 def distill(world, context, **params):
@@ -161,20 +161,36 @@ def test_two_processes_filling_one_cache_write_separate_whole_shards(tmp_path):
     inputs["labels"][:, :5] = -100
     logits = torch.randn(2, 8, 45, generator=g)
     a, b = TeacherCache(tmp_path, 10**9), TeacherCache(tmp_path, 10**9)  # as two Ray workers
-    keys = a.keys(inputs)
-    a.store(inputs, keys, logits)
-    b.store(inputs, keys, logits)
+    key = a.key(inputs)
+    a.store(inputs, key, logits)
+    b.store(inputs, key, logits)
     a.save()
     b.save()
     assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2 and not list(tmp_path.glob(".tmp-*"))
     fresh = TeacherCache(tmp_path, 10**9)
     fresh.refresh()
-    served = fresh.lookup(inputs, keys, 45)
+    served = fresh.lookup(inputs, key, 45)
     need = inputs["labels"][:, 1:] != -100
     assert torch.equal(served[need], logits[need]) and not served[~need].any()
-    tiny = TeacherCache(tmp_path, 1000)  # room for one 720-byte entry of two: the batch is not served
+    # the same examples in another order or padding are another batch (other float sums)
+    swapped = {k: v.flip(0) for k, v in inputs.items()}
+    assert fresh.key(swapped) != key and fresh.lookup(swapped, fresh.key(swapped), 45) is None
+    tiny = TeacherCache(tmp_path, 1000)  # room for none of the 1,440-byte entries: not served
     tiny.refresh()
-    assert len(tiny.entries) == 1 and tiny.full and tiny.lookup(inputs, keys, 45) is None
+    assert not tiny.entries and tiny.full and tiny.lookup(inputs, key, 45) is None
+
+
+def test_cached_results_do_not_depend_on_which_cell_ran_first(world, tmp_path):
+    """Seeds group the examples into other batches: a seed-1 cell must get the same curve
+    whether a seed-0 cell filled the cache before it or not (and the same as without a cache)."""
+    clear_memory()
+    alone, _ = distill(world, run_cell(tmp_path / "a", "seed1", seed=1), lmbda=0.0)
+    clear_memory()
+    distill(world, run_cell(tmp_path / "b", "seed0"), lmbda=0.0)
+    after, cost = distill(world, run_cell(tmp_path / "b", "seed1", seed=1), lmbda=0.0)
+    uncached, _ = distill(world, run_cell(tmp_path / "c", "seed1", seed=1), lmbda=0.0, teacher_cache=False)
+    assert after == alone == uncached
+    assert cost["teacher_forwards"] == 4  # its batches are its own
 
 
 @pytest.mark.parametrize("qparams", [dict(bits=4, group_size=32, embeddings=True), dict(bits=8, activations="int8")])

@@ -72,7 +72,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
       them, so an on-policy batch was scaled by (generated tokens / data answer tokens)
       and λ changed the step size as well as the data.
 
-    Teacher logits come from the run's teacher cache when it has the whole batch, else
+    Teacher logits come from the run's teacher cache when an earlier cell ran the batch, else
     from the float teacher or, with ``shared_teacher``, from the LoRA student itself with
     adapters and fake quantization off (tests/test_teacher_sharing.py).
     """
@@ -113,12 +113,12 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         return (loss, student_outputs) if return_outputs else loss
 
     def teacher_logits(self, model, inputs, vocab: int):
-        """The teacher's shifted logits: from the run's cache on an off-policy data batch
-        whose examples are all there, else from one teacher forward (stored for later cells)."""
+        """The teacher's shifted logits: from the run's cache on an off-policy data batch that
+        an earlier cell computed, else from one teacher forward (stored for later cells)."""
         cache = self.teacher_cache if getattr(self, "_rollout_by", None) is None else None
-        keys = cache.keys(inputs) if cache is not None else None
+        key = cache.key(inputs) if cache is not None else None
         if cache is not None:
-            cached = cache.lookup(inputs, keys, vocab)
+            cached = cache.lookup(inputs, key, vocab)
             if cached is not None:
                 self.meter.add("teacher_cached_tokens", inputs["attention_mask"].sum().item())
                 return cached
@@ -135,7 +135,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         self.meter.add("teacher_forwards", 1)
         logits = outputs.logits[:, :-1, :]
         if cache is not None:
-            cache.store(inputs, keys, logits)
+            cache.store(inputs, key, logits)
         return logits
 
 

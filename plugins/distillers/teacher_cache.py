@@ -1,25 +1,27 @@
 """Teacher logits on the fixed training data, computed once per run and reused by every cell.
 
 On an off-policy batch (data answers, no rollout) the teacher's logits depend only on the
-teacher's weights and the token ids, so every GKD cell of a run that sees the same
-example can reuse them. Entries are keyed by the example's token ids and the positions the
-loss reads (its answer tokens), inside a folder keyed by a fingerprint of the teacher
-(config, dtype, device, attention implementation, a sample of every weight).
+teacher's weights and the batch's token ids, so every GKD cell of a run that trains on the
+same batch can reuse them. Entries are keyed by the whole batch as the teacher sees it
+(padded token ids, attention mask, the positions the loss reads), inside a folder keyed by
+a fingerprint of the teacher (config, dtype, device, attention implementation, a sample of
+every weight).
 
-Exactness: an entry holds the teacher's raw logits at the answer positions, in the dtype
-the teacher produced them (fp32 on CPU, bf16 on a bf16 GPU run), so feeding them to the
-loss is the same computation as recomputing them. A batch is served from the cache only
-when *all* its examples are there; otherwise the teacher runs on the whole batch, exactly
-as without a cache, and the new examples are stored. A cell that sees the same batches as
-the cell that filled the cache (same seed, same batch size: a learning-rate sweep) gets a
-bit-identical loss curve; a cell whose batches group the examples differently gets logits
-computed in another batch shape, equal up to float summation order.
+Exactness: an entry holds the teacher's raw logits at the batch's answer positions, in the
+dtype the teacher produced them (fp32 on CPU, bf16 on a bf16 GPU run), computed from the
+very tensor a fresh forward would get, so a served batch equals a recomputed one bit for
+bit on deterministic kernels, whichever cell computed it first. (Keying single examples
+would also reuse them across seeds, whose batches group the examples differently; but
+logits computed in another batch shape differ in the last bits, and over a few hundred
+steps that moved a toy cell's accuracy by 0.01: results would depend on the order cells
+ran.) Cells that share batches are those with the same data, seed, batch size and length:
+a learning-rate, λ<1, β or bits sweep; another seed fills its own entries.
 
 Storage: ``<run>/shared/teacher/<fingerprint>/shard-*.safetensors``, one shard per cell
 that added entries, each written to a temporary name and renamed, so two processes (Ray
-workers) filling the same cache never see a half-written file. Size: answer tokens ×
-vocabulary × 4 bytes (fp32); a 151k-token vocabulary costs 0.6 MB per answer token, so
-``teacher_cache_max_gb`` caps what one process keeps and writes.
+or local workers) filling the same cache never see a half-written file. Size: answer
+tokens × vocabulary × 4 bytes (fp32); a 151k-token vocabulary costs 0.6 MB per answer
+token, so ``teacher_cache_max_gb`` caps what one process keeps and writes.
 """
 
 from __future__ import annotations
@@ -68,19 +70,19 @@ def teacher_fingerprint(teacher) -> str:
     return _FINGERPRINTS[teacher]
 
 
-def _example_key(ids: torch.Tensor, real: torch.Tensor, need: torch.Tensor) -> str:
-    """Key of one row: its real token ids and the (padding-free) positions the loss reads."""
-    first = int(real.nonzero()[0]) if real.any() else 0
-    positions = need.nonzero().flatten() - first
+def _batch_key(inputs) -> str:
+    """Key of one batch: what the teacher's forward sees (ids, mask, shape) and what the loss reads."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(ids[real].to(torch.int64).cpu().numpy().tobytes())
-    h.update(b"|")
-    h.update(positions.to(torch.int64).cpu().numpy().tobytes())
+    for name in ("input_ids", "attention_mask"):
+        t = inputs[name]
+        h.update(f"{name}:{tuple(t.shape)}|".encode())
+        h.update(t.to(torch.int64).cpu().numpy().tobytes())
+    h.update((inputs["labels"][:, 1:] != -100).cpu().numpy().tobytes())
     return h.hexdigest()
 
 
 class TeacherCache:
-    """Teacher logits at the answer positions of each training example, for one teacher."""
+    """Teacher logits at the answer positions of each training batch, for one teacher."""
 
     def __init__(self, folder: Path, max_bytes: int):
         self.folder = Path(folder)
@@ -127,31 +129,28 @@ class TeacherCache:
         self.bytes += size
         return True
 
-    def keys(self, inputs) -> list[str]:
-        need = inputs["labels"][:, 1:] != -100
-        real = inputs["attention_mask"].bool()
-        return [_example_key(inputs["input_ids"][b], real[b], need[b]) for b in range(len(need))]
+    def key(self, inputs) -> str:
+        return _batch_key(inputs)
 
-    def lookup(self, inputs, keys: list[str], vocab: int) -> torch.Tensor | None:
-        """The batch's shifted teacher logits (B, T-1, V) if every example is cached, else None.
+    def lookup(self, inputs, key: str, vocab: int) -> torch.Tensor | None:
+        """The batch's shifted teacher logits (B, T-1, V) if it is cached, else None.
         Positions the loss does not read stay zero; the loss masks them out."""
-        if not all(k in self.entries for k in keys):
+        rows = self.entries.get(key)
+        if rows is None:
             return None
         ids = inputs["input_ids"]
         need = inputs["labels"][:, 1:] != -100
-        first = self.entries[keys[0]]
-        out = torch.zeros(ids.shape[0], ids.shape[1] - 1, vocab, dtype=first.dtype, device=ids.device)
-        for b, key in enumerate(keys):
-            out[b, need[b]] = self.entries[key].to(ids.device)
+        out = torch.zeros(ids.shape[0], ids.shape[1] - 1, vocab, dtype=rows.dtype, device=ids.device)
+        out[need] = rows.to(ids.device)
         return out
 
-    def store(self, inputs, keys: list[str], shifted_logits: torch.Tensor) -> None:
+    def store(self, inputs, key: str, shifted_logits: torch.Tensor) -> None:
+        if key in self.entries:
+            return
         need = inputs["labels"][:, 1:] != -100
-        for b, key in enumerate(keys):
-            if key not in self.entries:
-                rows = shifted_logits[b, need[b]].detach().to("cpu", copy=True).contiguous()
-                if self._keep(key, rows):
-                    self.new[key] = rows
+        rows = shifted_logits[need].detach().to("cpu", copy=True).contiguous()
+        if self._keep(key, rows):
+            self.new[key] = rows
 
     def save(self) -> None:
         """Write this process's new entries as one shard: temporary file, then rename."""
