@@ -213,6 +213,35 @@ def _linear_convert_config(params: TorchaoParams, device: torch.device):
     return _weight_only_config(params)
 
 
+def _unfake(model) -> tuple[set[int], set[int]]:
+    """Swap torchao's fake-quantized Linear/Embedding layers back to plain ones over the same
+    weights, as its QAT convert step does (``to_linear``/``to_embedding``), but without first
+    building a throwaway layer: those allocate and randomly initialise a weight of the layer's
+    size (Qwen3-4B's 778 MB embedding among them) only to drop it. Returns the new modules' ids."""
+    from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
+
+    linears, embeddings = set(), set()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FakeQuantizedLinear):
+                with torch.device("meta"):
+                    plain = nn.Linear(child.in_features, child.out_features, child.bias is not None,
+                                      dtype=child.weight.dtype)
+                plain.weight, plain.bias = child.weight, child.bias
+                linears.add(id(plain))
+            elif isinstance(child, FakeQuantizedEmbedding):
+                with torch.device("meta"):
+                    plain = nn.Embedding(child.num_embeddings, child.embedding_dim, child.padding_idx, child.max_norm,
+                                         child.norm_type, child.scale_grad_by_freq, child.sparse,
+                                         dtype=child.weight.dtype)
+                plain.weight = child.weight
+                embeddings.add(id(plain))
+            else:
+                continue
+            setattr(parent, name, plain)
+    return linears, embeddings
+
+
 class TorchaoQuantizer(Quantizer):
     """torchao QAT: fake-quant student (intx weights, optional int8 activations), converted to real int weights."""
 
@@ -251,7 +280,7 @@ class TorchaoQuantizer(Quantizer):
 
     def convert(self, student, params, context):
         from torchao.quantization import quantize_
-        from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, QATConfig
+        from torchao.quantization.qat import FakeQuantizedLinear
 
         _check(params)
         if not any(isinstance(m, FakeQuantizedLinear) for m in student.modules()):
@@ -259,11 +288,11 @@ class TorchaoQuantizer(Quantizer):
                                 "this model has no fake-quantized Linear layers")
         device = next(student.parameters()).device
         with torch.no_grad():
-            quantize_(student, QATConfig(_linear_convert_config(params, device), step="convert"),
-                      filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
-            if any(isinstance(m, FakeQuantizedEmbedding) for m in student.modules()):
-                quantize_(student, QATConfig(_weight_only_config(params), step="convert"),
-                          filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedEmbedding))
+            # QATConfig(step="convert") is this swap followed by the base config's transform
+            linears, embeddings = _unfake(student)
+            quantize_(student, _linear_convert_config(params, device), filter_fn=lambda m, fqn: id(m) in linears)
+            if embeddings:
+                quantize_(student, _weight_only_config(params), filter_fn=lambda m, fqn: id(m) in embeddings)
         return student.eval()
 
     def save(self, model, params, folder, context):
