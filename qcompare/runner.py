@@ -340,10 +340,12 @@ class Runner:
         # Every trainer ends with a full gc.collect (accelerate's free_memory), which walks each
         # object the libraries made at import: 0.25 s a cell here. Frozen, they are skipped;
         # what a cell makes is still collected, and the freeze ends with the run.
+        frozen_before = gc.get_freeze_count()  # a host program's own freeze is left as it was
         gc.collect()
         gc.freeze()
         try:
             ex_cls().run(todo, self.run_cell, params, done)
         finally:
-            gc.unfreeze()
+            if not frozen_before:
+                gc.unfreeze()
         return records
