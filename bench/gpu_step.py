@@ -140,6 +140,8 @@ def main():
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
+    from common import table  # bench/common.py: also one CPU thread and offline, as every bench
+
     from qcompare.data import load_model
     from qcompare.plugins import get_registry
 
@@ -161,16 +163,14 @@ def main():
           f"int4 g128 QAT student, lora_r={args.lora_r}, batch {args.batch} x ({args.prompt} prompt + "
           f"{args.answer} answer) tokens, {args.device} ({where})\n")
     head = ("lambda", "s/step", "student tok/s", "rollout tok/s", "rollout %", "teacher %", "TFLOP/s", "of bf16 peak")
-    lines = [head]
+    lines = []
     for r in rows:
         frac = f"{r['tflops'] / peak:.1%}" if peak else "n/a (give --peak-tflops)"
         r["fraction_of_peak"] = r["tflops"] / peak if peak else None
         lines.append((f"{r['lambda']:g}", f"{r['seconds_per_step']:.3f}", f"{r['student_tokens_per_s']:.0f}",
                       f"{r['generated_tokens_per_s']:.0f}", f"{r['rollout_share']:.0%}", f"{r['teacher_share']:.0%}",
                       f"{r['tflops']:.1f}", frac))
-    widths = [max(len(str(x)) for x in col) for col in zip(*lines)]
-    for line in lines:
-        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
+    table(lines, head)
     if "peak_memory_gib" in rows[0]:
         print("\npeak GPU memory (GiB): " + ", ".join(f"λ={r['lambda']:g} {r['peak_memory_gib']:.1f}" for r in rows))
     if args.json:
