@@ -82,7 +82,7 @@ def run_qcompare(steps: int, folder: Path, workers: int) -> tuple[float, list[di
     t0 = time.perf_counter()
     records = Runner(load_recipe(path), RunStore(folder / f"run{workers}")).run()
     seconds = time.perf_counter() - t0
-    failed = [r.get("error") for r in records if r["status"] != "done"]
+    failed = [r.error for r in records if not r.done]
     if failed:
         raise SystemExit(f"qcompare cells failed: {failed}")
     return seconds, records
@@ -106,9 +106,9 @@ def main():
         parallel, _ = run_qcompare(args.steps, tmp, args.workers)
         cache = sum(p.stat().st_size for p in (tmp / "run1" / "shared").rglob("*.safetensors"))
     rows = []
-    for r in sorted(records, key=lambda r: r["settings"]["distiller"]["params"]["learning_rate"]):
-        c = r["cost"]
-        rows.append((r["settings"]["distiller"]["params"]["learning_rate"], c["teacher_forwards"],
+    for r in sorted(records, key=lambda r: r.settings.distiller.params["learning_rate"]):
+        c = r.cost
+        rows.append((r.settings.distiller.params["learning_rate"], c["teacher_forwards"],
                      c["teacher_cached_tokens"], f"{c['distill_seconds']:.2f}", f"{c['total_seconds']:.2f}"))
     print(f"P1: 4-cell lambda=0 learning-rate sweep, {args.steps} steps x batch {BATCH}, toy-qwen3, {cores} cores\n")
     print("qcompare, 1 worker, per cell:")

@@ -1,5 +1,5 @@
 """P3: peak memory (RSS) of a LoRA-QAT GKD cell through qcompare's own pipeline
-(``Runner.converted_model``: prepare -> distill -> convert) vs the two-copy layout, on a random
+(``CellPipeline.build``: prepare -> distill -> convert) vs the two-copy layout, on a random
 Qwen3 of ~76M parameters (fp32: weights dominate), each layout in its own subprocess.
 
     .venv/bin/python bench/p3_lora_memory.py [--steps 3]
@@ -90,12 +90,12 @@ def child(layout: str, steps: int, checkpointing: bool) -> dict:
         store = RunStore(Path(tmp) / "run")
         store.init(recipe.text)
         runner = Runner(recipe, store)
-        [cell] = runner.cells()
+        [(cell, _)] = runner.plan()
         # warm-up cell on the 180k-parameter toy teacher: the first step imports and compiles
         # what torchao/TRL need (~200 MB of code), the same in every layout
-        runner.converted_model(cell, runner.context(cell, store.cell_dir(cell.id)))
+        runner.pipeline(cell, store.cell_dir(cell.id)).build()
         baseline = current_rss_bytes()
-        toy, tokenizer = runner.teacher(cell.model)
+        toy, tokenizer = runner.inputs.teacher(cell.model)
         torch.manual_seed(0)
         config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048,
                              num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
@@ -103,12 +103,13 @@ def child(layout: str, steps: int, checkpointing: bool) -> dict:
                              eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
         teacher = Qwen3ForCausalLM(config).eval()
         n_params = sum(p.numel() for p in teacher.parameters())
-        runner._models = {cell.model: (teacher, tokenizer)}  # the random model stands in for the toy one
+        runner.inputs._models = {cell.model: (teacher, tokenizer)}  # the random model stands in for the toy one
         del toy
-        converted = runner.converted_model(cell, runner.context(cell, store.cell_dir(cell.id)))
+        pipeline = runner.pipeline(cell, store.cell_dir(cell.id))
+        _, log = pipeline.build()
     return {"layout": layout, "peak": rss_bytes(), "train_peak": seen["train_peak"], "baseline": baseline,
-            "params": n_params, "student_weights": converted.cost["student_weights"],
-            "teacher_layout": converted.cost["teacher_layout"], "loss": converted.log[-1]["loss"]}
+            "params": n_params, "student_weights": pipeline.cost["student_weights"],
+            "teacher_layout": pipeline.cost["teacher_layout"], "loss": log[-1]["loss"]}
 
 
 def main():
@@ -140,7 +141,7 @@ def main():
             raise SystemExit(f"{layout} failed:\n{out.stderr[-3000:]}")
         results[layout] = json.loads(lines[-1][len("RESULT "):])
     ref = results["two-copy"]
-    print(f"P3: LoRA-QAT GKD cell through Runner.converted_model (r=8, int4 g32, lambda=0, {args.steps} steps, "
+    print(f"P3: LoRA-QAT GKD cell through CellPipeline.build (r=8, int4 g32, lambda=0, {args.steps} steps, "
           f"convert included), random Qwen3 with "
           f"{ref['params'] / 1e6:.0f}M parameters ({ref['params'] * 4 / 1e6:.0f} MB fp32), gradient checkpointing "
           f"{'off' if args.no_checkpointing else 'on'}, malloc {'default' if args.malloc_default else 'mmap >= 64 KiB'}, "

@@ -9,7 +9,6 @@ so ``workers`` = the number of GPUs runs one cell per GPU; more workers than GPU
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -33,63 +32,60 @@ class LocalExecutor(Executor):
     name = "local"
     Params = LocalParams
 
-    def run(self, jobs, run_job, params, on_done):
-        if params.workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                on_done(job, run_job(job))
+    def run(self, cells, job, params, on_done):
+        if params.workers == 1 or len(cells) <= 1:
+            for cell in cells:
+                on_done(cell, job(cell))
             return
-        runner = getattr(run_job, "__self__", None)
-        if runner is None:
-            raise QcompareError("executor local: workers > 1 needs the runner's run_cell as its job")
-        if runner.processes > 1:
+        if job.processes > 1:
             raise QcompareError("executor local: workers > 1 cannot run under torchrun / accelerate launch "
                                 "(data-parallel cells); use workers = 1 there")
-        _run_in_workers(jobs, runner, params.workers, on_done)
+        _run_in_workers(cells, job, params.workers, on_done)
 
 
-def _run_in_workers(jobs, runner, workers: int, on_done) -> None:
-    gpu = runner.device == "cuda"
+def _run_in_workers(cells, job, workers: int, on_done) -> None:
+    gpu = job.device == "cuda"
     gpus = _visible_gpus() if gpu else []
     # fork is instant and safe while this process has not touched CUDA (a CPU run);
     # a GPU run starts clean workers that pick their GPU before CUDA starts
     context = multiprocessing.get_context("spawn" if gpu else "fork")
     threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // workers)
-    todo = list(jobs)
+    todo = list(cells)
     while todo:  # a new pool after a worker died; the cells it was running are failed, the rest go on
-        left = _pool_round(todo, runner, workers, context, gpus, threads, on_done)
+        left = _pool_round(todo, job, workers, context, gpus, threads, on_done)
         if len(left) == len(todo):  # no cell even started: the workers die on their own
             raise QcompareError(f"executor local: the worker processes died before running any cell ({len(left)} "
                                 "left pending); their error is printed above, or run with workers = 1 to see it")
         todo = left
 
 
-def _pool_round(jobs, runner, workers, context, gpus, threads, on_done) -> list:
-    """Run ``jobs`` in one pool; return the ones not started when a worker died (else [])."""
+def _pool_round(cells, job, workers, context, gpus, threads, on_done) -> list:
+    """Run ``cells`` in one pool; return the ones not started when a worker died (else [])."""
     slots = context.Queue()
     for i in range(workers):
         slots.put(i)
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                               initargs=(runner.__getstate__(), slots, gpus, threads))
+                               initargs=(job, slots, gpus, threads))
     pending, not_started = {}, []
     try:
-        for i, job in enumerate(jobs):
+        for i, cell in enumerate(cells):
             try:
-                pending[pool.submit(_run_cell, job)] = job
+                pending[pool.submit(_run_cell, cell)] = cell
             except BrokenProcessPool:  # a worker already died: the rest wait for the next pool
-                not_started += jobs[i:]
+                not_started += cells[i:]
                 break
         while pending:
             finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for future in finished:
-                job = pending.pop(future)
+                cell = pending.pop(future)
                 try:
                     record = future.result()
                 except BrokenProcessPool:
-                    record = _lost(runner, job)
+                    record = _lost(job, cell)
                     if record is None:
-                        not_started.append(job)
+                        not_started.append(cell)
                         continue
-                on_done(job, record)
+                on_done(cell, record)
     finally:
         for future in pending:
             future.cancel()
@@ -97,12 +93,11 @@ def _pool_round(jobs, runner, workers, context, gpus, threads, on_done) -> list:
     return not_started
 
 
-def _lost(runner, job) -> dict | None:
+def _lost(job, cell):
     """A cell whose worker died (killed, out of memory): failed if it had started, else None."""
-    stored = runner.store.result(job.id)
-    if stored and stored.get("status") == "running":
-        return runner.store_failure(job, "a worker process died while this cell ran (killed or out of memory; "
-                                         "a pool's running cells end with it): run the recipe again to retry")
+    if job.status(cell) == "running":
+        return job.fail(cell, "a worker process died while this cell ran (killed or out of memory; "
+                              "a pool's running cells end with it): run the recipe again to retry")
     return None
 
 
@@ -115,11 +110,11 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-_runner = None  # the worker's own runner, built once
+_job = None  # the worker's job, whose runner it builds once and keeps
 
 
-def _start_worker(state, slots, gpus, threads) -> None:
-    global _runner
+def _start_worker(job, slots, gpus, threads) -> None:
+    global _job
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
@@ -127,17 +122,12 @@ def _start_worker(state, slots, gpus, threads) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    from qcompare.runner import Runner
-
-    _runner = Runner.__new__(Runner)
-    _runner.__setstate__(state)
-    # as Runner.run does in one process (a forked worker inherits the parent's freeze)
-    gc.collect()
-    gc.freeze()
+    _job = job
+    _job.start_process()
 
 
-def _run_cell(cell) -> dict:
-    return _runner.run_cell(cell)
+def _run_cell(cell):
+    return _job(cell)
 
 
 @hookimpl

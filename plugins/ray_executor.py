@@ -22,8 +22,8 @@ class RayParams(Params):
     local_cpus: int | None = Field(None, ge=1, description="CPUs a local Ray may use (default: all)")
 
 
-def _run_remote(runner, cell):
-    return runner.run_cell(cell)
+def _run_remote(job, cell):
+    return job(cell)
 
 
 class RayExecutor(Executor):
@@ -32,16 +32,13 @@ class RayExecutor(Executor):
     name = "ray"
     Params = RayParams
 
-    def run(self, jobs, run_job, params, on_done):
+    def run(self, cells, job, params, on_done):
         # Keep a local Ray on loopback: without this Ray binds the external interface.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         try:
             import ray
         except ImportError:
             raise QcompareError("the ray executor needs Ray: pip install 'ray[default]==2.60.0'") from None
-        runner = getattr(run_job, "__self__", None)
-        if runner is None:
-            raise QcompareError("the ray executor needs the runner's run_cell as its job")
         started = not ray.is_initialized()
         if started:
             kwargs = {"address": params.address} if params.address else {"num_cpus": params.local_cpus,
@@ -49,15 +46,15 @@ class RayExecutor(Executor):
             ray.init(log_to_driver=False, runtime_env={"env_vars": _forwarded_env()}, **kwargs)
         try:
             task = ray.remote(num_gpus=params.num_gpus, num_cpus=params.num_cpus, max_retries=0)(_run_remote)
-            pending = {task.remote(runner, job): job for job in jobs}
+            pending = {task.remote(job, cell): cell for cell in cells}
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
-                job = pending.pop(ready[0])
+                cell = pending.pop(ready[0])
                 try:
                     record = ray.get(ready[0])
                 except ray.exceptions.RayError as e:  # the worker died (OOM, node lost): store that
-                    record = runner.store_failure(job, f"Ray task failed: {str(e).splitlines()[0]}")
-                on_done(job, record)
+                    record = job.fail(cell, f"Ray task failed: {str(e).splitlines()[0]}")
+                on_done(cell, record)
         finally:
             if started:
                 ray.shutdown()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qcompare import hookimpl
 from qcompare.extras import TRACKERS, installed, require
+from qcompare.store import CellFiles
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -29,11 +30,8 @@ def scalars(record: dict) -> dict[str, float]:
 
 def last_step(cell_dir: Path) -> int:
     """The trainer's last logged step, so eval points sit at the end of the training curve."""
-    log = Path(cell_dir) / "train_log.jsonl"
-    if not log.is_file():
-        return 0
-    lines = log.read_text().splitlines()
-    return int(json.loads(lines[-1])["step"]) if lines else 0
+    log = CellFiles(cell_dir).read_train_log()
+    return int(log[-1]["step"]) if log else 0
 
 
 def to_tensorboard(cell_dir: Path, record: dict, run_name: str, values: dict, step: int) -> None:
@@ -41,7 +39,7 @@ def to_tensorboard(cell_dir: Path, record: dict, run_name: str, values: dict, st
     from torch.utils.tensorboard import SummaryWriter
 
     # the trainer's TensorBoardCallback writes to this folder too (plugins/distillers/common.py)
-    writer = SummaryWriter(log_dir=str(Path(cell_dir) / "tensorboard"))
+    writer = SummaryWriter(log_dir=str(CellFiles(cell_dir).tensorboard))
     try:
         for key, value in values.items():
             writer.add_scalar(key, value, global_step=step)

@@ -14,6 +14,8 @@ from typing import Any, Callable, ClassVar, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qcompare.store import CellFiles
+
 
 class Params(BaseModel):
     """Base for plugin parameter schemas: unknown fields are errors, values are checked."""
@@ -69,9 +71,11 @@ class CellProgress:
             done()
 
 
-@dataclass
+@dataclass(frozen=True)
 class CellContext:
-    """What the runner knows about the cell being run, handed to every plugin call."""
+    """What the runner knows about the cell being run, handed to every plugin call.
+
+    Set before the cell's first phase and never changed by one (plugins read it)."""
 
     cell_dir: Path
     seed: int | None
@@ -83,11 +87,19 @@ class CellContext:
     progress: CellProgress = field(default_factory=CellProgress)
     report_to: list[str] = field(default_factory=list)
     run_name: str = ""
+    # The run's folder for what its cells share across processes (a plugin's cache keeps a
+    # subfolder of its own there); None outside a run (e.g. a model rebuilt by export).
+    shared_dir: Path | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
         """Where a trainer keeps checkpoints so an interrupted cell can resume."""
-        return self.cell_dir / "checkpoints"
+        return CellFiles(self.cell_dir).checkpoints
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """Where TensorBoard events of the cell go (``report_to = ["tensorboard"]``)."""
+        return CellFiles(self.cell_dir).tensorboard
 
 
 class Quantizer(Plugin):
@@ -118,8 +130,19 @@ class Quantizer(Plugin):
 
         A student trained with LoRA keeps float adapters beside its quantized layers; this
         method then receives the base with the adapters unwrapped, and the runner writes the
-        adapter beside it as a PEFT adapter (``qcompare.export.save_converted``)."""
+        adapter beside it as a PEFT adapter (``qcompare.saving.save_converted``)."""
         model.save_pretrained(folder)
+
+    def fake_quant_tolerance(self, params) -> float | None:
+        """How far the converted model may compute from the trained student, as the largest
+        |Δ logit| on the runner's probe batch relative to the largest logit (at least 1).
+
+        ``None`` (the default) takes the tolerance of the dtype the model computes in: a few
+        units in the last place (1e-5 in float32, 2e-2 in bfloat16). Return 0.0 when convert
+        reproduces the fake quantizer bit for bit, as the built-in quantizers do: then the
+        runner holds the plugin to it. A looser value must be documented: a cell whose
+        converted model drifts beyond it fails (``qcompare.checks.fake_vs_converted``)."""
+        return None
 
     def bits_per_weight(self, params) -> float:
         """Average stored bits per quantized weight, scales and zero points included."""
@@ -186,9 +209,16 @@ class Evaluator(Plugin):
 class Executor(Plugin):
     """Base class of executors: they decide where and in what order cells run."""
 
-    def run(self, jobs: list, run_job: Callable[[Any], dict], params, on_done: Callable[[Any, dict], None]) -> None:
-        """Run ``run_job(job)`` for every job and call ``on_done(job, record)`` as each ends.
+    def run(self, cells: list, job, params, on_done: Callable[[Any, Any], None]) -> None:
+        """Run ``job(cell)`` for every cell and call ``on_done(cell, record)`` as each ends.
 
-        ``run_job`` stores its own result and never raises for a failing cell.
+        ``job`` (a ``qcompare.runner.CellJob``) runs one cell in the calling process, stores its
+        result and returns the record; it never raises for a failing cell. It pickles small (the
+        recipe and the run folder), so an executor may send it to other processes or machines
+        that share the run folder; each process builds its own runner on first use and keeps its
+        teacher and data across the cells it runs. A cell lost with its process (killed, out of
+        memory) is stored with ``job.fail(cell, reason)``; ``job.status(cell)`` tells whether it
+        had started. ``job.device`` is the device the run resolved ("cpu", "cuda") and
+        ``job.processes`` the data-parallel processes of one cell (1 unless under torchrun).
         """
         raise NotImplementedError

@@ -45,6 +45,16 @@ class Cell:
             "evaluators": evaluators,
         }
 
+    @classmethod
+    def from_settings(cls, settings) -> "Cell":
+        """The cell a stored record's settings describe (``qcompare.record.CellSettings``)."""
+        from qcompare.recipe import PluginChoice
+
+        s = settings.model_dump(mode="json")
+        choice = lambda c: PluginChoice(**c) if c else None  # noqa: E731
+        return cls(s["model"], choice(s["quantizer"]), choice(s["distiller"]), s["seed"],
+                   (json.dumps(s["data"], sort_keys=True), json.dumps(s["evaluators"], sort_keys=True)))
+
     @cached_property  # frozen: hashed once, though plan, run and dedupe all ask
     def id(self) -> str:
         blob = json.dumps(self.settings(), sort_keys=True, separators=(",", ":"))

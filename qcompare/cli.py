@@ -95,11 +95,11 @@ def plan(
     """Show the cells a recipe expands to and which are already done; runs nothing."""
     from rich.table import Table
 
-    from qcompare.runner import Runner
+    from qcompare.runner import plan as plan_cells
 
     with user_errors():
         r, store = _load(recipe, set_, output)
-        rows = Runner(r, store).plan()
+        rows = plan_cells(r, store)
     table = Table(title=f"{r.name}: {len(rows)} cells → {store.root}")
     for col in ("cell", "model", "quantizer", "distiller", "seed", "status"):
         table.add_column(col)
@@ -150,13 +150,13 @@ def run(
                 progress.advance(overall)
                 if not first:
                     return
-                mark = "[green]done[/]" if record["status"] == "done" else f"[red]failed[/]: {record.get('error', '')}"
-                if record.get("save_error"):
-                    mark += f" [yellow](model not saved: {record['save_error']})[/]"
+                mark = "[green]done[/]" if record.done else f"[red]failed[/]: {record.error or ''}"
+                if record.save_error:
+                    mark += f" [yellow](model not saved: {record.save_error})[/]"
                 progress.console.print(f"{cell.label()} — {mark}", highlight=False)
 
             records = runner.run(on_done=on_done)
-    failed = [rec for rec in records if rec["status"] != "done"]
+    failed = [rec for rec in records if not rec.done]
     if not first:
         raise typer.Exit(1 if failed else 0)
     print_report(store, console)

@@ -11,3 +11,8 @@ class RecipeError(QcompareError):
     def __init__(self, errors: list[str]):
         self.errors = errors
         super().__init__("\n".join(errors))
+
+
+def error_line(e: Exception) -> str:
+    """How a failure reads in a result: the user's error as it is, anything else with its type."""
+    return str(e) if isinstance(e, QcompareError) else f"{type(e).__name__}: {e}"

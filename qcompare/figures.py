@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -59,9 +58,8 @@ def _loss_curves(root: Path, df: pd.DataFrame, path: Path) -> Path | None:
     for label, g in df[df["seed"].notna()].groupby("label_noseed"):
         curves = []
         for cid in g["id"]:
-            log = store.cell_dir(cid) / "train_log.jsonl"
-            if log.exists():
-                rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            rows = store.cell(cid).read_train_log()
+            if rows:
                 curves.append([(r["step"], r["loss"]) for r in rows if "loss" in r])
         if not curves:
             continue

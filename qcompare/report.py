@@ -6,7 +6,6 @@ post-training quantization (cells with no seed: nothing trained), then distilled
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -250,10 +249,9 @@ def _items(root: Path, ids: list[str], tasks: list[str], groups: dict) -> dict[s
     store = open_run(root)
     per_task: dict[str, list] = {}
     for cid in ids:
-        path = store.cell_dir(cid) / "items.json"
-        if not path.exists():
+        items = store.cell(cid).read_items()
+        if items is None:
             continue
-        items = json.loads(path.read_text())
         for task in tasks:
             leaves = leaf_tasks(task, groups)
             if all(leaf in items for leaf in leaves):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from qcompare.errors import QcompareError
+from qcompare.record import CellRecord
 from qcompare.store import open_run
 
 # Metrics that are accuracies of a benchmark (higher is better, averaged into "average").
@@ -51,22 +52,23 @@ def is_accuracy(metric: str) -> bool:
     return metric.partition(",")[0] in ACCURACY_METRICS
 
 
-def record_row(record: dict) -> dict:
-    s = record["settings"]
+def record_row(record: CellRecord) -> dict:
+    s = record.settings
     # Cells of one configuration pool as seeds only if they saw the same data and evaluations.
-    setup = hashlib.sha256(json.dumps([s.get("data"), s.get("evaluators")], sort_keys=True).encode()).hexdigest()[:6]
-    row = {"id": record["id"], "status": record["status"], "label": record.get("label", ""), "model": s["model"],
+    setup = hashlib.sha256(json.dumps([s.data, s.evaluators], sort_keys=True).encode()).hexdigest()[:6]
+    row = {"id": record.id, "status": record.status, "label": record.label, "model": s.model,
            "setup": setup,
-           "quantizer": s["quantizer"]["name"] if s["quantizer"] else "teacher",
-           "distiller": s["distiller"]["name"] if s["distiller"] else "",
-           "seed": s["seed"], "error": record.get("error")}
+           "quantizer": s.quantizer.name if s.quantizer else "teacher",
+           "distiller": s.distiller.name if s.distiller else "",
+           "seed": s.seed, "error": record.error}
     for kind in ("quantizer", "distiller"):
-        for k, v in ((s[kind] or {}).get("params") or {}).items():
+        choice = getattr(s, kind)
+        for k, v in (choice.params if choice else {}).items():
             row[f"{kind}.{k}"] = tuple(v) if isinstance(v, list) else v
-    row.update(record.get("metrics", {}))
-    row.update({f"{k}:stderr": v for k, v in record.get("stderr", {}).items()})
-    row.update(record.get("size", {}))
-    row.update({f"cost.{k}": v for k, v in record.get("cost", {}).items() if not isinstance(v, (dict, list))})
+    row.update(record.metrics)
+    row.update({f"{k}:stderr": v for k, v in record.stderr.items()})
+    row.update(record.size)
+    row.update({f"cost.{k}": v for k, v in record.cost.items() if not isinstance(v, (dict, list))})
     return row
 
 
@@ -88,7 +90,7 @@ def load_run(path: str | Path, include_failed: bool = False) -> pd.DataFrame:
 
 def group_tasks(records) -> dict[str, list[str]]:
     """Every group task of a run with its subtasks."""
-    return {g: subs for r in records for g, subs in r.get("groups", {}).items()}
+    return {g: subs for r in records for g, subs in r.groups.items()}
 
 
 def leaf_tasks(task: str, groups: dict[str, list[str]]) -> list[str]:

@@ -1,4 +1,11 @@
-"""The result store: ``runs/<recipe>/`` with a copy of the recipe and one folder per cell.
+"""The run store: every file of a run folder, named in this one place.
+
+::
+
+    runs/<recipe>/
+      recipe.toml               the recipe last run here
+      shared/                   what the run's cells share (the teacher cache)
+      cells/<cell id>/          one cell: see CellFiles
 
 Results are plain JSON/JSONL written atomically (temporary file, then rename), and a cell's
 ``result.json`` is written last, so a crash or ``kill -9`` can lose at most the cell that
@@ -14,8 +21,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from qcompare.errors import QcompareError
+from qcompare.record import CellRecord, read_record
 
-RESULT = "result.json"
+RECIPE = "recipe.toml"
+CELLS = "cells"
+SHARED = "shared"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -44,42 +54,85 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class CellFiles:
+    """The files of one cell folder (``cells/<id>/``); plugins reach them through ``CellContext``."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    settings = property(lambda self: self.folder / "settings.json", doc="the cell's resolved settings")
+    result = property(lambda self: self.folder / "result.json", doc="the cell's record, written last")
+    items = property(lambda self: self.folder / "items.json", doc="per-item scores, for paired comparisons")
+    train_log = property(lambda self: self.folder / "train_log.jsonl", doc="loss per logged step")
+    cost = property(lambda self: self.folder / "cost.json", doc="wall time per phase, tokens, FLOPs, memory")
+    traceback = property(lambda self: self.folder / "traceback.txt", doc="why the cell failed")
+    model = property(lambda self: self.folder / "model", doc="the converted model (save_models = true)")
+    checkpoints = property(lambda self: self.folder / "checkpoints", doc="a trainer's checkpoints while it runs")
+    tensorboard = property(lambda self: self.folder / "tensorboard", doc="TensorBoard events (report_to)")
+
+    def read_record(self) -> CellRecord | None:
+        """The stored record, None if there is none yet (or a crash left none)."""
+        try:
+            raw = read_json(self.result)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return read_record(raw, self.result)
+
+    def read_items(self) -> dict[str, Any] | None:
+        return read_json(self.items) if self.items.is_file() else None
+
+    def read_train_log(self) -> list[dict]:
+        return read_jsonl(self.train_log) if self.train_log.is_file() else []
+
+
 class RunStore:
-    """One run folder: ``recipe.toml`` and ``cells/<cell id>/``."""
+    """One run folder: ``recipe.toml``, ``shared/`` and ``cells/<cell id>/``."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise QcompareError(f"output path {self.root} is a file; give a folder path")
 
+    @property
+    def recipe(self) -> Path:
+        return self.root / RECIPE
+
+    @property
+    def shared(self) -> Path:
+        """Where the run's cells keep what they share (caches), across processes."""
+        return self.root / SHARED
+
     def init(self, recipe_text: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "cells").mkdir(exist_ok=True)
-        write_atomic(self.root / "recipe.toml", recipe_text)
+        (self.root / CELLS).mkdir(parents=True, exist_ok=True)
+        write_atomic(self.recipe, recipe_text)
+
+    def cell(self, cell_id: str) -> CellFiles:
+        return CellFiles(self.root / CELLS / cell_id)
 
     def cell_dir(self, cell_id: str) -> Path:
-        return self.root / "cells" / cell_id
+        return self.cell(cell_id).folder
 
-    def result(self, cell_id: str) -> dict | None:
-        path = self.cell_dir(cell_id) / RESULT
-        try:
-            return read_json(path)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+    def cell_ids(self) -> list[str]:
+        cells = self.root / CELLS
+        return sorted(p.name for p in cells.iterdir() if p.is_dir()) if cells.is_dir() else []
 
-    def records(self) -> Iterator[dict]:
-        """Every stored cell result, teacher rows first, in a stable order."""
-        cells = self.root / "cells"
-        if not cells.is_dir():
-            return iter(())
-        rows = [r for d in sorted(cells.iterdir()) if (r := self.result(d.name)) is not None]
-        rows.sort(key=lambda r: (r["settings"]["quantizer"] is not None, r.get("label", "")))
+    def result(self, cell_id: str) -> CellRecord | None:
+        return self.cell(cell_id).read_record()
+
+    def records(self) -> Iterator[CellRecord]:
+        """Every stored cell record, teacher rows first, in a stable order."""
+        rows = [r for cid in self.cell_ids() if (r := self.result(cid)) is not None]
+        rows.sort(key=lambda r: (not r.is_teacher, r.label))
         return iter(rows)
 
 
 def open_run(path: str | Path) -> RunStore:
     """A run folder for reading; a clear error if it isn't one."""
     root = Path(path)
-    if not (root / "cells").is_dir():
-        raise QcompareError(f"{root} is not a qcompare run folder (no cells/ inside); give the folder `qcompare run` wrote")
+    if not (root / CELLS).is_dir():
+        raise QcompareError(f"{root} is not a qcompare run folder (no {CELLS}/ inside); give the folder `qcompare run` wrote")
     return RunStore(root)

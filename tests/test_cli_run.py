@@ -121,10 +121,10 @@ def test_a_distiller_cannot_change_the_teacher_later_cells_use(test_plugins, wri
         records = runner.run()
     finally:
         remove_plugin(meddle)
-    assert all(r["status"] == "done" for r in records)
-    [(teacher, _)] = runner._models.values()
+    assert all(r.done for r in records)
+    teacher = runner.inputs.teacher(recipe.models[0])[0]
     assert "forward" not in teacher.__dict__ and not teacher.training
     assert {p.dtype for p in teacher.parameters()} == {torch.float32}
     # the cells after the meddling ones saw the same teacher: int8 stays at KL ~0
-    int8 = [r for r in records if r["settings"]["quantizer"] and r["settings"]["quantizer"]["params"]["bits"] == 8]
-    assert all(r["metrics"]["probe/kl"] < 1e-3 for r in int8)
+    int8 = [r for r in records if r.settings.quantizer and r.settings.quantizer.params["bits"] == 8]
+    assert all(r.metrics["probe/kl"] < 1e-3 for r in int8)

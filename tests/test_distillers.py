@@ -126,7 +126,7 @@ def test_sft_trains_the_student_on_the_answers(world, tmp_path):
 def test_sft_loss_covers_only_the_answer(world, tmp_path):
     from qcompare_plugins.distillers.common import check_data
     from qcompare_plugins.distillers.cost import CostMeter
-    from qcompare_plugins.distillers.sft import to_prompt_completion
+    from qcompare_plugins.distillers.sft_trainer import to_prompt_completion
 
     tokenizer, teacher, data = world
     rows = to_prompt_completion(check_data(data, "sft"))
@@ -266,8 +266,7 @@ def test_a_nan_loss_fails_the_cell_naming_the_step(world, tmp_path):
 
 def test_tensorboard_events_outlive_the_deleted_checkpoints(world, tmp_path):
     tokenizer, teacher, data = world
-    context = make_context(tmp_path)
-    context.report_to = ["tensorboard"]
+    context = make_context(tmp_path, report_to=["tensorboard"])
     SFTDistiller().distill(teacher, make_student(teacher, False), tokenizer, data, SFTParams(**TINY, save_steps=2), context)
     assert list((tmp_path / "tensorboard").glob("**/events.out.tfevents.*"))
     assert not context.checkpoint_dir.exists()

@@ -146,12 +146,12 @@ def test_a_failed_forced_export_keeps_the_earlier_export(toy_plugins, monkeypatc
     before = {p.relative_to(to): p.read_bytes() for p in to.rglob("*") if p.is_file()}
     assert "model.safetensors" in {p.name for p in before}
 
-    from qcompare.runner import Runner
+    from qcompare.pipeline import CellPipeline
 
-    def broken(self, cell, ctx):
+    def broken(self, student):
         raise RuntimeError("out of memory\nsecond line")
 
-    monkeypatch.setattr(Runner, "converted_model", broken)
+    monkeypatch.setattr(CellPipeline, "distill", broken)
     res = cli.invoke(app, ["export", str(out), record["id"], "--to", str(to), "--force"])
     assert res.exit_code == 2, res.output
     [line] = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
@@ -201,7 +201,7 @@ def test_saving_a_torchao_lora_student_writes_the_base_and_a_peft_adapter_beside
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from qcompare.export import save_converted
+    from qcompare.saving import save_converted
     from qcompare_plugins.toy import MODEL
     from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
 

@@ -14,7 +14,8 @@ from tiny_chat import make_context, make_data, make_student, make_teacher, make_
 from trl.experimental.gkd import GKDTrainer
 
 from qcompare_plugins.distillers.cost import CostMeter
-from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams, jsd_loss
+from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams
+from qcompare_plugins.distillers.gkd_trainer import jsd_loss
 
 
 def kl(p, q):

@@ -16,13 +16,8 @@ from tiny_chat import make_context, make_data, make_teacher, make_tokenizer
 from qcompare.errors import QcompareError
 from qcompare.plugins import get_registry
 from qcompare_plugins.evaluators.kl import token_kl
-from qcompare_plugins.llmcompressor_quantizers import (
-    AWQParams,
-    AWQQuantizer,
-    GPTQParams,
-    GPTQQuantizer,
-    student_from_calibrated,
-)
+from qcompare_plugins.llmcompressor_calibration import student_from_calibrated
+from qcompare_plugins.llmcompressor_quantizers import AWQParams, AWQQuantizer, GPTQParams, GPTQQuantizer
 from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
 from qcompare_plugins.toy.archs import tiny_model
 
@@ -41,9 +36,7 @@ def world():
 
 def context(tmp_path, world, data=True):
     tokenizer, teacher, train, _ = world
-    ctx = make_context(tmp_path, tokenizer=tokenizer)
-    ctx.teacher, ctx.data = teacher, train if data else None
-    return ctx
+    return make_context(tmp_path, tokenizer=tokenizer, teacher=teacher, data=train if data else None)
 
 
 def ids(world):
@@ -105,6 +98,7 @@ def test_trained_student_keeps_its_grid_converts_exactly_and_reloads_from_compre
     assert quantizer.storage_bytes(real) < sum(t.numel() * 4 for t in world[1].state_dict().values())
 
     folder = tmp_path / "compressed"
+    quantizer.save(real, params, folder, ctx)
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["quant_method"] == "compressed-tensors"
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
@@ -132,6 +126,7 @@ def test_fused_and_tied_architectures_go_through_exactly(tmp_path, world, method
         assert torch.equal(student(batch).logits, expected)
         real = quantizer.convert(student, params, ctx)
         assert torch.equal(real(batch).logits, expected)
+        quantizer.save(real, params, tmp_path / "compressed", ctx)
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")(batch).logits, expected)
 
 
@@ -139,7 +134,7 @@ def test_lora_student_converts_exactly_and_its_checkpoint_holds_the_quantized_ba
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qcompare.export import lora_layers, without_adapters
+    from qcompare.saving import lora_layers, without_adapters
 
     params, ctx, batch = GPTQParams(calibration_samples=16, calibration_length=64), context(tmp_path, world), ids(world)
     student = GPTQQuantizer().prepare(copy.deepcopy(world[1]), params, ctx)
@@ -153,6 +148,7 @@ def test_lora_student_converts_exactly_and_its_checkpoint_holds_the_quantized_ba
         assert lora_layers(real)  # the adapters stay in float beside the quantized layers
         with without_adapters(real) as base:  # the checkpoint is the quantized base, adapters apart
             expected = base(batch).logits
+            GPTQQuantizer().save(base, params, tmp_path / "compressed", ctx)
         assert not torch.equal(expected, trained)
         assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")(batch).logits,
                               expected, atol=1e-5)
@@ -188,8 +184,7 @@ def toy_or_tiny(world):
 
 def test_gptq_is_closer_to_the_teacher_than_round_to_nearest_on_the_same_grid(tmp_path, world):
     tokenizer, teacher, train, held_out = toy_or_tiny(world)
-    ctx = make_context(tmp_path, tokenizer=tokenizer)
-    ctx.teacher, ctx.data = teacher, train
+    ctx = make_context(tmp_path, tokenizer=tokenizer, teacher=teacher, data=train)
     for symmetric in (True, False):
         rtn = TorchaoQuantizer().prepare(
             copy.deepcopy(teacher), TorchaoParams(bits=4, group_size=32, symmetric=symmetric), None)

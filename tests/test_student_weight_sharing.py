@@ -7,8 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from types import SimpleNamespace
+
+from qcompare.pipeline import weight_sharing_copy
 from qcompare.recipe import load_recipe
-from qcompare.runner import Runner, weight_sharing_copy
+from qcompare.runner import Runner
 from qcompare.store import RunStore
 
 RECIPE = """
@@ -31,7 +34,7 @@ LORA_GKD = TRAIN + "lmbda = 0.5\nmax_new_tokens = 8\nlora_r = 4\nteacher_cache =
 IDS = torch.randint(3, 400, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
-def runner_and_cell(tmp_path, quantizer="torchao", qparams="bits = 4\ngroup_size = 32", distiller="gkd",
+def pipeline_and_cell(tmp_path, quantizer="torchao", qparams="bits = 4\ngroup_size = 32", distiller="gkd",
                     dparams=LORA_GKD):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "share.toml"
@@ -40,8 +43,15 @@ def runner_and_cell(tmp_path, quantizer="torchao", qparams="bits = 4\ngroup_size
     store = RunStore(tmp_path / "run")
     store.init(recipe.text)
     runner = Runner(recipe, store)
-    [cell] = runner.cells()
-    return runner, cell, runner.context(cell, store.cell_dir(cell.id))
+    [(cell, _)] = runner.plan()
+    pipeline = runner.pipeline(cell, store.cell_dir(cell.id))
+    return pipeline, cell, pipeline.context
+
+
+def converted_model(pipeline):
+    """prepare → distill → convert, as a cell runs them."""
+    model, log = pipeline.build()
+    return SimpleNamespace(model=model, log=log, cost=pipeline.cost)
 
 
 def snapshot(teacher):
@@ -99,11 +109,11 @@ def test_a_lora_gkd_cell_shares_the_teachers_weights_and_matches_the_deep_copy_l
     runs = {}
     for layout in ("copied", "shared"):
         monkeypatch.setattr(TorchaoQuantizer, "shares_teacher_weights", layout == "shared")
-        runner, cell, ctx = runner_and_cell(tmp_path / layout)
+        pipeline, cell, ctx = pipeline_and_cell(tmp_path / layout)
         before = snapshot(ctx.teacher)
         seen = {}
         record_fake_quant_logits(monkeypatch, TorchaoQuantizer, seen)
-        converted = runner.converted_model(cell, ctx)
+        converted = converted_model(pipeline)
         monkeypatch.undo()
         assert converted.cost["student_weights"] == layout and converted.cost["teacher_layout"] == "shared"
         assert_intact(ctx.teacher, before)  # after training and after convert
@@ -125,10 +135,10 @@ def test_a_lora_gkd_cell_shares_the_teachers_weights_and_matches_the_deep_copy_l
                                      "bits = 8\ngroup_size = 0\nactivations = \"int8\"",
                                      "bits = 4\ngroup_size = 32\nsymmetric = false\npacking = \"tinygemm\""])
 def test_convert_never_writes_into_the_teachers_memory(tmp_path, qparams):
-    runner, cell, ctx = runner_and_cell(tmp_path, qparams=qparams, distiller="none", dparams="")
+    pipeline, cell, ctx = pipeline_and_cell(tmp_path, qparams=qparams, distiller="none", dparams="")
     before = snapshot(ctx.teacher)
     ptrs = {p.data_ptr() for p in ctx.teacher.parameters()}
-    converted = runner.converted_model(cell, ctx)
+    converted = converted_model(pipeline)
     assert converted.cost["student_weights"] == "shared"
     assert_intact(ctx.teacher, before)
     with torch.no_grad():
@@ -138,9 +148,9 @@ def test_convert_never_writes_into_the_teachers_memory(tmp_path, qparams):
 
 
 def test_a_lora_sft_cell_leaves_the_teacher_intact(tmp_path):
-    runner, cell, ctx = runner_and_cell(tmp_path, distiller="sft", dparams=TRAIN + "lora_r = 4\n")
+    pipeline, cell, ctx = pipeline_and_cell(tmp_path, distiller="sft", dparams=TRAIN + "lora_r = 4\n")
     before = snapshot(ctx.teacher)
-    converted = runner.converted_model(cell, ctx)
+    converted = converted_model(pipeline)
     assert converted.cost["student_weights"] == "shared" and len(converted.log) == 3
     assert_intact(ctx.teacher, before)
 
@@ -157,7 +167,7 @@ def test_full_fine_tuning_or_gptq_gets_a_deep_copy(tmp_path, monkeypatch, case):
         kw = dict(quantizer="gptq", qparams="bits = 4\ngroup_size = 32", distiller="none", dparams="")
     else:
         kw = dict(dparams=LORA_GKD.replace("lora_r = 4", "lora_r = 0"))
-    runner, cell, ctx = runner_and_cell(tmp_path, **kw)
+    pipeline, cell, ctx = pipeline_and_cell(tmp_path, **kw)
     qcls = get_registry().get("quantizer", cell.quantizer.name)
     seen = {}
 
@@ -168,5 +178,5 @@ def test_full_fine_tuning_or_gptq_gets_a_deep_copy(tmp_path, monkeypatch, case):
 
     monkeypatch.setattr(qcls, "prepare", prepare)
     with pytest.raises(Stop):
-        runner.converted_model(cell, ctx)
+        converted_model(pipeline)
     assert seen["shared"] == 0

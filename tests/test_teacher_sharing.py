@@ -23,10 +23,11 @@ def world():
 
 
 def run_cell(tmp_path, name, seed=0):
-    """A cell folder inside a run folder, laid out as qcompare.store.RunStore does."""
-    (tmp_path / "run").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "run" / "recipe.toml").write_text('name = "t"\n')
-    return make_context(tmp_path / "run" / "cells" / name, seed=seed)
+    """A cell of a run folder, as the runner hands it to plugins."""
+    from qcompare.store import RunStore
+
+    store = RunStore(tmp_path / "run")
+    return make_context(store.cell_dir(name), seed=seed, shared_dir=store.shared)
 
 
 def distill(world, context, **params):
@@ -245,9 +246,9 @@ max_length = 64
 save_steps = 0
 """)
     records = Runner(load_recipe(recipe), RunStore(tmp_path / "run")).run()
-    assert [r["status"] for r in records] == ["done", "done"]
-    forwards = sorted(r["cost"]["teacher_forwards"] for r in records)
+    assert [r.status for r in records] == ["done", "done"]
+    forwards = sorted(r.cost["teacher_forwards"] for r in records)
     assert forwards == [0, 3]
-    logs = [(tmp_path / "run" / "cells" / r["id"] / "train_log.jsonl").read_text().splitlines() for r in records]
+    logs = [(tmp_path / "run" / "cells" / r.id / "train_log.jsonl").read_text().splitlines() for r in records]
     assert json.loads(logs[0][0])["loss"] == json.loads(logs[1][0])["loss"]  # step 1: same student, same teacher
     assert list((tmp_path / "run" / "shared" / "teacher").glob("*/shard-*.safetensors"))

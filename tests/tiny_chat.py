@@ -74,8 +74,8 @@ def make_data(n: int = 24, seed: int = 0) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def make_context(tmp_path, seed: int = 0, progress: CellProgress | None = None, tokenizer=None) -> CellContext:
+def make_context(tmp_path, seed: int = 0, progress: CellProgress | None = None, tokenizer=None, **fields) -> CellContext:
     return CellContext(
         cell_dir=tmp_path, seed=seed, device="cpu", tokenizer=tokenizer,
-        progress=progress or CellProgress(),
+        progress=progress or CellProgress(), **fields,
     )

@@ -16,8 +16,6 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
 from qcompare.store import write_json
 
 # Counters that accumulate over a cell and survive a resume (saved next to each checkpoint).
@@ -67,8 +65,11 @@ class CostMeter:
             self.totals[key] += time.perf_counter() - start
 
     def _sync(self) -> None:
-        if self.device == "cuda" and torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if self.device == "cuda":
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
 
     def start(self, key: str) -> None:
         """Open a timer that spans callbacks (closed by ``stop``)."""
@@ -108,6 +109,8 @@ class CostMeter:
         takes part); returns the number of processes."""
         n = accelerator.num_processes
         if n > 1:
+            import torch
+
             counts = torch.tensor([self.totals[k] for k in PER_PROCESS], dtype=torch.float64, device=accelerator.device)
             counts = accelerator.reduce(counts, reduction="sum")
             self.totals.update(zip(PER_PROCESS, counts.tolist()))
@@ -156,6 +159,8 @@ def peak_memory(device: str) -> dict:
     """Peak memory at the end of training: the CUDA allocator's peak on a GPU (not reset
     here, so the runner's own whole-cell peak stays right), else the process's peak RSS.
     Named ``train_*`` so the runner's ``peak_memory_bytes`` does not overwrite it."""
+    import torch
+
     if device == "cuda" and torch.cuda.is_available():
         return {"train_peak_memory_bytes": int(torch.cuda.max_memory_allocated()),
                 "train_peak_memory_kind": "cuda_max_allocated"}

@@ -1,30 +1,17 @@
-"""On-policy distillation (GKD, Agarwal et al. 2023) through TRL's experimental GKDTrainer."""
+"""On-policy distillation (GKD, Agarwal et al. 2023) through TRL's experimental GKDTrainer.
+
+This module is what a recipe and ``qcompare plugins`` read (no torch, no TRL); the trainer
+itself is ``gkd_trainer``, imported when a cell trains.
+"""
 
 from __future__ import annotations
 
-import logging
-import warnings
-
-import torch
 from pydantic import Field
-
-with warnings.catch_warnings():
-    # TRL warns on every import of trl.experimental; GKD lives there in TRL 1.16 (pinned).
-    warnings.simplefilter("ignore")
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-# At lmbda=1 TRL suggests DistillationTrainer; a λ sweep needs one trainer for every λ, so
-# that advice is noise in every on-policy cell.
-logging.getLogger("trl.experimental.gkd.gkd_trainer").setLevel(logging.ERROR)
 
 from qcompare.api import CellContext, Distiller, DistillResult, RuntimeField
 from qcompare.errors import QcompareError
 
-from .chat_tokens import ReusedChatCollator
-from .common import MeteredTrainerMixin, TrainParams, check_data, check_tokenizer, lora_config, run_training, training_kwargs
-from .cost import CostMeter
-from .shared_teacher import share_base_weights, teacher_mode, unshare_trainable
-from .teacher_cache import TeacherCache
+from .params import TrainParams
 
 
 class GKDParams(TrainParams):
@@ -57,88 +44,6 @@ class GKDParams(TrainParams):
     use_vllm: bool = Field(False, description="vLLM rollouts; not offered by TRL 1.16's GKDTrainer (see docs/scale.md)")
 
 
-def jsd_loss(student_logits, teacher_logits, labels, beta: float):
-    """TRL's generalized JSD, computed in fp32 (bf16 logits gave negative divergences
-    elsewhere, ms-swift#10156) and averaged over the unmasked tokens of the micro-batch."""
-    return GKDTrainer.generalized_jsd_loss(student_logits.float(), teacher_logits.float(), labels=labels, beta=beta)
-
-
-class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
-    """GKDTrainer with measured cost and two fixes, both covered by tests/test_gkd_loss.py:
-
-    - the loss is taken in fp32 whatever the models' dtype;
-    - each micro-batch's loss is a mean over *its own* completion tokens. TRL normalises
-      by ``num_items_in_batch``, counted from the data's answers before a rollout replaces
-      them, so an on-policy batch was scaled by (generated tokens / data answer tokens)
-      and λ changed the step size as well as the data.
-
-    Teacher logits come from the run's teacher cache when an earlier cell ran the batch, else
-    from the float teacher or, with ``shared_teacher``, from the LoRA student itself with
-    adapters and fake quantization off (tests/test_teacher_sharing.py).
-    """
-
-    distiller_name = "gkd"
-    teacher_cache: TeacherCache | None = None
-    shared_teacher: bool = False  # set by GKDDistiller.distill once the weights are shared
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self._rollout_by = None
-        # None: Trainer divides each micro-batch's token mean by the accumulation steps.
-        loss = super().training_step(model, inputs, None)
-        self.record_part("on_policy", self._rollout_by == "student")
-        if self.seq_kd:
-            self.record_part("teacher_rollout", self._rollout_by == "teacher")
-        return loss
-
-    def generate_on_policy_outputs(self, model, inputs, generation_config):
-        # TRL calls this through self, so an instance method may wrap its staticmethod.
-        with self.meter.time("rollout_seconds"):
-            ids, mask, labels = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
-        by_teacher = model is self.teacher_model or model is self.accelerator.unwrap_model(self.teacher_model)
-        self._rollout_by = "teacher" if by_teacher else "student"
-        prompt_length = inputs["prompts"].shape[1]
-        self.meter.add("tokens_generated", mask[:, prompt_length:].sum().item())
-        self.meter.add("rollout_tokens", mask.sum().item())
-        if not by_teacher:
-            self.meter.add("student_rollout_tokens", mask.sum().item())
-        return ids, mask, labels
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        tokens = inputs["attention_mask"].sum().item()
-        self.meter.add("student_tokens", tokens)
-        student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        teacher_logits = self.teacher_logits(model, inputs, student_outputs.logits.shape[-1])
-        # logits at i predict token i+1; labels are -100 on prompt and padding
-        loss = jsd_loss(student_outputs.logits[:, :-1, :], teacher_logits, inputs["labels"][:, 1:], self.beta)
-        return (loss, student_outputs) if return_outputs else loss
-
-    def teacher_logits(self, model, inputs, vocab: int):
-        """The teacher's shifted logits: from the run's cache on an off-policy data batch that
-        an earlier cell computed, else from one teacher forward (stored for later cells)."""
-        cache = self.teacher_cache if getattr(self, "_rollout_by", None) is None else None
-        key = cache.key(inputs) if cache is not None else None
-        if cache is not None:
-            cached = cache.lookup(inputs, key, vocab)
-            if cached is not None:
-                self.meter.add("teacher_cached_tokens", inputs["attention_mask"].sum().item())
-                return cached
-        tokens = inputs["attention_mask"].sum().item()
-        with self.meter.time("teacher_forward_seconds"), torch.no_grad():
-            if self.shared_teacher:
-                student = self.accelerator.unwrap_model(model)
-                with teacher_mode(student):
-                    outputs = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            else:
-                self.teacher_model.eval()
-                outputs = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        self.meter.add("teacher_tokens", tokens)
-        self.meter.add("teacher_forwards", 1)
-        logits = outputs.logits[:, :-1, :]
-        if cache is not None:
-            cache.store(inputs, key, logits)
-        return logits
-
-
 class GKDDistiller(Distiller):
     """Generalized knowledge distillation (TRL GKDTrainer): λ on-policy rollouts, β-JSD to the teacher."""
 
@@ -150,6 +55,11 @@ class GKDDistiller(Distiller):
         return params.lora_r > 0
 
     def distill(self, teacher, student, tokenizer, data, params: GKDParams, context: CellContext) -> DistillResult:
+        from .common import check_data, check_tokenizer, run_training
+        from .cost import CostMeter
+        from .shared_teacher import share_base_weights, unshare_trainable
+        from .teacher_cache import TeacherCache
+
         data = check_data(data, self.name)
         check_tokenizer(tokenizer)
         check_vllm(params)
@@ -169,7 +79,7 @@ class GKDDistiller(Distiller):
                 layout = "separate (the trainer copied the student's weights)"
         cache = None
         if params.teacher_cache and not (params.seq_kd or params.lmbda == 1.0):
-            cache = TeacherCache.for_cell(teacher, context.cell_dir, params.teacher_cache_max_gb)
+            cache = TeacherCache.for_run(teacher, context.shared_dir, params.teacher_cache_max_gb)
         trainer.teacher_cache = cache
         try:
             result = run_training(self.name, trainer, meter, teacher, params, context)
@@ -182,33 +92,10 @@ class GKDDistiller(Distiller):
         return result
 
     def make_trainer(self, teacher, student, tokenizer, data, params, context, meter, callbacks=None):
-        args = GKDConfig(
-            **training_kwargs(params, context),
-            lmbda=params.lmbda,
-            beta=params.beta,
-            temperature=params.temperature,
-            seq_kd=params.seq_kd,
-            max_new_tokens=params.max_new_tokens,
-        )
-        teacher.eval()
-        trainer = MeteredGKDTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            # TRL's collator, each chat tokenized once per process (a sweep's cells share it)
-            data_collator=ReusedChatCollator(tokenizer=tokenizer, max_length=args.max_length),
-            train_dataset=data,
-            processing_class=tokenizer,
-            peft_config=lora_config(params),
-            callbacks=callbacks,
-        )
-        trainer._init_meter(meter)
-        # TRL turns the rollouts' KV cache off whenever gradient checkpointing is on, yet
-        # unwrap_model_for_generation switches checkpointing off around generate(): keep the
-        # cache (same tokens, generation linear instead of quadratic in length).
-        trainer.generation_config.use_cache = True
-        trainer.generation_kwargs["use_cache"] = True
-        return trainer
+        """The cell's trainer (``distill`` trains with it; benches time its steps directly)."""
+        from .gkd_trainer import make_trainer
+
+        return make_trainer(teacher, student, tokenizer, data, params, context, meter, callbacks)
 
 
 def check_vllm(params: GKDParams) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from qcompare.api import CellContext, Distiller, DistillResult, Params
 
-from .cost import zero_cost
 
 
 class NoDistiller(Distiller):
@@ -18,4 +17,6 @@ class NoDistiller(Distiller):
         return True  # nothing trains: the student may sit on the teacher's memory
 
     def distill(self, teacher, student, tokenizer, data, params, context: CellContext) -> DistillResult:
+        from .cost import zero_cost
+
         return DistillResult(student=student, log=[], cost=zero_cost())

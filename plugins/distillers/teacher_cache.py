@@ -17,7 +17,8 @@ steps that moved a toy cell's accuracy by 0.01: results would depend on the orde
 ran.) Cells that share batches are those with the same data, seed, batch size and length:
 a learning-rate, λ<1, β or bits sweep; another seed fills its own entries.
 
-Storage: ``<run>/shared/teacher/<fingerprint>/shard-*.safetensors``, one shard per cell
+Storage: ``<run>/shared/teacher/<fingerprint>/shard-*.safetensors`` (``CellContext.shared_dir``
+is the run's ``shared/``), one shard per cell
 that added entries, each written to a temporary name and renamed, so two processes (Ray
 or local workers) filling the same cache never see a half-written file. Size: answer
 tokens × vocabulary × 4 bytes (fp32); a 151k-token vocabulary costs 0.6 MB per answer
@@ -36,20 +37,10 @@ from pathlib import Path
 
 import torch
 
-RUN_MARKER = "recipe.toml"  # written by qcompare.store.RunStore.init at the root of every run folder
-
 # In-process caches by folder, so cells run one after another in one process (the local
 # executor) reuse entries without reading the disk again.
 _MEMORY: dict[str, "TeacherCache"] = {}
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def run_folder(cell_dir: Path) -> Path | None:
-    """The run folder holding ``cell_dir`` (``<run>/cells/<id>``), or None outside a run."""
-    run = Path(cell_dir).parent.parent
-    if Path(cell_dir).parent.name == "cells" and (run / RUN_MARKER).exists():
-        return run
-    return None
 
 
 def teacher_fingerprint(teacher) -> str:
@@ -94,12 +85,11 @@ class TeacherCache:
         self.full = False
 
     @classmethod
-    def for_cell(cls, teacher, cell_dir: Path, max_gb: float) -> "TeacherCache | None":
-        """The run's cache for ``teacher``, refreshed from disk; None outside a run folder."""
-        run = run_folder(cell_dir)
-        if run is None:
+    def for_run(cls, teacher, shared_dir: Path | None, max_gb: float) -> "TeacherCache | None":
+        """The run's cache for ``teacher``, refreshed from disk; None outside a run (no shared folder)."""
+        if shared_dir is None:
             return None
-        folder = run / "shared" / "teacher" / teacher_fingerprint(teacher)
+        folder = Path(shared_dir) / "teacher" / teacher_fingerprint(teacher)
         cache = _MEMORY.setdefault(str(folder), cls(folder, int(max_gb * 1e9)))
         cache.max_bytes = int(max_gb * 1e9)
         cache.refresh()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from qcompare.api import EvalResult, Evaluator, Params
@@ -32,6 +30,8 @@ class KLToTeacherEvaluator(Evaluator):
     Params = KLParams
 
     def evaluate(self, model, tokenizer, params, context):
+        import torch
+
         teacher = context.teacher
         if teacher is None:
             raise QcompareError("kl_to_teacher: the cell has no teacher model to compare with; drop this evaluator or give a teacher")
@@ -63,8 +63,11 @@ class KLToTeacherEvaluator(Evaluator):
         )
 
 
-def token_kl(teacher, student, ids: list[int]) -> tuple[torch.Tensor, int]:
+def token_kl(teacher, student, ids: list[int]) -> tuple:
     """Per-position KL(teacher || student) in fp32 and how many argmaxes agree."""
+    import torch
+    import torch.nn.functional as F
+
     t_logits = teacher(torch.tensor([ids], device=teacher.device)).logits[0].float()
     s_logits = student(torch.tensor([ids], device=student.device)).logits[0].float().to(t_logits.device)
     vocab = min(t_logits.shape[-1], s_logits.shape[-1])  # a padded vocabulary adds rows no token uses

@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from typing import Annotated
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from qcompare.api import EvalResult, Evaluator, Params
@@ -42,6 +40,8 @@ class PerplexityEvaluator(Evaluator):
     Params = PerplexityParams
 
     def evaluate(self, model, tokenizer, params, context):
+        import torch
+
         label = dataset_label(params.dataset)
         docs = token_ids(tokenizer, load_documents(params.dataset, tokenizer, params.max_samples, params.split))
         docs = [ids for ids in docs if len(ids) >= 2]  # the first token is never predicted
@@ -73,6 +73,9 @@ def document_nll(model, ids: list[int], window: int, stride: int) -> tuple[float
     tokens no earlier window scored, so each token is counted once with up to
     ``window - stride`` tokens of context carried over.
     """
+    import torch
+    import torch.nn.functional as F
+
     device = model.device
     total, count, scored_until = 0.0, 0, 1
     for begin in range(0, len(ids), stride):

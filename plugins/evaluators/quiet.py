@@ -13,9 +13,6 @@ import random
 from typing import Callable, Iterator
 from unittest import mock
 
-import numpy as np
-import torch
-
 
 def verbose() -> bool:
     """lm-eval speaks only when qcompare's own logger is at DEBUG (``qcompare -v``)."""
@@ -49,6 +46,9 @@ def quiet_lm_eval() -> Iterator[None]:
 @contextlib.contextmanager
 def kept_rng_state() -> Iterator[None]:
     """Restore the global RNGs lm-eval reseeds, so evaluating never changes later training."""
+    import numpy as np
+    import torch
+
     py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:

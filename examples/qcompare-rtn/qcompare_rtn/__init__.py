@@ -17,12 +17,13 @@ from torch.nn.utils import parametrize
 from qcompare import hookimpl
 from qcompare.api import Params, Quantizer
 from qcompare.errors import QcompareError
+from qcompare.targets import find_targets
 
 
 class RTNParams(Params):
     bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight")
     group_size: int = Field(32, gt=0, description="weights sharing one scale, along the input features")
-    skip: list[str] = Field(["lm_head"], description="module names left in float (suffix match)")
+    skip: list[str] = Field(["lm_head"], description="modules left in float: a glob, a name suffix or 're:<regex>'")
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +67,8 @@ class RTNLinear(nn.Module):
 
 
 def _targets(model: nn.Module, p: RTNParams) -> list[tuple[str, nn.Linear]]:
-    found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not any(n.endswith(s) for s in p.skip)]
+    # qcompare's own target finder: the same skip grammar as the built-in quantizers
+    found = [(t.name, t.module) for t in find_targets(model, p.skip, kinds=("linear",))]
     if not found:
         raise QcompareError("rtn: the model has no Linear layers to quantize (after skip)")
     for name, m in found:

@@ -1,0 +1,128 @@
+"""The model card (``README.md``) of an exported cell: Hugging Face metadata and the cell's story."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qcompare.record import CellRecord
+from qcompare.saving import ADAPTER_CONFIG, is_compressed_tensors
+
+
+def _yaml(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True)
+
+
+def _params(choice) -> str:
+    params = getattr(choice, "params", None) if not isinstance(choice, dict) else choice.get("params")
+    if not params:
+        return "(no parameters)"
+    return ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in params.items())
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def model_index(record: CellRecord, name: str) -> list[dict]:
+    """Hugging Face ``model-index``: one result per task, each metric with its stderr beside it."""
+    by_task: dict[str, list[dict]] = {}
+    for key, value in record.metrics.items():
+        task, _, metric = key.partition("/")
+        entries = by_task.setdefault(task, [])
+        entries.append({"type": metric, "value": float(value), "name": key})
+        if record.stderr.get(key) is not None:
+            entries.append({"type": f"{metric}_stderr", "value": float(record.stderr[key]), "name": f"{key} stderr"})
+    results = [{"task": {"type": "text-generation", "name": "Text Generation"},
+                "dataset": {"name": task, "type": task}, "metrics": metrics} for task, metrics in by_task.items()]
+    return [{"name": name, "results": results}]
+
+
+def use_lines(folder: Path) -> list[str]:
+    """The card's "Use" section: the code that loads this folder to the evaluated model
+    (``qcompare.saving.load_saved`` loads it the same way, and export checks that it does)."""
+    if not (folder / ADAPTER_CONFIG).is_file():
+        return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```", ""]
+    lines = ["The folder holds the quantized base model (`config.json`, `model.safetensors`) and the LoRA adapter "
+             "trained on it (`adapter_config.json`, `adapter_model.safetensors`: float, not merged, since merging "
+             "would re-quantize the weights and change the model). transformers loads both at once from the "
+             "folder (`peft` must be installed); a loader that ignores the adapter files gets the base alone, "
+             "which is not the evaluated model. Before uploading the folder to the Hugging Face Hub, set "
+             "`base_model_name_or_path` in `adapter_config.json` to the repository's id: transformers takes the "
+             "base of a Hub repository with an adapter from there (a local folder is its own base)."]
+    if is_compressed_tensors(folder):
+        # peft wraps Linear layers that hold a .weight; compressed-tensors keeps them packed unless asked
+        lines[0] += (" The adapter needs the compressed-tensors weights dequantized on load "
+                     "(`dequantize=True`: the same values, held in float; transformers warns that it "
+                     "overrides that loading attribute of the folder's config).")
+        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig", "",
+                'model = AutoModelForCausalLM.from_pretrained(  # base + LoRA adapter',
+                '    "path/to/this/folder", quantization_config=CompressedTensorsConfig(dequantize=True))']
+    else:
+        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")  # base + LoRA adapter']
+    return lines + ["", "```python"] + load + ['tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+                                               "```", ""]
+
+
+def model_card(record: CellRecord, run_name: str, folder: Path, rebuilt: bool, recipe_text: str = "") -> str:
+    s = record.settings
+    q, d = s.quantizer, s.distiller
+    name = f"{Path(s.model).name}-{q.name}-{d.name}-{record.id}"
+    lora = (folder / ADAPTER_CONFIG).is_file()
+    meta = {"base_model": s.model, "library_name": "transformers",
+            "tags": ["qcompare", "quantization", q.name] + ([d.name] if d.name != "none" else [])
+            + (["lora", "peft"] if lora else []),
+            "model-index": model_index(record, name)}
+    lines = ["---", _yaml(meta).rstrip(), "---", "", f"# {name}", "",
+             f"A quantized **{s.model}** made and evaluated by qcompare "
+             f"(cell `{record.id}` of the run `{run_name}`).", "",
+             f"- **Base model:** `{s.model}`",
+             f"- **Quantizer:** `{q.name}` — {_params(q)}",
+             f"- **Distiller:** `{d.name}` — {_params(d)}",
+             f"- **Seed:** {'— (no training: the result does not depend on it)' if s.seed is None else s.seed}"]
+    if s.data and s.data.get("train"):
+        lines.append(f"- **Training data:** `{s.data['train']}` (subset {s.data.get('subset') or 'all'})")
+    lines += ["", "## Evaluation", "", "| metric | value | ± stderr |", "|---|---:|---:|"]
+    for key, value in record.metrics.items():
+        err = record.stderr.get(key)
+        lines.append(f"| {key} | {value:.4f} | {'—' if err is None else f'{err:.4f}'} |")
+    lines += ["", "± is the evaluator's standard error (a 95% interval is ± 1.96 × stderr). Evaluators: "
+              + ", ".join(f"`{e['name']}` ({_params(e)})" for e in s.evaluators) + ".", ""]
+    lines += size_lines(record, folder) + ["## Cost", ""]
+    lines += [f"- {k}: {round(v, 3) if isinstance(v, float) else v}" for k, v in record.cost.items()]
+    lines += checks_lines(record)
+    lines += ["", "## Provenance", "", f"- started {record.started_at or '—'}, finished {record.finished_at or '—'}"]
+    # the host name stays in result.json: a card is meant to be published
+    lines += [f"- {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}"
+              for k, v in record.provenance.items() if k != "host"]
+    if record.plugins:
+        lines += [f"- plugin {kind}: {json.dumps(info)}" for kind, info in record.plugins.items()]
+    if rebuilt:
+        lines.append("- the weights were rebuilt after the run by re-running this cell's pipeline "
+                     "(prepare → distill → convert, same settings and seed); the numbers above are the run's")
+    lines += ["", "## Use", ""] + use_lines(folder)
+    produced = record.recipe or {}
+    text = produced.get("text") or recipe_text
+    if text:
+        lines += ["## The recipe that produced it", "", "```toml", text.rstrip(), "```", ""]
+        if produced.get("overrides"):
+            lines += ["with " + " ".join(f"`--set {o}`" for o in produced["overrides"]), ""]
+    return "\n".join(lines)
+
+
+def size_lines(record: CellRecord, folder: Path) -> list[str]:
+    size = record.size
+    return ["## Size", "", f"- bits per weight: {size.get('bits_per_weight', '—')}",
+            f"- weights in memory: {size.get('storage_bytes', 0) / 1e6:.3f} MB",
+            f"- this folder on disk: {folder_bytes(folder) / 1e6:.3f} MB", ""]
+
+
+def checks_lines(record: CellRecord) -> list[str]:
+    if not record.checks:
+        return []
+    return ["", "## Checks", ""] + [f"- {k}: {json.dumps(v)}" for k, v in record.checks.items()]

@@ -1,0 +1,109 @@
+"""The checks that guard a cell's result, run at its phase boundaries for every quantizer.
+
+A check measures, records what it measured in the cell's record (``checks``), and raises
+``CheckFailed`` — one line saying what is wrong — when the result cannot be trusted, so the
+cell fails instead of storing numbers that look fine. ``qcompare.testing`` runs the same
+functions on tiny models, so a plugin author's tests and the runner agree by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qcompare.errors import QcompareError
+
+PROBE_SHAPE = (2, 16)  # sequences x tokens of the fixed probe batch
+# Default tolerance of fake ≡ converted, relative to the largest probe logit, by the dtype the
+# model computes in: a few units in the last place (a quantizer that is exact declares 0).
+DTYPE_RTOL = {"torch.float32": 1e-5, "torch.float64": 1e-9, "torch.bfloat16": 2e-2, "torch.float16": 4e-3}
+
+
+class CheckFailed(QcompareError):
+    """A cell's result failed one of the runner's checks; ``check`` holds what was measured."""
+
+    def __init__(self, message: str, name: str, check: dict):
+        super().__init__(message)
+        self.name, self.check = name, check
+
+
+def probe_ids(model):
+    """A fixed batch of token ids inside the model's vocabulary (the same for every cell)."""
+    import torch
+
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
+    return ids.to(_device(model))
+
+
+def _device(model):
+    return next(p.device for p in model.parameters())
+
+
+def probe_logits(model, ids=None):
+    """fp32 logits of ``model`` on the probe batch, in eval mode (the mode it is left in is kept)."""
+    import torch
+
+    ids = probe_ids(model) if ids is None else ids
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(ids.to(_device(model))).logits.float().cpu()
+    finally:
+        model.train(training)
+
+
+def model_dtype(model):
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+@dataclass
+class Comparison:
+    """Two models' logits on the probe batch: the largest difference and top-1 agreement."""
+
+    max_abs_diff: float
+    top1_agreement: float
+    scale: float  # the largest |logit| of the reference
+
+    @classmethod
+    def of(cls, reference, other) -> "Comparison":
+        import torch
+
+        if reference.shape != other.shape:
+            return cls(float("inf"), 0.0, float(reference.abs().max()))
+        diff = (reference - other).abs()
+        finite = torch.isfinite(other).all()
+        agree = (reference.argmax(-1) == other.argmax(-1)).float().mean()
+        return cls(float(diff.max()) if finite else float("inf"), float(agree), float(reference.abs().max()))
+
+    def within(self, rtol: float) -> bool:
+        return self.max_abs_diff <= rtol * max(1.0, self.scale)
+
+    def as_dict(self, rtol: float) -> dict[str, Any]:
+        return {"max_abs_diff": self.max_abs_diff, "top1_agreement": round(self.top1_agreement, 6),
+                "tolerance": rtol * max(1.0, self.scale), "probe_tokens": PROBE_SHAPE[0] * PROBE_SHAPE[1],
+                "passed": self.within(rtol)}
+
+
+def tolerance(quantizer, params, model) -> float:
+    """The relative tolerance of fake ≡ converted: the quantizer's own, else the dtype's default."""
+    rtol = quantizer.fake_quant_tolerance(params)
+    if rtol is None:
+        rtol = DTYPE_RTOL.get(str(model_dtype(model)), 1e-2)
+    return float(rtol)
+
+
+def fake_vs_converted(student_logits, model, rtol: float) -> dict[str, Any]:
+    """Compare the trained student's probe logits (taken before ``convert``, which may work in
+    place) with the converted model's; raise CheckFailed when they differ beyond ``rtol``."""
+    comparison = Comparison.of(student_logits, probe_logits(model))
+    check = comparison.as_dict(rtol)
+    if not check["passed"]:
+        exact = "exactly" if rtol == 0 else f"within {check['tolerance']:.3g}"
+        raise CheckFailed(
+            f"fake ≡ converted failed: the converted model's logits differ from the trained student's by up to "
+            f"{comparison.max_abs_diff:.3g} on the probe batch (top-1 agreement {comparison.top1_agreement:.1%}; "
+            f"the quantizer promises {exact}): its convert does not compute what its fake quantizer trained",
+            "fake_vs_converted", check)
+    return check

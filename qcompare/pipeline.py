@@ -1,0 +1,263 @@
+"""One cell as explicit phases, the same for ``qcompare run``, ``qcompare export`` and every executor.
+
+::
+
+    inputs (loaded before the first phase, never changed by one): teacher, tokenizer, data
+      prepare    quantizer.prepare(copy of the teacher)              -> student (fake-quantized)
+      distill    distiller.distill(teacher view, student, data)      -> trained student, log, cost
+      convert    quantizer.convert(trained student)                  -> model (real low-bit weights)
+      evaluate   every evaluator on the model                        -> metrics, stderr, items
+      save       quantizer.save (+ LoRA adapter), tokenizer          -> a Hugging Face folder
+
+Work that belongs between phases for every plugin (timing, memory, the checks of a result)
+is called here, at the boundary, and nowhere else; see docs/phases.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qcompare import checks
+from qcompare.api import CellContext, EvalResult, state_dict_bytes
+from qcompare.cells import Cell
+from qcompare.errors import QcompareError, error_line
+from qcompare.plugins import Registry
+
+
+@dataclass(frozen=True)
+class CellInputs:
+    """What a cell's phases read and never change: loaded once per process, shared by its cells."""
+
+    teacher: Any
+    tokenizer: Any
+    data: Any = None  # datasets.Dataset with a ``messages`` column, or None
+
+
+class InputCache:
+    """Teachers and training data, loaded once per process (one model in memory at a time)."""
+
+    def __init__(self, registry: Registry, device: str):
+        self.registry, self.device = registry, device
+        self._models: dict[str, tuple] = {}
+        self._data: dict[str, Any] = {}
+
+    def teacher(self, name: str) -> tuple:
+        from qcompare.data import load_model
+
+        if name not in self._models:
+            self._models.clear()
+            self._models[name] = load_model(name, self.registry, self.device)
+        return self._models[name]
+
+    def data(self, spec) -> Any:
+        from qcompare.data import load_training_data
+
+        key = spec.model_dump_json()
+        if key not in self._data:
+            self._data[key] = load_training_data(spec, self.registry)
+        return self._data[key]
+
+    def inputs(self, cell: Cell, data_spec) -> CellInputs:
+        teacher, tokenizer = self.teacher(cell.model)
+        # the teacher row trains nothing: its data is never read, so never loaded
+        return CellInputs(teacher, tokenizer, None if cell.is_teacher else self.data(data_spec))
+
+
+def weight_sharing_copy(model):
+    """A copy of ``model``'s module tree whose weights are the same memory (nothing new allocated).
+
+    Parameters and buffers are new tensor objects over the original storage, so rebinding
+    them in the copy (``.to(dtype)``, ``requires_grad_``, swapping a module) leaves the
+    original alone; only in-place writes reach it. Tied weights stay tied (one alias each)."""
+    from torch import nn
+
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b.detach() for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def student_copy(teacher, quantizer, distiller, dparams) -> tuple[Any, str]:
+    """The copy of the teacher that ``prepare`` turns into the student, and how it was made.
+
+    One copy of the weights instead of two when neither step writes into them: the quantizer
+    says ``prepare``/``convert`` leave them (torchao QAT) and the distiller says training
+    leaves them (LoRA). Otherwise (GPTQ/AWQ, full fine-tuning) a deep copy."""
+    if quantizer.shares_teacher_weights and distiller.keeps_base_weights(dparams):
+        return weight_sharing_copy(teacher), "shared"
+    return copy.deepcopy(teacher), "copied"
+
+
+def peak_memory_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (kB on Linux)
+
+
+@dataclass
+class Outcome:
+    """What one cell produced, for the runner to store."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    stderr: dict[str, float] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    items: dict[str, list] = field(default_factory=dict)
+    log: list[dict] = field(default_factory=list)
+    size: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    save_error: str | None = None
+
+
+class CellPipeline:
+    """The phases of one cell. Build it with the cell's inputs and context, then ``run`` it
+    (or call the phases one by one, as ``qcompare export`` does to rebuild a model)."""
+
+    def __init__(self, cell: Cell, inputs: CellInputs, context: CellContext, registry: Registry,
+                 evaluators: list = ()):
+        self.cell, self.inputs, self.context = cell, inputs, context
+        self.cost: dict[str, Any] = {}
+        self.checks: dict[str, Any] = {}  # what the checks measured, kept even when one fails
+        if not cell.is_teacher:
+            qcls = registry.get("quantizer", cell.quantizer.name)
+            dcls = registry.get("distiller", cell.distiller.name)
+            self.quantizer, self.qparams = qcls(), qcls.Params.model_validate(cell.quantizer.params)
+            self.distiller, self.dparams = dcls(), dcls.Params.model_validate(cell.distiller.params)
+        self.evaluators = []
+        for choice in evaluators:
+            ecls = registry.get("evaluator", choice.name)
+            self.evaluators.append((ecls(), ecls.Params.model_validate(choice.params)))
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase into the cell's cost as ``<name>_seconds`` (added up if it runs twice)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"{name}_seconds"
+            self.cost[key] = self.cost.get(key, 0.0) + time.perf_counter() - start
+
+    # --- the phases ------------------------------------------------------------------
+
+    def prepare(self):
+        """A copy of the teacher, fake-quantized by the quantizer: the trainable student."""
+        from transformers import set_seed
+
+        set_seed(self.cell.seed if self.cell.seed is not None else 0)  # the same RNG state on every path
+        with self.phase("prepare"):
+            student, self.cost["student_weights"] = student_copy(self.inputs.teacher, self.quantizer,
+                                                                 self.distiller, self.dparams)
+            return self.quantizer.prepare(student, self.qparams, self.context)
+
+    def distill(self, student):
+        """Train the student. The distiller sees a view of the teacher (same memory, its own module
+        objects): whatever a trainer rebinds on it (accelerate's autocast forward under bf16, .to(),
+        train mode) ends with this phase instead of leaking into the next cells."""
+        teacher = weight_sharing_copy(self.inputs.teacher)
+        context = dataclasses.replace(self.context, teacher=teacher)
+        with self.phase("distill"):
+            result = self.distiller.distill(teacher, student, self.inputs.tokenizer, self.inputs.data,
+                                            self.dparams, context)
+        self.cost.update(result.cost)
+        return result
+
+    def convert(self, student):
+        """The real low-bit model made from the trained student."""
+        with self.phase("convert"):
+            return self.quantizer.convert(student, self.qparams, self.context)
+
+    def evaluate(self, model) -> EvalResult:
+        """Every evaluator on ``model``; their metrics merged (a metric reported twice is an error)."""
+        merged = EvalResult()
+        with self.phase("evaluate"):
+            for evaluator, params in self.evaluators:
+                res = evaluator.evaluate(model, self.inputs.tokenizer, params, self.context)
+                for key in res.metrics:
+                    if key in merged.metrics:
+                        raise QcompareError(f"two evaluators report the metric {key!r}; give them different tasks")
+                merged.metrics.update(res.metrics)
+                merged.stderr.update(res.stderr)
+                merged.items.update(res.items)
+                merged.groups.update(res.groups)
+        return merged
+
+    def save(self, model, folder: Path) -> None:
+        """``model`` as a Hugging Face folder with the tokenizer (and a LoRA adapter beside it)."""
+        from qcompare.saving import save_converted
+
+        with self.phase("save"):
+            save_converted(self.quantizer, model, self.qparams, folder, self.context)
+            self.inputs.tokenizer.save_pretrained(folder)
+
+    # --- a whole cell ----------------------------------------------------------------
+
+    def build(self):
+        """prepare → distill → convert, checked: the cell's model and its training log."""
+        student = self.prepare()
+        trained = self.distill(student)
+        with self.phase("check"):
+            # before convert, which may work in place on the student
+            student_logits = checks.probe_logits(trained.student)
+        model = self.convert(trained.student)
+        with self.phase("check"):
+            self._check("fake_vs_converted", checks.fake_vs_converted, student_logits, model,
+                        checks.tolerance(self.quantizer, self.qparams, model))
+        return model, trained.log
+
+    def _check(self, name: str, check, *args):
+        try:
+            self.checks[name] = check(*args)
+        except checks.CheckFailed as e:
+            self.checks[name] = e.check
+            raise
+
+    def run(self, save_to: Path | None = None) -> Outcome:
+        """Every phase of the cell; the model is saved into ``save_to`` if given."""
+        import torch
+
+        device = self.context.device
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        clock = time.perf_counter()
+        out = Outcome()
+        if self.cell.is_teacher:
+            from transformers import set_seed
+
+            set_seed(0)
+            model = self.inputs.teacher
+            out.size = {"bits_per_weight": torch.finfo(next(model.parameters()).dtype).bits,
+                        "storage_bytes": state_dict_bytes(model)}
+        else:
+            model, out.log = self.build()
+            out.size = {"bits_per_weight": self.quantizer.bits_per_weight(self.qparams),
+                        "storage_bytes": self.quantizer.storage_bytes(model)}
+        result = self.evaluate(model)
+        if save_to is not None and not self.cell.is_teacher:
+            out.save_error = self._save_or_explain(model, save_to)
+        out.cost = {**self.cost, "total_seconds": time.perf_counter() - clock,
+                    "peak_memory_bytes": peak_memory_bytes(device),
+                    # CUDA's peak is reset per cell; CPU RSS only ever grows: the process's peak so far
+                    "peak_memory_scope": "cell" if device == "cuda" else "process", "device": device}
+        out.metrics, out.stderr, out.items, out.groups = result.metrics, result.stderr, result.items, result.groups
+        out.checks = self.checks
+        return out
+
+    def _save_or_explain(self, model, folder: Path) -> str | None:
+        """Save; on failure the evaluation stands, the folder goes, and the reason is returned."""
+        import shutil
+
+        try:
+            self.save(model, folder)
+            return None
+        except Exception as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            return error_line(e)

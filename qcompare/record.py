@@ -1,0 +1,101 @@
+"""The cell record: what a cell's ``result.json`` holds, typed, with a schema version.
+
+Everything that reads results (the report, the notebook API, trackers, export) reads them
+through ``CellRecord``; the runner is the only writer. Records of older schema versions are
+read as they are (missing fields take their defaults); a record this version of qcompare
+does not know says how to go on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from qcompare.errors import QcompareError
+
+# 1: the first build's records (no schema_version field). 2: schema_version, checks, plugins.
+SCHEMA_VERSION = 2
+
+
+class ChoiceSettings(BaseModel):
+    """One plugin with the parameters a cell's result depends on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    params: dict[str, Any] = {}
+
+
+class CellSettings(BaseModel):
+    """What a cell's result depends on; its id is a hash of exactly this (``Cell.settings``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    quantizer: ChoiceSettings | None = None
+    distiller: ChoiceSettings | None = None
+    seed: int | None = None
+    data: dict[str, Any] | None = None
+    evaluators: list[dict[str, Any]] = []
+
+
+class CellRecord(BaseModel):
+    """One cell's result: status, metrics ± stderr, size, cost, checks and where it came from."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    label: str = ""
+    settings: CellSettings
+    status: Literal["running", "done", "failed"]
+    error: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    recipe: dict[str, Any] | None = None  # {"text", "overrides"}: what produced the cell
+    data_source: dict[str, Any] | None = None  # where the training data was read from
+    metrics: dict[str, float] = {}
+    stderr: dict[str, float | None] = {}
+    groups: dict[str, list[str]] = {}
+    size: dict[str, Any] = {}
+    cost: dict[str, Any] = {}
+    checks: dict[str, Any] = {}
+    plugins: dict[str, Any] = {}
+    save_error: str | None = None
+    provenance: dict[str, Any] = {}
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.settings.quantizer is None
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    def to_json(self) -> dict[str, Any]:
+        """The dict written as ``result.json`` (and handed to ``cell_finished`` hooks)."""
+        out = self.model_dump(mode="json")
+        # optional top-level fields appear only when set; settings keep their Nones (the id hashes them)
+        return {k: v for k, v in out.items() if k == "settings" or v not in (None, {})}
+
+
+def read_record(raw: Any, where: Path | str = "result.json") -> CellRecord:
+    """A stored record as a CellRecord, whatever schema version wrote it."""
+    if not isinstance(raw, dict):
+        raise QcompareError(f"{where}: not a qcompare cell record (a JSON {type(raw).__name__}); "
+                            "delete the cell folder and run the recipe again")
+    version = raw.get("schema_version", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise QcompareError(f"{where}: written by a newer qcompare (record schema {version}; this one reads up to "
+                            f"{SCHEMA_VERSION}); upgrade qcompare to read it")
+    try:
+        return CellRecord.model_validate({**raw, "schema_version": version})
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(map(str, first["loc"])) or "(record)"
+        raise QcompareError(f"{where}: not a readable cell record ({field}: {first['msg'].lower()}); "
+                            "delete the cell folder and run the recipe again to rewrite it") from None
+
+
+def load_record(path: Path) -> CellRecord:
+    return read_record(json.loads(Path(path).read_text()), path)

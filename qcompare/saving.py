@@ -1,0 +1,104 @@
+"""Saving a converted model as a Hugging Face folder: the one place that decides how.
+
+A LoRA cell's model is the quantized base with float adapters beside its layers (merging
+them would re-quantize W + BA, a different function). ``save_converted`` writes the base
+with the quantizer's ``save``, exactly as for any cell, and the adapter beside it as a PEFT
+adapter (``adapter_config.json``, ``adapter_model.safetensors``), which
+``AutoModelForCausalLM.from_pretrained(folder)`` loads together with the base.
+
+Plugins may import ``lora_layers`` and ``without_adapters`` from here (a quantizer that
+writes its own format needs the base without adapters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+from qcompare.errors import QcompareError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_layers(model) -> list[tuple[str, object]]:
+    """(name, layer) of the PEFT tuner layers (LoRA) a distiller left in ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if n and isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def without_adapters(model):
+    """``model`` with each LoRA layer swapped for its (quantized) base layer inside the block;
+    the adapters are put back afterwards, so the evaluated model leaves unchanged."""
+    layers = lora_layers(model)
+    for name, layer in layers:
+        model.set_submodule(name, layer.get_base_layer())
+    try:
+        yield model
+    finally:
+        for name, layer in layers:
+            model.set_submodule(name, layer)
+
+
+def save_converted(quantizer, model, params, folder: Path, context) -> None:
+    """Save a converted model into ``folder``: ``quantizer.save`` for the (bare) quantized base,
+    then the LoRA adapter beside it if the model carries one."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    if not lora_layers(model):
+        quantizer.save(model, params, folder, context)
+        return
+    with without_adapters(model) as base:
+        quantizer.save(base, params, folder, context)
+    save_adapter(model, folder)
+
+
+def save_adapter(model, folder: Path) -> None:
+    """Write the LoRA adapter of ``model`` as peft's ``PeftModel.save_pretrained`` does."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    configs = getattr(model, "peft_config", None) or {}
+    if len(configs) != 1:
+        raise QcompareError(f"the student carries {len(configs)} PEFT adapters ({', '.join(configs) or 'no config'}); "
+                            "export needs exactly one, as the distillers make")
+    [(name, config)] = configs.items()
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    # peft's own key prefix (PeftModel wraps the transformers model as base_model.model)
+    save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
+              str(Path(folder) / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    config = copy.deepcopy(config)
+    config.inference_mode = True
+    # The base is this folder, not the float model the student came from: transformers loads a
+    # local folder holding config.json and adapter_config.json as base + adapter and ignores
+    # this field; a loader that follows it would put the adapter on the wrong (float) base.
+    config.base_model_name_or_path = None
+    config.save_pretrained(str(folder))
+
+
+def is_compressed_tensors(folder: Path) -> bool:
+    """Whether ``folder``'s config says compressed-tensors (GPTQ/AWQ checkpoints)."""
+    import json
+
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return False
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == "compressed-tensors"
+
+
+def load_saved(folder: Path, device: str = "cpu"):
+    """Load a saved cell folder exactly as its model card tells a user to."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if (Path(folder) / ADAPTER_CONFIG).is_file() and is_compressed_tensors(folder):
+        # peft wraps Linear layers that hold a .weight; compressed-tensors keeps them packed unless asked
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    if device != "cpu":
+        kwargs["device_map"] = device
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()

@@ -1,0 +1,142 @@
+"""Which weights a quantizer quantizes: one way to find them, one grammar to leave some out.
+
+Every built-in quantizer finds its weights here, and a third-party one may too
+(``find_targets(model, skip, kinds)``). A target is one weight tensor of a module, of a kind:
+
+- ``linear``     ``nn.Linear.weight``, (out, in)
+- ``conv1d``     transformers' ``Conv1D.weight`` (GPT-2 family), stored transposed: (in, out)
+- ``embedding``  ``nn.Embedding.weight``, (vocab, dim)
+- ``experts``    a 3-D parameter of a mixture-of-experts module (transformers 5 keeps a layer's
+                 experts fused: ``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)); found by
+                 what the module holds — a module with ``num_experts`` and 3-D parameters whose
+                 first dimension is that number — not by a list of model families. A module
+                 that sets ``is_transposed`` (transformers' flag) stores (E, in, out).
+
+The skip grammar (``skip`` in every built-in quantizer's parameters), one pattern at a time:
+
+- ``re:<regex>``  the module's full name matches the regular expression (``re.fullmatch``),
+                  the form llm-compressor's ``ignore`` uses;
+- a glob          over full module names (``*.mlp.*``, ``model.layers.0.*``);
+- a name          the module's full name or its last parts (``lm_head`` matches
+                  ``model.lm_head``; ``mlp.experts`` matches every layer's experts).
+
+A pattern also matches a target by its parameter's full name (``*.experts.down_proj``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+KINDS = ("linear", "conv1d", "embedding", "experts")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight tensor to quantize: ``getattr(module, param)``."""
+
+    name: str  # the module's full name in the model
+    module: Any
+    kind: str
+    param: str = "weight"
+
+    @property
+    def qualified(self) -> str:
+        """The parameter's full name (``model.layers.0.mlp.experts.down_proj``)."""
+        return f"{self.name}.{self.param}" if self.name else self.param
+
+    @property
+    def weight(self):
+        return getattr(self.module, self.param)
+
+    @property
+    def in_features(self) -> int:
+        """The length along which a weight's groups run (a row of the matrix the layer multiplies by)."""
+        shape = self.weight.shape
+        if self.kind == "conv1d":
+            return shape[0]
+        if self.kind == "experts":
+            return shape[1] if getattr(self.module, "is_transposed", False) else shape[2]
+        return shape[1]
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel()
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether one skip pattern names ``name`` (a module's or parameter's full name)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern) or name == pattern or name.endswith("." + pattern)
+
+
+def skipped(target_or_name, patterns: Iterable[str]) -> bool:
+    names = ((target_or_name.name, target_or_name.qualified) if isinstance(target_or_name, Target)
+             else (target_or_name,))
+    return any(matches(n, p) for p in patterns for n in names)
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is not a hard requirement of a third-party quantizer
+        return None
+    return Conv1D
+
+
+def expert_params(module) -> list[str]:
+    """The 3-D expert weights a module holds directly (none if it is no experts module)."""
+    n = getattr(module, "num_experts", None)
+    if not isinstance(n, int):
+        return []
+    return [name for name, p in module.named_parameters(recurse=False) if p.ndim == 3 and p.shape[0] == n]
+
+
+def all_targets(model) -> list[Target]:
+    """Every weight of a kind qcompare knows, in module order, nothing skipped."""
+    from torch import nn
+
+    conv1d = _conv1d_class()
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            found.append(Target(name, m, "linear"))
+        elif conv1d is not None and isinstance(m, conv1d):
+            found.append(Target(name, m, "conv1d"))
+        elif isinstance(m, nn.Embedding):
+            found.append(Target(name, m, "embedding"))
+        else:
+            found += [Target(name, m, "experts", p) for p in expert_params(m)]
+    return found
+
+
+def find_targets(model, skip: Iterable[str] = (), kinds: Iterable[str] = ("linear",)) -> list[Target]:
+    """The weights of ``kinds`` in ``model`` that no ``skip`` pattern names, in module order.
+
+    A weight shared by two modules (tied embeddings and head) is one target, found at its
+    first module."""
+    kinds, skip = tuple(kinds), tuple(skip)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown target kinds {unknown}; allowed: {', '.join(KINDS)}")
+    seen, out = set(), []
+    for t in all_targets(model):
+        if t.kind in kinds and not skipped(t, skip) and id(t.weight) not in seen:
+            seen.add(id(t.weight))
+            out.append(t)
+    return out
+
+
+def unmatched(model, skip: Iterable[str]) -> list[str]:
+    """The skip patterns that name no module or parameter of ``model`` (likely typos)."""
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    return [p for p in skip if not any(matches(n, p) for n in names)]
+
+
+def describe(kinds: Iterable[str]) -> str:
+    words = {"linear": "Linear layers", "conv1d": "Conv1D layers", "embedding": "embeddings",
+             "experts": "3-D expert weights"}
+    return ", ".join(words[k] for k in kinds)
