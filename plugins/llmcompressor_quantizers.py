@@ -102,11 +102,9 @@ class _LlmCompressorQuantizer(Quantizer):
             return float(params.bits)
         return params.bits + (16 + (0 if params.symmetric else params.bits)) / params.group_size
 
-    def storage_bytes(self, model) -> int:
-        """Bytes held in memory by the converted torchao model (one int8 per code)."""
-        from qcompare_plugins.torchao_grids import torchao_bytes
-
-        return torchao_bytes(model)
+    def code_bits(self, params) -> int:
+        """Codes ship packed at ``bits`` (compressed-tensors); the torchao model holds one int8 each."""
+        return params.bits
 
 
 class GPTQQuantizer(_LlmCompressorQuantizer):

@@ -157,24 +157,3 @@ def unfake(model) -> tuple[set[int], set[int]]:
                 continue
             setattr(parent, name, plain)
     return linears, embeddings
-
-
-
-
-def torchao_bytes(model) -> int:
-    """Bytes a model's weights hold in memory: torchao tensors count their codes, scales and
-    zero points, tied weights count once."""
-    from torchao.utils import TorchAOBaseTensor
-
-    total, seen = 0, set()
-    for t in model.state_dict(keep_vars=True).values():
-        if id(t) in seen:  # tied weights (e.g. gemma's lm_head) are stored once
-            continue
-        seen.add(id(t))
-        if isinstance(t, TorchAOBaseTensor):
-            names = list(t.tensor_data_names) + list(getattr(t, "optional_tensor_data_names", []) or [])
-            parts = [getattr(t, n, None) for n in names]
-            total += sum(p.numel() * p.element_size() for p in parts if p is not None)
-        else:
-            total += t.numel() * t.element_size()
-    return total

@@ -190,18 +190,16 @@ class TorchaoQuantizer(Quantizer):
     def bits_per_weight(self, params) -> float:
         """Nominal bits of the format: the code, a 16-bit scale per group and, if asymmetric, a zero
         point per group (int8 unpacked, bf16 tinygemm). Per channel counts no overhead: the row
-        length is unknown here and the overhead is 16/in_features. The unpacked layout holds each
-        code in a full byte in memory; ``storage_bytes`` reports that."""
+        length is unknown here and the overhead is 16/in_features. What the converted model truly
+        holds (scales in its dtype, one int8 per code in memory) is measured by the runner."""
         if not params.group_size:
             return float(params.bits)
         zero_point = 0 if params.symmetric else (16 if params.packing == "tinygemm" else 8)
         return params.bits + (16 + zero_point) / params.group_size
 
-    def storage_bytes(self, model) -> int:
-        """Bytes held in memory: torchao tensors count their codes, scales and zero points."""
-        from qcompare_plugins.torchao_grids import torchao_bytes
-
-        return torchao_bytes(model)
+    def code_bits(self, params) -> int:
+        """The unpacked layout holds each code in a full int8; it ships at ``bits``."""
+        return params.bits
 
 
 @hookimpl

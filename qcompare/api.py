@@ -33,11 +33,6 @@ def runtime_keys(params_cls: type[BaseModel]) -> tuple[str, ...]:
     return tuple(k for k, f in params_cls.model_fields.items() if (f.json_schema_extra or {}).get("runtime"))
 
 
-def state_dict_bytes(model) -> int:
-    """Bytes of a model's plain tensors (what a float model's weights take)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
 class Plugin:
     """Common ground of every plugin class."""
 
@@ -145,12 +140,17 @@ class Quantizer(Plugin):
         return None
 
     def bits_per_weight(self, params) -> float:
-        """Average stored bits per quantized weight, scales and zero points included."""
+        """The format's nominal bits per quantized weight (shown as "nominal"): the code plus its
+        scales and zero points as the format defines them. The runner measures the true width
+        from the converted model (``qcompare.footprint``) and reports both."""
         raise NotImplementedError
 
-    def storage_bytes(self, model) -> int:
-        """Bytes the converted model's weights take; override for packed tensor types."""
-        return state_dict_bytes(model)
+    def code_bits(self, params) -> float | None:
+        """The width of one code as the format ships it, when the converted model holds codes
+        unpacked (one int8 per int4 code, say): true sizes then count codes at this width.
+        ``None`` (the default): codes count as the converted model stores them."""
+        return None
+
 
 
 @dataclass

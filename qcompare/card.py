@@ -69,7 +69,8 @@ def use_lines(folder: Path) -> list[str]:
                                                "```", ""]
 
 
-def model_card(record: CellRecord, run_name: str, folder: Path, rebuilt: bool, recipe_text: str = "") -> str:
+def model_card(record: CellRecord, run_name: str, folder: Path, rebuilt: bool, recipe_text: str = "",
+               proof: dict | None = None) -> str:
     s = record.settings
     q, d = s.quantizer, s.distiller
     name = f"{Path(s.model).name}-{q.name}-{d.name}-{record.id}"
@@ -95,7 +96,7 @@ def model_card(record: CellRecord, run_name: str, folder: Path, rebuilt: bool, r
               + ", ".join(f"`{e['name']}` ({_params(e)})" for e in s.evaluators) + ".", ""]
     lines += size_lines(record, folder) + ["## Cost", ""]
     lines += [f"- {k}: {round(v, 3) if isinstance(v, float) else v}" for k, v in record.cost.items()]
-    lines += checks_lines(record)
+    lines += checks_lines(record, proof or {})
     lines += ["", "## Provenance", "", f"- started {record.started_at or '—'}, finished {record.finished_at or '—'}"]
     # the host name stays in result.json: a card is meant to be published
     lines += [f"- {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}"
@@ -115,14 +116,30 @@ def model_card(record: CellRecord, run_name: str, folder: Path, rebuilt: bool, r
     return "\n".join(lines)
 
 
+def _num(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
 def size_lines(record: CellRecord, folder: Path) -> list[str]:
     size = record.size
-    return ["## Size", "", f"- bits per weight: {size.get('bits_per_weight', '—')}",
-            f"- weights in memory: {size.get('storage_bytes', 0) / 1e6:.3f} MB",
-            f"- this folder on disk: {folder_bytes(folder) / 1e6:.3f} MB", ""]
+    lines = ["## Size", "",
+             f"- quantized: {_num(size.get('quantized_share_body'), '.1%')} of the body's weights "
+             f"(all but embeddings and head), {_num(size.get('quantized_share_model'), '.1%')} of all weights",
+             f"- bits per quantized weight: {_num(size.get('bits_per_weight'), '.3f')} as shipped (codes at the "
+             f"format's width, scales and zero points as stored; "
+             f"{_num(size.get('memory_bits_per_weight'), '.3f')} as held in memory), nominal "
+             f"{_num(size.get('nominal_bits'), '.3f')}",
+             f"- bits per weight over the whole model (float layers and adapters included): "
+             f"{_num(size.get('model_bits_per_weight'), '.3f')}",
+             f"- the model at its true size: {_num(size.get('packed_bytes') and size['packed_bytes'] / 1e6, '.3f')} MB; "
+             f"in memory: {_num(size.get('memory_bytes') and size['memory_bytes'] / 1e6, '.3f')} MB",
+             f"- this folder on disk: {folder_bytes(folder) / 1e6:.3f} MB", ""]
+    return lines
 
 
-def checks_lines(record: CellRecord) -> list[str]:
-    if not record.checks:
+def checks_lines(record: CellRecord, proof: dict) -> list[str]:
+    """What the run checked (fake ≡ converted, coverage) and what export checked (reload, rebuild)."""
+    checks = {**record.checks, **proof}
+    if not checks:
         return []
-    return ["", "## Checks", ""] + [f"- {k}: {json.dumps(v)}" for k, v in record.checks.items()]
+    return ["", "## Checks", ""] + [f"- {k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in checks.items()]

@@ -60,6 +60,11 @@ class Cell:
         blob = json.dumps(self.settings(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def plugins(self) -> list[tuple[str, str]]:
+        """(kind, name) of every plugin the cell's result depends on."""
+        used = [("quantizer", self.quantizer.name), ("distiller", self.distiller.name)] if self.quantizer else []
+        return used + [("evaluator", e["name"]) for e in json.loads(self.shared[1])]
+
     def label(self) -> str:
         if self.is_teacher:
             return f"{self.model} · teacher"

@@ -94,10 +94,10 @@ def tolerance(quantizer, params, model) -> float:
     return float(rtol)
 
 
-def fake_vs_converted(student_logits, model, rtol: float) -> dict[str, Any]:
+def fake_vs_converted(student_logits, model_logits, rtol: float) -> dict[str, Any]:
     """Compare the trained student's probe logits (taken before ``convert``, which may work in
     place) with the converted model's; raise CheckFailed when they differ beyond ``rtol``."""
-    comparison = Comparison.of(student_logits, probe_logits(model))
+    comparison = Comparison.of(student_logits, model_logits)
     check = comparison.as_dict(rtol)
     if not check["passed"]:
         exact = "exactly" if rtol == 0 else f"within {check['tolerance']:.3g}"
@@ -106,4 +106,108 @@ def fake_vs_converted(student_logits, model, rtol: float) -> dict[str, Any]:
             f"{comparison.max_abs_diff:.3g} on the probe batch (top-1 agreement {comparison.top1_agreement:.1%}; "
             f"the quantizer promises {exact}): its convert does not compute what its fake quantizer trained",
             "fake_vs_converted", check)
+    return check
+
+
+# --- coverage ----------------------------------------------------------------------------
+
+DEFAULT_MIN_COVERAGE = 0.95  # of the body's weights (all but embeddings and head)
+
+
+def coverage(footprint, minimum: float) -> dict[str, Any]:
+    """Which weights ended on a low-bit grid; CheckFailed when the body's share is below ``minimum``."""
+    from qcompare.footprint import coverage_problem
+
+    check = {"body": round(footprint.body_coverage, 6), "model": round(footprint.model_coverage, 6),
+             "minimum": minimum, "float_in_body": {g: round(s, 6) for g, s in footprint.float_groups().items()},
+             "passed": footprint.body_coverage >= minimum}
+    problem = coverage_problem(footprint, minimum)
+    if problem:
+        raise CheckFailed(problem, "coverage", check)
+    return check
+
+
+# --- a saved model reloads as the evaluated one ------------------------------------------
+
+FINGERPRINT_COLUMNS = 512  # vocabulary columns of the probe logits a cell keeps
+
+
+@dataclass
+class Fingerprint:
+    """A model's probe logits, small enough to keep with every cell: the logits at a fixed sample
+    of vocabulary columns, the full-vocabulary argmax and largest |logit| at each position."""
+
+    ids: Any
+    columns: Any
+    logits: Any
+    argmax: Any
+    scale: float
+
+    @classmethod
+    def of(cls, model, logits=None) -> "Fingerprint":
+        import torch
+
+        ids = probe_ids(model).cpu()
+        logits = probe_logits(model, ids) if logits is None else logits
+        vocab = logits.shape[-1]
+        if vocab <= FINGERPRINT_COLUMNS:
+            columns = torch.arange(vocab)
+        else:
+            columns = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:FINGERPRINT_COLUMNS].sort().values
+        return cls(ids, columns, logits[..., columns].contiguous(), logits.argmax(-1), float(logits.abs().max()))
+
+    def compare(self, model) -> Comparison:
+        logits = probe_logits(model, self.ids)
+        if logits.shape[-1] <= int(self.columns.max()):
+            return Comparison(float("inf"), 0.0, self.scale)
+        sub = logits[..., self.columns]
+        diff = float((sub - self.logits).abs().max()) if sub.isfinite().all() else float("inf")
+        agree = float((logits.argmax(-1) == self.argmax).float().mean())
+        return Comparison(diff, agree, self.scale)
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"ids": self.ids, "columns": self.columns, "logits": self.logits, "argmax": self.argmax},
+                  str(path), metadata={"scale": repr(self.scale)})
+
+    @classmethod
+    def load(cls, path) -> "Fingerprint":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            scale = float(f.metadata()["scale"])
+        return cls(tensors["ids"], tensors["columns"], tensors["logits"], tensors["argmax"], scale)
+
+
+def reload(folder, fingerprint: Fingerprint, rtol: float, device: str = "cpu") -> dict[str, Any]:
+    """Load ``folder`` exactly as its model card tells a user to and compare its probe logits with
+    the evaluated model's; CheckFailed if it does not load or loads as another model."""
+    import warnings
+
+    from qcompare.saving import load_saved
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = load_saved(folder, device)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckFailed(f"reload: the saved folder does not load with AutoModelForCausalLM.from_pretrained "
+                          f"({type(e).__name__}: {first})", "reload", {"passed": False, "error": first}) from None
+    try:
+        comparison = fingerprint.compare(model)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckFailed(f"reload: the saved folder loads but its forward pass fails ({type(e).__name__}: {first})",
+                          "reload", {"passed": False, "error": first}) from None
+    finally:
+        del model
+    check = comparison.as_dict(rtol)
+    if not check["passed"]:
+        raise CheckFailed(
+            f"reload: the saved folder loads as a different model: its logits differ from the evaluated model's "
+            f"by up to {comparison.max_abs_diff:.3g} on the probe batch (top-1 agreement "
+            f"{comparison.top1_agreement:.1%}; allowed {check['tolerance']:.3g})", "reload", check)
     return check

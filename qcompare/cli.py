@@ -56,12 +56,15 @@ def main_options(
 @contextmanager
 def user_errors():
     """Bad input becomes one line per mistake on stderr and exit code 2, never a traceback."""
+    from qcompare.checks import CheckFailed
+
     try:
         yield
     except QcompareError as e:
         for line in str(e).splitlines():
             err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        # a result that failed its check is no input mistake: exit 1, like a failed cell
+        raise typer.Exit(1 if isinstance(e, CheckFailed) else 2) from None
 
 
 def _load(recipe: Path, overrides, output: Path | None = None, executor: str | None = None):
@@ -103,12 +106,17 @@ def plan(
     table = Table(title=f"{r.name}: {len(rows)} cells → {store.root}")
     for col in ("cell", "model", "quantizer", "distiller", "seed", "status"):
         table.add_column(col)
-    style = {"done": "green", "failed": "red", "running": "yellow", "pending": "dim"}
+    style = {"done": "green", "stale": "yellow", "failed": "red", "running": "yellow", "pending": "dim"}
     for cell, status in rows:
         table.add_row(cell.id, cell.model, cell.quantizer.label() if cell.quantizer else "—",
                       cell.distiller.label() if cell.distiller else "—",
                       "—" if cell.seed is None else str(cell.seed), f"[{style[status]}]{status}[/]")
     console.print(table)
+    stale = sum(status == "stale" for _, status in rows)
+    if stale:
+        console.print(f"[yellow]{stale} cells are stale[/]: done by other versions of their plugins than the ones "
+                      "installed now; `qcompare run` runs them again (--keep-stale keeps them, reported as rows of "
+                      "their own)", highlight=False)
 
 
 def _progress_bars(quiet: bool = False):
@@ -128,6 +136,9 @@ def run(
     set_: SetOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default runs/<recipe name>).")] = None,
     executor: Annotated[Optional[str], typer.Option(help="Executor plugin (default: the recipe's, else local).")] = None,
+    keep_stale: Annotated[bool, typer.Option(
+        "--keep-stale", help="Keep cells done by other plugin versions instead of running them again "
+                             "(the report shows them as rows of their own).")] = False,
 ):
     """Run every cell of a recipe not yet done, then print the comparison table."""
     from qcompare.report import print_report
@@ -139,10 +150,15 @@ def run(
         progress, cell_progress = _progress_bars(quiet=not first)
         runner = Runner(r, store, progress=cell_progress)
         plan = runner.plan()
-        todo = [c for c, s in plan if s != "done"]
+        kept = ("done", "stale") if keep_stale else ("done",)
+        todo = [c for c, s in plan if s not in kept]
+        stale = sum(s == "stale" for _, s in plan)
         skipped = len(plan) - len(todo)
         if skipped and first:
             err_console.print(f"{skipped} cells already done in {store.root}; running {len(todo)}")
+        if stale and first:
+            err_console.print(f"{stale} cells were done by other plugin versions: "
+                              + ("kept as they are (--keep-stale)" if keep_stale else "running them again"))
         with progress:
             overall = progress.add_task("cells", total=len(todo))
 
@@ -155,8 +171,9 @@ def run(
                     mark += f" [yellow](model not saved: {record.save_error})[/]"
                 progress.console.print(f"{cell.label()} — {mark}", highlight=False)
 
-            records = runner.run(on_done=on_done)
+            records = runner.run(on_done=on_done, keep_stale=keep_stale)
     failed = [rec for rec in records if not rec.done]
+    unsaved = [rec for rec in records if rec.done and rec.save_error]
     if not first:
         raise typer.Exit(1 if failed else 0)
     print_report(store, console)
@@ -165,8 +182,12 @@ def run(
 
         with user_errors():
             export_best(store.root, r.export_best, say=lambda m: err_console.print(m, highlight=False))
+    if unsaved:
+        err_console.print(f"[red]{len(unsaved)} cells' models were not saved[/] (save_models = true): "
+                          + "; ".join(f"{rec.id}: {rec.save_error}" for rec in unsaved), highlight=False)
     if failed:
         err_console.print(f"[red]{len(failed)} of {len(records)} cells failed[/]; tracebacks in their folders under {store.root}/cells")
+    if failed or unsaved:
         raise typer.Exit(1)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from qcompare.card import model_card
+from qcompare.checks import DTYPE_RTOL, CheckFailed, Fingerprint, model_dtype, reload
 from qcompare.errors import QcompareError
 from qcompare.record import CellRecord
 from qcompare.store import RunStore, open_run
@@ -75,19 +76,23 @@ def export_cell(run_dir: Path, cell: str, to: Path, overwrite: bool = False,
     # leaves no half model, and an earlier export it was to replace stays as it was.
     staging = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; an exported model is meant to be shared
+    probe = store.cell(record.id).probe
+    evaluated = Fingerprint.load(probe) if probe.is_file() else None
     try:
         try:
             if (saved / "config.json").is_file():
                 shutil.copytree(saved, staging, dirs_exist_ok=True)
                 rebuilt = False
+                proof = prove_copy(record, staging, evaluated, say)
             else:
                 seed = record.settings.seed
                 say(f"the model of cell {record.id} was not saved during the run (save_models = false); "
                     f"rebuilding it: prepare → distill → convert{'' if seed is None else f' with seed {seed}'}")
-                rebuild(record, staging, say)
+                proof = rebuild(record, staging, say, evaluated)
                 rebuilt = True
             recipe_text = store.recipe.read_text() if store.recipe.is_file() else ""
-            (staging / "README.md").write_text(model_card(record, store.root.name, staging, rebuilt, recipe_text))
+            (staging / "README.md").write_text(model_card(record, store.root.name, staging, rebuilt, recipe_text,
+                                                          proof))
         except QcompareError:
             raise
         except Exception as e:
@@ -128,8 +133,20 @@ def export_best(run_dir: Path, metric: str, say: Callable[[str], None] = lambda 
     return to
 
 
-def rebuild(record: CellRecord, folder: Path, say: Callable[[str], None]) -> None:
-    """Re-run the cell's phases (prepare → distill → convert) and save its model into ``folder``."""
+def prove_copy(record: CellRecord, folder: Path, evaluated: Fingerprint | None, say) -> dict:
+    """Reload a copied model folder as its card says and compare it with the evaluated model."""
+    if evaluated is None:
+        say(f"warning: cell {record.id} was run before qcompare kept probe logits; its saved model is exported "
+            "without the reload check (run the cell again to have it checked)")
+        return {"reload": "not checked: the cell keeps no probe logits (made by an older qcompare)"}
+    rtol = DTYPE_RTOL.get(record.size.get("dtype", "torch.float32"), 1e-2)
+    return {"reload": reload(folder, evaluated, rtol)}
+
+
+def rebuild(record: CellRecord, folder: Path, say: Callable[[str], None],
+            evaluated: Fingerprint | None = None) -> dict:
+    """Re-run the cell's phases (prepare → distill → convert), check the result against the evaluated
+    model, save it into ``folder`` and check that the folder reloads to it; return what was checked."""
     from qcompare.api import CellContext
     from qcompare.cells import Cell, data_identity
     from qcompare.pipeline import CellPipeline, InputCache
@@ -157,5 +174,19 @@ def rebuild(record: CellRecord, folder: Path, say: Callable[[str], None]) -> Non
         context = CellContext(cell_dir=Path(scratch), seed=cell.seed, device=device, tokenizer=inputs.tokenizer,
                               teacher=inputs.teacher, data=inputs.data, task_folders=list(registry.task_folders))
         pipeline = CellPipeline(cell, inputs, context, registry)
+        # the coverage the run accepted (a recipe's min_coverage is not part of the stored settings)
+        pipeline.min_coverage = record.checks.get("coverage", {}).get("minimum", pipeline.min_coverage)
         model, _ = pipeline.build()
-        pipeline.save(model, folder)
+        if evaluated is not None:
+            comparison = evaluated.compare(model)
+            rtol = DTYPE_RTOL.get(str(model_dtype(model)), 1e-2)
+            if not comparison.within(rtol):
+                raise CheckFailed(
+                    f"cell {record.id}: the rebuilt model differs from the evaluated one by up to "
+                    f"{comparison.max_abs_diff:.3g} on the probe batch (top-1 agreement {comparison.top1_agreement:.1%}); "
+                    "the run's numbers do not describe it, so it is not exported (save_models = true keeps the exact "
+                    "model)", "rebuild", comparison.as_dict(rtol))
+        pipeline.save_checked(model, folder)
+        return {"rebuild": "the rebuilt model's probe logits match the evaluated model's" if evaluated is not None
+                else "not compared: the cell keeps no probe logits (made by an older qcompare)",
+                **{k: v for k, v in pipeline.checks.items()}}

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qcompare import checks
-from qcompare.api import CellContext, EvalResult, state_dict_bytes
+from qcompare import checks, footprint
+from qcompare.api import CellContext, EvalResult
 from qcompare.cells import Cell
 from qcompare.errors import QcompareError, error_line
 from qcompare.plugins import Registry
@@ -114,6 +114,7 @@ class Outcome:
     size: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
+    fingerprint: Any = None  # the converted model's probe logits (checks.Fingerprint), kept with the cell
     save_error: str | None = None
 
 
@@ -126,11 +127,15 @@ class CellPipeline:
         self.cell, self.inputs, self.context = cell, inputs, context
         self.cost: dict[str, Any] = {}
         self.checks: dict[str, Any] = {}  # what the checks measured, kept even when one fails
+        self.size: dict[str, Any] = {}
+        self.fingerprint = None
         if not cell.is_teacher:
             qcls = registry.get("quantizer", cell.quantizer.name)
             dcls = registry.get("distiller", cell.distiller.name)
             self.quantizer, self.qparams = qcls(), qcls.Params.model_validate(cell.quantizer.params)
             self.distiller, self.dparams = dcls(), dcls.Params.model_validate(cell.distiller.params)
+            self.min_coverage = cell.quantizer.min_coverage if cell.quantizer.min_coverage is not None \
+                else checks.DEFAULT_MIN_COVERAGE
         self.evaluators = []
         for choice in evaluators:
             ecls = registry.get("evaluator", choice.name)
@@ -209,8 +214,14 @@ class CellPipeline:
             student_logits = checks.probe_logits(trained.student)
         model = self.convert(trained.student)
         with self.phase("check"):
-            self._check("fake_vs_converted", checks.fake_vs_converted, student_logits, model,
+            model_logits = checks.probe_logits(model)
+            self.fingerprint = checks.Fingerprint.of(model, model_logits)
+            self._check("fake_vs_converted", checks.fake_vs_converted, student_logits, model_logits,
                         checks.tolerance(self.quantizer, self.qparams, model))
+            measured = footprint.measure(self.inputs.teacher, model, self.quantizer.code_bits(self.qparams))
+            self.size = {**measured.as_size(self.quantizer.bits_per_weight(self.qparams)),
+                         "dtype": str(checks.model_dtype(model))}
+            self._check("coverage", checks.coverage, measured, self.min_coverage)
         return model, trained.log
 
     def _check(self, name: str, check, *args):
@@ -221,7 +232,7 @@ class CellPipeline:
             raise
 
     def run(self, save_to: Path | None = None) -> Outcome:
-        """Every phase of the cell; the model is saved into ``save_to`` if given."""
+        """Every phase of the cell; the model is saved into ``save_to`` if given (and reloaded)."""
         import torch
 
         device = self.context.device
@@ -234,12 +245,10 @@ class CellPipeline:
 
             set_seed(0)
             model = self.inputs.teacher
-            out.size = {"bits_per_weight": torch.finfo(next(model.parameters()).dtype).bits,
-                        "storage_bytes": state_dict_bytes(model)}
+            dtype_bits = torch.finfo(next(model.parameters()).dtype).bits
+            self.size = {**footprint.measure(model, model).as_size(dtype_bits), "dtype": str(checks.model_dtype(model))}
         else:
             model, out.log = self.build()
-            out.size = {"bits_per_weight": self.quantizer.bits_per_weight(self.qparams),
-                        "storage_bytes": self.quantizer.storage_bytes(model)}
         result = self.evaluate(model)
         if save_to is not None and not self.cell.is_teacher:
             out.save_error = self._save_or_explain(model, save_to)
@@ -248,15 +257,25 @@ class CellPipeline:
                     # CUDA's peak is reset per cell; CPU RSS only ever grows: the process's peak so far
                     "peak_memory_scope": "cell" if device == "cuda" else "process", "device": device}
         out.metrics, out.stderr, out.items, out.groups = result.metrics, result.stderr, result.items, result.groups
-        out.checks = self.checks
+        out.size, out.checks, out.fingerprint = self.size, self.checks, self.fingerprint
         return out
 
+    def save_checked(self, model, folder: Path) -> None:
+        """Save, then reload the folder as its model card says and compare with the evaluated model."""
+        from qcompare.card import folder_bytes
+
+        self.save(model, folder)
+        with self.phase("check"):
+            self._check("reload", checks.reload, folder, self.fingerprint,
+                        checks.DTYPE_RTOL.get(str(checks.model_dtype(model)), 1e-2), self.context.device)
+        self.size = {**self.size, "artifact_bytes": folder_bytes(folder)}
+
     def _save_or_explain(self, model, folder: Path) -> str | None:
-        """Save; on failure the evaluation stands, the folder goes, and the reason is returned."""
+        """Save and prove; on failure the evaluation stands, the folder goes, and the reason is returned."""
         import shutil
 
         try:
-            self.save(model, folder)
+            self.save_checked(model, folder)
             return None
         except Exception as e:
             shutil.rmtree(folder, ignore_errors=True)

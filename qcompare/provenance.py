@@ -1,7 +1,13 @@
-"""Where a result came from: package versions, code version, hardware."""
+"""Where a result came from: package versions, code version, hardware, and the identity of
+every plugin a cell used (so a cell made by another version of a plugin is known as stale)."""
 
 from __future__ import annotations
 
+import ast
+import functools
+import hashlib
+import importlib.util
+import json
 import platform
 import socket
 import subprocess
@@ -39,3 +45,79 @@ def provenance() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"versions": versions, "git_sha": git_sha(Path(__file__).resolve().parent), **hardware()}
+
+
+# --- plugins --------------------------------------------------------------------------
+
+
+@functools.cache
+def _direct_url(dist: str) -> dict:
+    """PEP 610's record of how a distribution was installed (editable, from a folder), if any."""
+    try:
+        text = metadata.distribution(dist).read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return {}
+    return json.loads(text) if text else {}
+
+
+def _module_file(module: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _local_imports(path: Path, module: str, top: str) -> set[str]:
+    """The modules of package ``top`` that ``module`` (at ``path``) imports, absolute or relative."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m == top or m.startswith(top + ".")}
+
+
+@functools.cache
+def source_digest(module: str) -> str | None:
+    """A hash of the source of ``module`` and of every module of its own package it imports,
+    transitively: what the plugin's behaviour can depend on within its package."""
+    top = module.split(".")[0]
+    todo, files = [module], {}
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if path is None or name in files:
+            continue
+        files[name] = path
+        todo += [m for m in _local_imports(path, name, top) if m not in files]
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + files[name].read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def plugin_identity(entry) -> dict:
+    """What made a result: the plugin's distribution and version, and where it was installed
+    from a folder or editable (or is not installed at all), a hash of its source."""
+    cls = entry.obj
+    module = getattr(cls, "__module__", None) or ""
+    try:
+        version = metadata.version(entry.package)
+    except (metadata.PackageNotFoundError, ValueError):
+        version = None
+    info = _direct_url(entry.package) if version else {}
+    local = version is None or info.get("url", "").startswith("file:") or info.get("dir_info", {}).get("editable")
+    identity = {"package": entry.package, "version": version}
+    if local:
+        identity["source"] = source_digest(module)
+    return identity

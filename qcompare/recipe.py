@@ -33,6 +33,9 @@ class PluginChoice(BaseModel):
     label_keys: tuple[str, ...] = ()
     # Parameters declared with RuntimeField: they change how a cell runs, not its result.
     runtime_keys: tuple[str, ...] = ()
+    # Quantizers only: the share of the body's weights that must end quantized (the coverage
+    # check); None takes the default. A check threshold, not a setting: cell ids ignore it.
+    min_coverage: float | None = None
 
     def settings(self) -> dict[str, Any]:
         """What the cell's result depends on (hashed into its id)."""
@@ -184,11 +187,19 @@ def expand_plugin(kind: str, spec: Any, where: str, registry: Registry, errors: 
     fields = cls.Params.model_fields
     axes: dict[str, list] = {}
     ok = True
+    min_coverage = None
     for key, value in spec.items():
         if key == "name":
             continue
+        if key == "min_coverage" and kind == "quantizer" and key not in fields:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                errors.append(f"{where}.min_coverage: bad value {value!r}; give the share of the body's weights that "
+                              "must end quantized, between 0 and 1 (default 0.95)")
+                ok = False
+            min_coverage = value
+            continue
         if key not in fields:
-            allowed = ", ".join(fields) or "(no parameters)"
+            allowed = ", ".join([*fields, *(["min_coverage"] if kind == "quantizer" else [])]) or "(no parameters)"
             errors.append(f"{where}.{key}: unknown parameter of {kind} {name!r}; allowed: {allowed}")
             ok = False
             continue
@@ -228,7 +239,8 @@ def expand_plugin(kind: str, spec: Any, where: str, registry: Registry, errors: 
                 loc = ".".join(map(str, err["loc"])) or "(parameters)"
                 errors.append(f"{where}.{loc}: {_fmt_error(err)} (with {dict(zip(keys, combo))})")
             continue
-        points.append(PluginChoice(name=name, params=params.model_dump(mode="json"), runtime_keys=runtime_keys(cls.Params)))
+        points.append(PluginChoice(name=name, params=params.model_dump(mode="json"), runtime_keys=runtime_keys(cls.Params),
+                                   min_coverage=None if min_coverage is None else float(min_coverage)))
     return points
 
 

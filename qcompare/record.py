@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from qcompare.errors import QcompareError
 
-# 1: the first build's records (no schema_version field). 2: schema_version, checks, plugins.
+# 1: the first build's records (no schema_version field; size held the nominal bits per weight).
+# 2: schema_version, checks, plugins, measured sizes, logical and spent cost.
 SCHEMA_VERSION = 2
 
 
@@ -88,6 +89,10 @@ def read_record(raw: Any, where: Path | str = "result.json") -> CellRecord:
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise QcompareError(f"{where}: written by a newer qcompare (record schema {version}; this one reads up to "
                             f"{SCHEMA_VERSION}); upgrade qcompare to read it")
+    if version == 1 and isinstance(raw.get("size"), dict):
+        # schema 1 stored the quantizer's nominal width as bits_per_weight and the bytes held in memory
+        old = raw["size"]
+        raw = {**raw, "size": {"nominal_bits": old.get("bits_per_weight"), "memory_bytes": old.get("storage_bytes")}}
     try:
         return CellRecord.model_validate({**raw, "schema_version": version})
     except ValidationError as e:

@@ -19,7 +19,7 @@ from qcompare.errors import QcompareError
 from qcompare.results import (group_columns, is_accuracy, leaf_tasks, load_run, metric_column, primary_metrics,
                                setting_column)
 from qcompare.stats import Comparison, mean_ci, paired_bootstrap
-from qcompare.store import open_run
+from qcompare.store import RunStore, open_run
 
 FORMATS = ("table", "markdown", "latex", "csv", "json")
 MIN_GAP = 0.01  # the teacher − PTQ gap (on the average) below which "recovered" is not computed
@@ -59,6 +59,7 @@ def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.Da
             c for c in df.columns if "/" in c and ":" not in c and not is_accuracy(c.partition("/")[2]))
     if "average" in df.columns:
         metrics = metrics + ["average"]
+    df = with_logical_time(df)
     keys = group_columns(df)
     shown = _varying(df, keys)
     rows = []
@@ -72,23 +73,62 @@ def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.Da
         for m in metrics:
             err = g[f"{m}:stderr"].iloc[0] if f"{m}:stderr" in g and len(g) == 1 else None
             row[m], row[f"{m} ±"] = mean_ci(g[m].tolist() if m in g else [], err)
-        row["bits per weight"] = first.get("bits_per_weight")
-        row["MB"] = first.get("storage_bytes", float("nan")) / 1e6
-        row["time s"] = g["cost.total_seconds"].mean() if "cost.total_seconds" in g else float("nan")
-        cuda = g.get("cost.device", pd.Series(dtype=str)).eq("cuda")
-        row["GPU h"] = float((g["cost.total_seconds"][cuda]).sum() / 3600) if cuda.any() else float("nan")
-        row["tokens gen"] = g["cost.tokens_generated"].mean() if "cost.tokens_generated" in g else float("nan")
+        row.update(_size_and_cost(first, g))
         rows.append(row)
     out = pd.DataFrame(rows)
     # The same configuration run on other data or evaluations (an earlier version of the
     # recipe in the same folder) is a row of its own, told apart by its setup digest.
     twice = out.duplicated(["model", "config"], keep=False)
-    out.loc[twice, "config"] = out.loc[twice, "config"] + " · setup " + out.loc[twice, "setup"]
+    other_setup = twice & out.duplicated(["model", "config", "setup"], keep=False).__invert__()
+    out.loc[other_setup, "config"] = out.loc[other_setup, "config"] + " · setup " + out.loc[other_setup, "setup"]
+    # the same configuration made by other plugin versions (stale cells kept with --keep-stale)
+    twice = out.duplicated(["model", "config"], keep=False)
+    out.loc[twice, "config"] = out.loc[twice, "config"] + " · plugins " + out.loc[twice, "versions"]
     out["_order"] = out["kind"].map({"teacher": 0, "ptq": 1, "distilled": 2})
     out = out.sort_values(["model", "_order", "config"], kind="stable").drop(columns="_order").reset_index(drop=True)
     if "average" in metrics:
         _add_recovery(out)
     return out, metrics
+
+
+def with_logical_time(df: pd.DataFrame) -> pd.DataFrame:
+    """Each cell's time as if nothing were cached: the teacher tokens a cache served, at the run's own
+    measured seconds per teacher token (per model and device), added back as ``cost.teacher_seconds_saved``."""
+    need = ("cost.teacher_cached_tokens", "cost.teacher_forward_seconds", "cost.teacher_tokens", "cost.device")
+    if not all(c in df for c in need) or not df["cost.teacher_cached_tokens"].fillna(0).any():
+        return df
+    df = df.copy()
+    df["cost.teacher_seconds_saved"] = 0.0
+    for _, g in df.groupby(["model", "cost.device"], dropna=False):
+        tokens = g["cost.teacher_tokens"].fillna(0).sum()
+        if tokens:
+            rate = g["cost.teacher_forward_seconds"].fillna(0).sum() / tokens
+            df.loc[g.index, "cost.teacher_seconds_saved"] = g["cost.teacher_cached_tokens"].fillna(0) * rate
+    return df
+
+
+def _mean(g: pd.DataFrame, column: str) -> float:
+    return float(g[column].mean()) if column in g and g[column].notna().any() else float("nan")
+
+
+def _size_and_cost(first: pd.Series, g: pd.DataFrame) -> dict:
+    """A configuration's size (as measured in its converted model) and logical cost (as if nothing
+    were cached or shared: the same for a cell whichever ran first)."""
+    get = lambda key: first.get(key) if key in first and pd.notna(first.get(key)) else float("nan")  # noqa: E731
+    seconds = g["cost.total_seconds"] + g["cost.teacher_seconds_saved"].fillna(0) \
+        if "cost.teacher_seconds_saved" in g else g.get("cost.total_seconds", pd.Series(dtype=float))
+    cuda = g.get("cost.device", pd.Series(dtype=str)).eq("cuda")
+    return {
+        "quantized": get("quantized_share_body"),
+        "bits/weight": get("bits_per_weight"),
+        "model bits": get("model_bits_per_weight"),
+        "nominal bits": get("nominal_bits"),
+        "MB": get("packed_bytes") / 1e6,
+        "TFLOP": _mean(g, "cost.flops") / 1e12,
+        "time s": float(seconds.mean()) if len(seconds) else float("nan"),
+        "GPU h": float(seconds[cuda].sum() / 3600) if cuda.any() else float("nan"),
+        "tokens gen": _mean(g, "cost.tokens_generated"),
+    }
 
 
 def _add_recovery(out: pd.DataFrame) -> None:
@@ -112,14 +152,32 @@ def _add_recovery(out: pd.DataFrame) -> None:
             out.at[i, "recovered"] = (row["average"] - p) / (t - p)
 
 
-def _fmt(value, half=None, pct=False) -> str:
+def _fmt(value, half=None, pct=False, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if pct:
         return f"{value:.0%}"
-    text = f"{value:.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    text = f"{value:.{digits}f}" if abs(value) < 100 else f"{value:,.0f}"
     text = "0.000" if text == "-0.000" else text
     return f"{text}±{half:.3f}" if half is not None and not math.isnan(half) else text
+
+
+def _count(value) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:,.0f}"
+
+
+# The size-and-cost columns: name → how a summary row's value reads.
+SIZE_AND_COST = {
+    "quantized": lambda v: _fmt(v, pct=True),  # share of the body's weights on a low-bit grid
+    "bits/weight": lambda v: _fmt(v, digits=2),  # true: codes + scales + zero points as stored
+    "model bits": lambda v: _fmt(v, digits=2),  # every weight, float layers and adapters included
+    "nominal bits": lambda v: _fmt(v, digits=2),  # what the format's name promises
+    "MB": _fmt,  # the model at its true size
+    "TFLOP": lambda v: _fmt(v, digits=4),  # logical: as if nothing were cached or shared
+    "time s": _fmt,
+    "GPU h": _fmt,
+    "tokens gen": _count,
+}
 
 
 def _cells(row, metrics, every_ci: bool = True) -> list[str]:
@@ -128,17 +186,16 @@ def _cells(row, metrics, every_ci: bool = True) -> list[str]:
         row["config"], str(row["seeds"]),
         *(_fmt(row[m], row[f"{m} ±"] if every_ci or m == "average" else None) for m in metrics),
         _fmt(row.get("Δ teacher")), _fmt(row.get("recovered"), pct=True),
-        _fmt(row["bits per weight"]), _fmt(row["MB"]), _fmt(row["time s"]), _fmt(row["GPU h"]),
-        "—" if math.isnan(row["tokens gen"]) else f"{row['tokens gen']:,.0f}",
+        *(fmt(row.get(col, float("nan"))) for col, fmt in SIZE_AND_COST.items()),
     ]
 
 
 HEAD = ["configuration", "seeds"]
-TAIL = ["Δ teacher", "recovered", "bits per weight", "MB", "time s", "GPU h", "tokens gen"]
+TAIL = ["Δ teacher", "recovered", *SIZE_AND_COST]
 
 
 def print_report(store_or_path, console: Console, fmt: str = "table", metrics: list[str] | None = None) -> None:
-    root = getattr(store_or_path, "root", store_or_path)
+    root = store_or_path.root if isinstance(store_or_path, RunStore) else Path(store_or_path)
     every = load_run(root, include_failed=True)
     failed = every[every["status"] != "done"] if not every.empty else every
     df = every[every["status"] == "done"].reset_index(drop=True) if not every.empty else every
@@ -160,9 +217,34 @@ def print_report(store_or_path, console: Console, fmt: str = "table", metrics: l
     console.print("± is the half-width of a 95% CI: over seeds (t), or 1.96 × the evaluator's stderr with one seed "
                   "(every column's in --format csv/json/markdown). recovered = (distilled − PTQ) / (teacher − PTQ) "
                   f"on the average, where that gap is at least {MIN_GAP}.", style="dim")
+    console.print(SIZE_NOTE, style="dim")
+    saving = cache_saving(df)
+    if saving:
+        console.print(saving, style="dim")
     if not failed.empty:
         console.print(f"[red]{len(failed)} cells not finished[/] (failed, or interrupted: run the recipe again): "
                       + "; ".join(f"{r.id} ({r.error if isinstance(r.error, str) else r.status})" for r in failed.itertuples()))
+
+
+SIZE_NOTE = ("quantized = share of the body's weights (all but embeddings and head) on a low-bit grid; bits/weight = "
+             "true bits per quantized weight (codes at the format's width, scales and zero points as stored); model "
+             "bits = over every weight of the model, float layers and LoRA adapters included; nominal = the format's "
+             "name; MB = the model at its true size. TFLOP and time s are each cell's logical cost, as if nothing "
+             "were cached or shared (a cached teacher batch counts as computed; its time is estimated from the "
+             "run's own teacher forwards).")
+
+
+def cache_saving(df: pd.DataFrame) -> str | None:
+    """What caches and sharing saved this run as a whole (the tables show logical cost)."""
+    if "cost.teacher_cached_tokens" not in df or not df["cost.teacher_cached_tokens"].fillna(0).any():
+        return None
+    df = with_logical_time(df)
+    cached = df["cost.teacher_cached_tokens"].fillna(0).sum()
+    logical = df.get("cost.teacher_tokens_logical", df["cost.teacher_cached_tokens"]).fillna(0).sum()
+    flops = (df.get("cost.flops", 0) - df.get("cost.flops_spent", 0)).fillna(0).sum() if "cost.flops_spent" in df else 0
+    seconds = df.get("cost.teacher_seconds_saved", pd.Series(dtype=float)).fillna(0).sum()
+    return (f"this run's teacher cache served {cached:,.0f} of {logical:,.0f} teacher tokens ({cached / logical:.0%}): "
+            f"{flops / 1e12:.4f} TFLOP and about {seconds:.0f} s not spent, over the whole run")
 
 
 def _header(name: str) -> str:

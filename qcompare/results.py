@@ -56,8 +56,11 @@ def record_row(record: CellRecord) -> dict:
     s = record.settings
     # Cells of one configuration pool as seeds only if they saw the same data and evaluations.
     setup = hashlib.sha256(json.dumps([s.data, s.evaluators], sort_keys=True).encode()).hexdigest()[:6]
+    # ... and only if the same plugin versions made them (a stale cell is a row of its own)
+    versions = hashlib.sha256(json.dumps(record.plugins, sort_keys=True).encode()).hexdigest()[:6] \
+        if record.plugins else "unversioned"
     row = {"id": record.id, "status": record.status, "label": record.label, "model": s.model,
-           "setup": setup,
+           "setup": setup, "versions": versions,
            "quantizer": s.quantizer.name if s.quantizer else "teacher",
            "distiller": s.distiller.name if s.distiller else "",
            "seed": s.seed, "error": record.error}
@@ -120,4 +123,4 @@ def metric_column(df: pd.DataFrame, name: str, what: str = "metric") -> str:
 
 def group_columns(df: pd.DataFrame) -> list[str]:
     """The settings that tell cells apart, except the seed: one group per configuration."""
-    return [c for c in df.columns if c in (*SETTINGS[:3], "setup") or c.startswith(("quantizer.", "distiller."))]
+    return [c for c in df.columns if c in (*SETTINGS[:3], "setup", "versions") or c.startswith(("quantizer.", "distiller."))]

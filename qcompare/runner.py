@@ -56,12 +56,34 @@ def default_output(recipe: Recipe) -> Path:
     return recipe.output or Path("runs") / recipe.name
 
 
+_identities: dict = {}
+
+
+def plugin_identities(cell: Cell, registry) -> dict:
+    """The identity (package, version, source hash) of every plugin the cell's result depends on."""
+    from qcompare.provenance import plugin_identity
+
+    out = {}
+    for kind, name in cell.plugins():
+        entry = registry.plugins[kind][name]
+        key = (kind, name, id(entry.obj))
+        if key not in _identities:
+            _identities[key] = plugin_identity(entry)
+        out[f"{kind}:{name}"] = _identities[key]
+    return out
+
+
 def plan(recipe: Recipe, store: RunStore) -> list[tuple[Cell, str]]:
-    """Each cell with its stored status: done, failed, running (interrupted) or pending."""
+    """Each cell with its stored status: done, stale (done by other plugin versions than the ones
+    installed now), failed, running (interrupted) or pending."""
+    registry = get_registry()
     out = []
     for cell in expand(recipe):
         r = store.result(cell.id)
-        out.append((cell, r.status if r else "pending"))
+        status = r.status if r else "pending"
+        if status == "done" and r.plugins and r.plugins != plugin_identities(cell, registry):
+            status = "stale"
+        out.append((cell, status))
     return out
 
 
@@ -107,7 +129,7 @@ class Runner:
         files = self.store.cell(cell.id)
         files.folder.mkdir(parents=True, exist_ok=True)
         record = CellRecord(id=cell.id, label=cell.label(), settings=cell.settings(), status="running",
-                            started_at=now(),
+                            started_at=now(), plugins=plugin_identities(cell, self.registry),
                             # what produced the cell: the run folder's recipe.toml is the latest run's
                             recipe={"text": self.recipe.text, "overrides": self.recipe.overrides},
                             data_source=None if cell.is_teacher else self.recipe.data.model_dump())
@@ -125,6 +147,8 @@ class Runner:
                     write_jsonl(files.train_log, out.log)
                 if out.items:
                     write_json(files.items, out.items)
+                if out.fingerprint is not None:
+                    out.fingerprint.save(files.probe)
                 write_json(files.cost, out.cost)
             record = record.model_copy(update=dict(
                 status="done", size=out.size, metrics=out.metrics, stderr=out.stderr, groups=out.groups,
@@ -155,11 +179,13 @@ class Runner:
 
     # --- the sweep --------------------------------------------------------------------
 
-    def run(self, on_done=None) -> list[CellRecord]:
-        """Run every cell not yet done; return the records of the cells run now."""
+    def run(self, on_done=None, keep_stale: bool = False) -> list[CellRecord]:
+        """Run every cell not yet done (and, unless ``keep_stale``, every cell made by other plugin
+        versions); return the records of the cells run now."""
         if self.writes:
             self.store.init(self.recipe.text)
-        todo = [c for c, status in self.plan() if status != "done"]
+        kept = ("done", "stale") if keep_stale else ("done",)
+        todo = [c for c, status in self.plan() if status not in kept]
         ex_cls = self.registry.get("executor", self.recipe.executor.name)
         params = ex_cls.Params.model_validate(self.recipe.executor.params)
         records: list[CellRecord] = []

@@ -102,3 +102,35 @@ def load_saved(folder: Path, device: str = "cpu"):
     if device != "cpu":
         kwargs["device_map"] = device
     return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+
+
+def save_int_grid(model, folder: Path, grids: dict, bits: int, group_size: int, symmetric: bool = True) -> None:
+    """Write ``model`` as a compressed-tensors checkpoint (packed integer codes: the format
+    llm-compressor writes, vLLM serves and ``AutoModelForCausalLM.from_pretrained`` loads).
+
+    For a quantizer whose codes sit on a per-group integer grid, ``w = (code - zero_point) * scale``
+    with groups of ``group_size`` consecutive input features (0: one group per row): ``model``'s
+    Linear layers named in ``grids`` hold their weights dequantized (exactly on the grid), and
+    ``grids[name] = (scale, zero_point)``, each shaped (out_features, in_features / group_size).
+    Every other Linear layer is saved in float."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus, apply_quantization_config)
+    from torch import nn
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                            strategy="group" if group_size else "channel", group_size=group_size or None)
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in grids]
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                ignore=ignore, quantization_status=QuantizationStatus.FROZEN)
+    apply_quantization_config(model, config)
+    with torch.no_grad():
+        for name, (scale, zero_point) in grids.items():
+            m = model.get_submodule(name)
+            m.weight_scale.copy_(scale.reshape(m.weight_scale.shape).to(m.weight_scale.dtype))
+            m.weight_zero_point.copy_(zero_point.reshape(m.weight_zero_point.shape).round().to(m.weight_zero_point.dtype))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(str(folder))
+    compressor.update_config(str(folder))

@@ -122,12 +122,22 @@ def find_targets(model, skip: Iterable[str] = (), kinds: Iterable[str] = ("linea
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"unknown target kinds {unknown}; allowed: {', '.join(KINDS)}")
-    seen, out = set(), []
+    seen, out = [], []
     for t in all_targets(model):
-        if t.kind in kinds and not skipped(t, skip) and id(t.weight) not in seen:
-            seen.add(id(t.weight))
+        stored = stored_parameter(t.module, t.param)
+        if t.kind in kinds and not skipped(t, skip) and not any(stored is s for s in seen):
+            seen.append(stored)
             out.append(t)
     return out
+
+
+def stored_parameter(module, param: str):
+    """The tensor a module stores for ``param`` (under a torch parametrization, its original:
+    reading ``module.weight`` there computes a new tensor each time)."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and param in parametrizations:
+        return parametrizations[param].original
+    return module._parameters.get(param, getattr(module, param, None))
 
 
 def unmatched(model, skip: Iterable[str]) -> list[str]:

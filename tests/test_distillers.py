@@ -119,7 +119,7 @@ def test_sft_trains_the_student_on_the_answers(world, tmp_path):
     assert (bar.total, bar.done) == (4, 4)
     cost = result.cost
     assert cost["steps"] == 4 and cost["student_tokens"] > 0 and cost["teacher_tokens"] == 0
-    assert cost["rollout_seconds"] == 0 and cost["flops_estimate"] == 6 * cost["student_params"] * cost["student_tokens"]
+    assert cost["rollout_seconds"] == 0 and cost["flops"] == 6 * cost["student_params"] * cost["student_tokens"]
     assert not context.checkpoint_dir.exists()  # deleted once the cell finished
 
 
@@ -184,7 +184,7 @@ def test_gkd_seq_kd_trains_on_teacher_rollouts(world, tmp_path):
     assert cost["rollout_seconds"] > 0 and cost["tokens_generated"] > 0
     # rollouts by the teacher count 2·teacher_params per token, trained tokens 6·student_params
     n = cost["student_params"]
-    assert cost["flops_estimate"] == 6 * n * cost["student_tokens"] + 2 * n * cost["teacher_tokens"] + 2 * n * cost["rollout_tokens"]
+    assert cost["flops"] == cost["flops_spent"] == 6 * n * cost["student_tokens"] + 2 * n * cost["teacher_tokens"] + 2 * n * cost["rollout_tokens"]
 
 
 def _gkd_losses(world, tmp_path, seed, **extra):

@@ -189,7 +189,9 @@ def test_tinygemm_on_cpu_is_not_saved_but_the_cell_keeps_its_results(toy_plugins
         "group_size = 32", 'group_size = 32\nsymmetric = false\npacking = "tinygemm"'))
     out = tmp_path / "run"
     res = cli.invoke(app, ["run", str(recipe), "-o", str(out)])
-    assert res.exit_code == 0, res.output
+    # the model asked for is missing: the run says so and exits 1; the evaluation stands
+    assert res.exit_code == 1, res.output
+    assert "1 cells' models were not saved" in res.output
     [record] = [json.loads(p.read_text()) for p in out.glob("cells/*/result.json")]
     assert record["status"] == "done" and "probe/mean" in record["metrics"]
     assert "cannot save Int4OpaqueTensor" in record["save_error"] and "packing='unpacked'" in record["save_error"]

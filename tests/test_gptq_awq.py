@@ -95,7 +95,9 @@ def test_trained_student_keeps_its_grid_converts_exactly_and_reloads_from_compre
     with torch.no_grad():
         converted = real(batch).logits
     assert torch.equal(converted, trained), (converted - trained).abs().max()
-    assert quantizer.storage_bytes(real) < sum(t.numel() * 4 for t in world[1].state_dict().values())
+    from qcompare.footprint import measure
+
+    assert measure(world[1], real).memory_bytes < sum(t.numel() * 4 for t in world[1].state_dict().values())
 
     folder = tmp_path / "compressed"
     quantizer.save(real, params, folder, ctx)

@@ -23,7 +23,7 @@ def test_load_run_means_equal_the_report_json(test_plugins, write_recipe, tmp_pa
 
     df = load_run(out)  # one row per cell
     assert len(df) == 7 and {"id", "seed", "quantizer.bits", "distiller.max_steps", "probe/acc", "probe/kl",
-                             "average", "storage_bytes", "cost.total_seconds"} <= set(df.columns)
+                             "average", "memory_bytes", "bits_per_weight", "cost.total_seconds"} <= set(df.columns)
     assert len(report) == 5  # teacher, 2 × keep (seedless), 2 × nudge (2 seeds each)
     for row in report:
         mask = (df["quantizer"] == row["quantizer"]) & (df["distiller"] == row["distiller"])

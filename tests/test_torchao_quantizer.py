@@ -231,23 +231,30 @@ def test_convert_needs_a_prepared_student(teachers):
 # --- size -----------------------------------------------------------------------------
 
 
-def test_storage_bytes_count_codes_scales_and_zero_points(teachers):
+def test_true_size_counts_codes_at_their_width_and_scales_and_zero_points_as_stored(teachers):
+    from qcompare.footprint import measure
+
     teacher = teachers["qwen3"]
-    float_bytes = QUANTIZER.storage_bytes(teacher)
+    float_bytes = measure(teacher, teacher).memory_bytes
     linears = [m for n, m in teacher.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     n = sum(m.weight.numel() for m in linears)
     rest = float_bytes - 4 * n  # embeddings, lm_head, norms stay float32
 
     _, _, unpacked = fake_and_real(teacher, bits=4, group_size=32)
-    # one int8 per code, an fp32 scale and an int8 zero point per group of 32
-    assert QUANTIZER.storage_bytes(unpacked) == rest + n * (1 + 4 / 32 + 1 / 32)
+    held = measure(teacher, unpacked, QUANTIZER.code_bits(TorchaoParams(bits=4)))
+    # one int8 per code in memory, an fp32 scale and an int8 zero point per group of 32
+    assert held.memory_bytes == rest + n * (1 + 4 / 32 + 1 / 32)
+    size = held.as_size(4.5)
+    assert size["memory_bits_per_weight"] == pytest.approx(8 + 32 / 32 + 8 / 32)
+    assert size["bits_per_weight"] == pytest.approx(4 + 32 / 32 + 8 / 32)  # codes ship at 4 bits
+    assert size["nominal_bits"] == 4.5 and size["quantized_share_body"] > 0.99
 
     _, _, packed = fake_and_real(teacher, bits=4, symmetric=False, group_size=32, packing="tinygemm")
+    shipped = measure(teacher, packed, 4)
     # two codes per byte, bf16 scale and zero per group; the rest of the model is bfloat16
-    assert QUANTIZER.storage_bytes(packed) == rest // 2 + n * (0.5 + 4 / 32)
-    assert QUANTIZER.storage_bytes(packed) < QUANTIZER.storage_bytes(unpacked) < float_bytes
-    # the quantized layers alone: 4 / (0.5 + 4/32) = 6.4x smaller than float32
-    assert (float_bytes - rest) / (QUANTIZER.storage_bytes(packed) - rest // 2) == pytest.approx(6.4)
+    assert shipped.memory_bytes == rest // 2 + n * (0.5 + 4 / 32)
+    assert shipped.as_size(5.0)["bits_per_weight"] == pytest.approx(4 + 32 / 32)
+    assert shipped.memory_bytes < held.memory_bytes < float_bytes
 
 
 def test_bits_per_weight_counts_scale_and_zero_point_per_group():
@@ -259,10 +266,14 @@ def test_bits_per_weight_counts_scale_and_zero_point_per_group():
     assert bpw(TorchaoParams(bits=8, group_size=64)) == 8.25
 
 
-def test_storage_bytes_count_tied_weights_once(teachers):
+def test_true_size_counts_tied_weights_once(teachers):
+    from qcompare.footprint import measure
+
     gemma = teachers["gemma"]
     assert gemma.lm_head.weight is gemma.model.embed_tokens.weight
-    assert QUANTIZER.storage_bytes(gemma) == sum(p.numel() * 4 for p in gemma.parameters())
+    measured = measure(gemma, gemma)
+    assert measured.memory_bytes == sum(p.numel() * 4 for p in gemma.parameters())
+    assert {w.part for w in measured.weights if "embed" in w.name} == {"embeddings"}
 
 
 # --- registration ---------------------------------------------------------------------

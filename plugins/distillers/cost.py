@@ -29,6 +29,7 @@ COUNTERS = (
     "teacher_tokens",  # tokens through the teacher's forward
     "teacher_forwards",  # teacher forward calls (a batch served from the teacher cache makes none)
     "teacher_cached_tokens",  # tokens whose teacher logits came from the run's teacher cache
+    "teacher_cached_batches",  # batches served from the cache: teacher forwards not made
     "student_tokens",  # tokens through the student's forward+backward
     "train_seconds",  # wall time of trainer.train(), summed over resumed runs
     "loop_seconds",  # the part of train_seconds spent in the step loop (after set-up)
@@ -38,7 +39,7 @@ SAVED_NAME = "qcompare_cost.json"
 # The counters each data-parallel process counts for its own shard of the batch (the rest are
 # wall times and steps, the same in every process).
 PER_PROCESS = ("tokens_generated", "rollout_tokens", "student_rollout_tokens", "teacher_tokens", "teacher_forwards",
-               "teacher_cached_tokens", "student_tokens")
+               "teacher_cached_tokens", "teacher_cached_batches", "student_tokens")
 
 
 class CostMeter:
@@ -122,12 +123,12 @@ class CostMeter:
         steps = int(t["steps"])
         student_seconds = max(t["step_seconds"] - t["rollout_seconds"] - t["teacher_forward_seconds"], 0.0)
         teacher_rollout_tokens = t["rollout_tokens"] - t["student_rollout_tokens"]
-        flops = (
-            6 * student_params * t["student_tokens"]
-            + 2 * teacher_params * t["teacher_tokens"]
-            + 2 * student_params * t["student_rollout_tokens"]
-            + 2 * teacher_params * teacher_rollout_tokens
-        )
+        teacher_logical = t["teacher_tokens"] + t["teacher_cached_tokens"]
+
+        def flops(teacher_tokens):
+            return (6 * student_params * t["student_tokens"] + 2 * teacher_params * teacher_tokens
+                    + 2 * student_params * t["student_rollout_tokens"] + 2 * teacher_params * teacher_rollout_tokens)
+
         return {
             "train_seconds": round(t["train_seconds"], 4),
             "steps": steps,
@@ -141,6 +142,9 @@ class CostMeter:
             # in the loop but outside training_step: optimizer, data loading, logging, checkpoints
             "other_seconds": round(max(t["loop_seconds"] - t["step_seconds"], 0.0), 4),
             "tokens_generated": int(t["tokens_generated"]),
+            # the method's logical work (as if nothing were cached), then what this run computed
+            "teacher_tokens_logical": int(teacher_logical),
+            "teacher_forwards_logical": int(t["teacher_forwards"] + t["teacher_cached_batches"]),
             "teacher_tokens": int(t["teacher_tokens"]),
             "teacher_forwards": int(t["teacher_forwards"]),
             "teacher_cached_tokens": int(t["teacher_cached_tokens"]),
@@ -148,9 +152,11 @@ class CostMeter:
             "rollout_tokens": int(t["rollout_tokens"]),
             "student_params": student_params,
             "teacher_params": teacher_params,
-            "flops_estimate": float(flops),
-            "flops_method": "estimate: 6*params*tokens for trained student tokens, 2*params*tokens for "
-            "teacher forwards and rollout tokens (prompt+completion, KV cache assumed); attention ignored",
+            "flops": float(flops(teacher_logical)),
+            "flops_spent": float(flops(t["teacher_tokens"])),
+            "flops_method": "logical estimate: 6*params*tokens for trained student tokens, 2*params*tokens for "
+            "teacher forwards (cached ones included; flops_spent leaves them out) and rollout tokens "
+            "(prompt+completion, KV cache assumed); attention ignored",
             **peak_memory(self.device),
         }
 
@@ -174,7 +180,7 @@ def peak_memory(device: str) -> dict:
 def zero_cost() -> dict:
     """The cost of a distiller that does not train."""
     return {"train_seconds": 0.0, "steps": 0, "tokens_generated": 0, "teacher_tokens": 0, "student_tokens": 0,
-            "flops_estimate": 0.0}
+            "flops": 0.0, "flops_spent": 0.0}
 
 
 def count_params(model) -> int:

@@ -55,7 +55,7 @@ class GKDDistiller(Distiller):
         return params.lora_r > 0
 
     def distill(self, teacher, student, tokenizer, data, params: GKDParams, context: CellContext) -> DistillResult:
-        from .common import check_data, check_tokenizer, run_training
+        from .common import check_data, check_tokenizer, fp32_master_weights, run_training
         from .cost import CostMeter
         from .shared_teacher import share_base_weights, unshare_trainable
         from .teacher_cache import TeacherCache
@@ -69,24 +69,26 @@ class GKDDistiller(Distiller):
         if params.lora_r and params.shared_teacher:
             refused = share_base_weights(teacher, student)
             layout = "shared" if refused is None else f"separate ({refused})"
-        trainer = self.make_trainer(teacher, student, tokenizer, data, params, context, meter)
-        if layout == "shared":
-            unshare_trainable(trainer.model, teacher)
-            storage = {p.data_ptr() for p in teacher.parameters()}
-            if any(p.data_ptr() in storage for p in trainer.model.parameters()):
-                trainer.shared_teacher = True
-            else:  # the trainer cast or moved the student: its weights are no longer the teacher's
-                layout = "separate (the trainer copied the student's weights)"
-        cache = None
-        if params.teacher_cache and not (params.seq_kd or params.lmbda == 1.0):
-            cache = TeacherCache.for_run(teacher, context.shared_dir, params.teacher_cache_max_gb)
-        trainer.teacher_cache = cache
-        try:
-            result = run_training(self.name, trainer, meter, teacher, params, context)
-        finally:
-            if cache is not None:
-                cache.save()
+        with fp32_master_weights(student, params) as master:
+            trainer = self.make_trainer(teacher, student, tokenizer, data, params, context, meter)
+            if layout == "shared":
+                unshare_trainable(trainer.model, teacher)
+                storage = {p.data_ptr() for p in teacher.parameters()}
+                if any(p.data_ptr() in storage for p in trainer.model.parameters()):
+                    trainer.shared_teacher = True
+                else:  # the trainer cast or moved the student: its weights are no longer the teacher's
+                    layout = "separate (the trainer copied the student's weights)"
+            cache = None
+            if params.teacher_cache and not (params.seq_kd or params.lmbda == 1.0):
+                cache = TeacherCache.for_run(teacher, context.shared_dir, params.teacher_cache_max_gb)
+            trainer.teacher_cache = cache
+            try:
+                result = run_training(self.name, trainer, meter, teacher, params, context)
+            finally:
+                if cache is not None:
+                    cache.save()
         result.cost["teacher_layout"] = layout
+        result.cost["master_weights"] = "fp32" if master else "as the model"
         if cache is not None:
             result.cost["teacher_cache_bytes"] = cache.disk_bytes()
         return result

@@ -87,6 +87,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
             cached = cache.lookup(inputs, key, vocab)
             if cached is not None:
                 self.meter.add("teacher_cached_tokens", inputs["attention_mask"].sum().item())
+                self.meter.add("teacher_cached_batches", 1)
                 return cached
         tokens = inputs["attention_mask"].sum().item()
         with self.meter.time("teacher_forward_seconds"), torch.no_grad():

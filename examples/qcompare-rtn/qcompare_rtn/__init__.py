@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from qcompare import hookimpl
 from qcompare.api import Params, Quantizer
 from qcompare.errors import QcompareError
+from qcompare.saving import save_int_grid
 from qcompare.targets import find_targets
 
 
@@ -67,6 +68,10 @@ class RTNLinear(nn.Module):
 
 
 def _targets(model: nn.Module, p: RTNParams) -> list[tuple[str, nn.Linear]]:
+    experts = find_targets(model, p.skip, kinds=("experts",))
+    if experts:  # refuse what we do not quantize, rather than leave most of the model float
+        raise QcompareError(f"rtn: quantizes Linear layers only, and this model keeps 3-D expert weights "
+                            f"({experts[0].qualified}, ...); skip them or use a quantizer that handles experts")
     # qcompare's own target finder: the same skip grammar as the built-in quantizers
     found = [(t.name, t.module) for t in find_targets(model, p.skip, kinds=("linear",))]
     if not found:
@@ -95,8 +100,29 @@ class RTNQuantizer(Quantizer):
             setattr(parent, name.rpartition(".")[2], RTNLinear(m, params.bits, params.group_size))
         return student
 
+    def save(self, model, params, folder, context):
+        """A compressed-tensors checkpoint (packed codes and scales, what vLLM serves) that
+        ``AutoModelForCausalLM.from_pretrained`` loads to the same logits: the default
+        ``save_pretrained`` would write buffers transformers does not know, and the reloaded
+        model would hold freshly initialised Linear layers instead."""
+        import copy
+
+        plain, grids = copy.deepcopy(model), {}
+        for name, m in list(plain.named_modules()):
+            if isinstance(m, RTNLinear):
+                linear = nn.Linear(m.shape[1], m.shape[0], bias=m.bias is not None, dtype=m.scale.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_((m.codes.to(m.scale.dtype) * m.scale).reshape(m.shape))
+                linear.bias = m.bias
+                plain.set_submodule(name, linear)
+                grids[name] = (m.scale.squeeze(-1), torch.zeros_like(m.scale.squeeze(-1)))
+        save_int_grid(plain, folder, grids, params.bits, params.group_size, symmetric=True)
+
     def bits_per_weight(self, params):
         return params.bits + 32 / params.group_size  # one fp32 scale per group
+
+    def code_bits(self, params):
+        return params.bits  # held one per int8 here; a packed format would store them at this width
 
 
 @hookimpl

@@ -1,0 +1,234 @@
+"""For plugin authors' tests: tiny models of many layouts, a tiny chat world, and
+``check_quantizer`` — the runner's own checks run on a quantizer, so a plugin's test suite and
+qcompare's runner agree by construction.
+
+    from qcompare.testing import check_quantizer
+    from my_package import MyQuantizer
+
+    def test_my_quantizer_passes_qcompares_checks(tmp_path):
+        check_quantizer(MyQuantizer, {"bits": 4}, folder=tmp_path)
+
+Everything here is built in memory from transformers' configs (no hub, no files), in a second
+or two on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qcompare import checks, footprint
+from qcompare.errors import QcompareError
+
+# Shared shape of every tiny model: a forward pass takes milliseconds.
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MOE = dict(num_experts_per_tok=2)
+# transformers model type → what its tiny config adds to SHAPE
+FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen3": dict(head_dim=16),
+    "llama": {},
+    "qwen2": {},
+    "mistral": dict(head_dim=16, sliding_window=None),
+    "gemma": dict(head_dim=16),
+    "gemma3_text": dict(head_dim=16),
+    "phi3": {},
+    "olmo2": {},
+    "gpt_neox": {},
+    "falcon": {},
+    "gpt2": {},
+    "qwen3_moe": dict(head_dim=16, num_experts=4, moe_intermediate_size=32, **MOE),
+    "mixtral": dict(num_local_experts=4, **MOE),
+    "olmoe": dict(num_experts=4, **MOE),
+}
+# The layouts a quantizer must cope with, each shown by one family.
+LAYOUTS = {
+    "gqa": "qwen3",  # grouped-query attention, separate q/k/v
+    "fused-qkv": "phi3",  # one qkv_proj and one gate_up_proj Linear
+    "tied-embeddings": "gemma",  # lm_head is the embedding matrix
+    "moe-experts": "qwen3_moe",  # experts fused into 3-D parameters, a non-Linear router
+    "conv1d": "gpt2",  # transformers' Conv1D (weights stored in × out)
+}
+
+
+def tiny_config(family: str, vocab_size: int = 128):
+    import torch
+    from transformers import AutoConfig
+
+    if family not in FAMILIES:
+        raise QcompareError(f"unknown tiny model family {family!r}; allowed: {', '.join(FAMILIES)}")
+    return AutoConfig.for_model(family, vocab_size=vocab_size, dtype=torch.float32, **SHAPE, **FAMILIES[family])
+
+
+def tiny_model(family: str, vocab_size: int = 128, seed: int = 0):
+    """A random-weight float32 causal LM of ``family`` (a transformers model type): 2 layers,
+    hidden 64, 4 heads, 2 KV heads (4 experts for the MoE families)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, vocab_size)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+# --- a tiny chat world ---------------------------------------------------------------------
+
+SPECIAL = ["<pad>", "<unk>", "<|end|>", "<|user|>", "<|assistant|>"]
+WORDS = ["what", "is", "plus", "it", "maybe"] + [str(i) for i in range(40)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer of 50 tokens with a chat template (pad 0, eos 2, as SHAPE says)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIAL)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
+                                   chat_template=CHAT_TEMPLATE, model_max_length=64)
+
+
+def tiny_chat(n: int = 24, seed: int = 0):
+    """``n`` little sums as chat ``messages``: calibration and training data for the tiny world."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(20), rng.randrange(20)
+        answer = f"it is {a + b}" if rng.random() < 0.7 else f"maybe {a + b}"
+        rows.append({"messages": [{"role": "user", "content": f"what is {a} plus {b}"},
+                                  {"role": "assistant", "content": answer}]})
+    return Dataset.from_list(rows)
+
+
+# --- check_quantizer -------------------------------------------------------------------------
+
+
+def _train_a_little(student, teacher, steps: int = 3):
+    """A few Adam steps of KL(teacher‖student) on random tokens, so the student's weights leave
+    the grid prepare put them on (a convert that ignores training then shows)."""
+    import torch
+
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    vocab = teacher.get_input_embeddings().num_embeddings
+    student.train()
+    for _ in range(steps):
+        ids = torch.randint(3, vocab, (2, 12), generator=gen)
+        with torch.no_grad():
+            target = teacher(ids).logits.float().log_softmax(-1)
+        logp = student(ids).logits.float().log_softmax(-1)
+        loss = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    student.eval()
+
+
+def _gradients_flow(student, targets: list[str]) -> dict[str, Any]:
+    """One backward pass: every trainable weight gets a finite gradient, and the quantized layers'
+    weights a nonzero one (the fake quantizer passes gradients straight through)."""
+    import torch
+
+    student.train()
+    ids = checks.probe_ids(student)
+    student.zero_grad()
+    student(ids).logits.float().pow(2).mean().backward()
+    missing, zero = [], []
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None or not torch.isfinite(p.grad).all():
+            if any(name.startswith(t + ".") or name == t for t in targets):
+                missing.append(name)
+        elif any(name.startswith(t + ".") or name == t for t in targets) and not p.grad.abs().sum():
+            zero.append(name)
+    student.zero_grad()
+    student.eval()
+    if missing or zero:
+        bad = missing or zero
+        raise AssertionError(f"gradients do not flow through the fake quantizer: {len(bad)} quantized weights get "
+                             f"{'no finite' if missing else 'a zero'} gradient, e.g. {bad[0]}")
+    return {"passed": True}
+
+
+def check_one(quantizer, params, family: str, folder: Path, min_coverage: float) -> dict[str, Any]:
+    """The runner's checks on one tiny model: gradients, fake ≡ converted, coverage, true size,
+    save → reload ≡. Raises CheckFailed / AssertionError with one line; a QcompareError from
+    ``prepare`` means the quantizer refuses this layout."""
+    from qcompare.api import CellContext
+    from qcompare.saving import save_converted
+    from qcompare.targets import all_targets
+
+    tokenizer = tiny_tokenizer()
+    teacher = tiny_model(family, vocab_size=128)
+    context = CellContext(cell_dir=folder, seed=0, device="cpu", tokenizer=tokenizer, teacher=teacher,
+                          data=tiny_chat())
+    student = quantizer.prepare(copy.deepcopy(teacher), params, context)
+    report: dict[str, Any] = {"family": family}
+    report["gradients"] = _gradients_flow(student, [t.name for t in all_targets(teacher)])
+    _train_a_little(student, teacher)
+    student_logits = checks.probe_logits(student)
+    model = quantizer.convert(student, params, context)
+    model_logits = checks.probe_logits(model)
+    report["fake_vs_converted"] = checks.fake_vs_converted(student_logits, model_logits,
+                                                           checks.tolerance(quantizer, params, model))
+    measured = footprint.measure(teacher, model, quantizer.code_bits(params))
+    report["size"] = measured.as_size(quantizer.bits_per_weight(params))
+    report["coverage"] = checks.coverage(measured, min_coverage)
+    saved = folder / "saved"
+    save_converted(quantizer, model, params, saved, context)
+    tokenizer.save_pretrained(saved)
+    fingerprint = checks.Fingerprint.of(model, model_logits)
+    report["reload"] = checks.reload(saved, fingerprint, checks.DTYPE_RTOL["torch.float32"])
+    return report
+
+
+def check_quantizer(quantizer_cls, params: dict | Any = None, layouts=tuple(LAYOUTS), folder: str | Path | None = None,
+                    min_coverage: float = checks.DEFAULT_MIN_COVERAGE, refuse: tuple[str, ...] = ()) -> dict:
+    """Run qcompare's checks on ``quantizer_cls`` with ``params`` on a tiny model of each layout.
+
+    For every layout in ``layouts`` (see ``LAYOUTS``): gradients flow through the fake quantizer;
+    the converted model computes what the trained student computed (within the quantizer's
+    declared tolerance); at least ``min_coverage`` of the body's weights end quantized; and the
+    saved folder reloads with ``AutoModelForCausalLM.from_pretrained`` to the same logits. The
+    layouts in ``refuse`` must instead be refused with a one-line QcompareError. Returns each
+    layout's measurements; raises AssertionError naming the layout and the failed check.
+    """
+    quantizer = quantizer_cls()
+    if params is None or isinstance(params, dict):
+        params = quantizer_cls.Params(**(params or {}))
+    unknown = [name for name in (*layouts, *refuse) if name not in LAYOUTS]
+    if unknown:
+        raise ValueError(f"unknown layouts {unknown}; allowed: {', '.join(LAYOUTS)}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="qcompare-check-") as scratch:
+        base = Path(folder) if folder is not None else Path(scratch)
+        for layout in (*layouts, *refuse):
+            where = base / layout
+            where.mkdir(parents=True, exist_ok=True)
+            try:
+                results[layout] = check_one(quantizer, params, LAYOUTS[layout], where, min_coverage)
+            except checks.CheckFailed as e:
+                raise AssertionError(f"{quantizer_cls.name} on {layout} ({LAYOUTS[layout]}): {e}") from None
+            except QcompareError as e:
+                if layout not in refuse:
+                    raise AssertionError(f"{quantizer_cls.name} refused {layout} ({LAYOUTS[layout]}): {e}") from None
+                results[layout] = {"refused": str(e)}
+                continue
+            except AssertionError as e:
+                raise AssertionError(f"{quantizer_cls.name} on {layout} ({LAYOUTS[layout]}): {e}") from None
+            if layout in refuse:
+                raise AssertionError(f"{quantizer_cls.name} was expected to refuse {layout} but ran")
+    return results

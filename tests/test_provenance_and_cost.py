@@ -1,0 +1,213 @@
+"""Results that say where they came from and what they cost: plugin versions that invalidate,
+logical cost that does not depend on which cell ran first, fp32 master weights, old records."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import BASIC
+from qcompare.cli import app
+
+cli = CliRunner()
+
+
+# --- provenance that invalidates ---------------------------------------------------------------
+
+PLUGIN = '''
+from qcompare import hookimpl
+from qcompare.api import Distiller, DistillResult
+
+
+class Touch(Distiller):
+    """Test distiller: scales the student's lm_head by FACTOR (a plugin someone keeps fixing)."""
+
+    name = "touch"
+
+    def distill(self, teacher, student, tokenizer, data, params, context):
+        import torch
+        with torch.no_grad():
+            student.lm_head.weight.mul_(FACTOR)
+        return DistillResult(student)
+
+
+FACTOR = {factor}
+
+
+@hookimpl
+def register_distillers(register):
+    register(Touch)
+'''
+
+
+@pytest.fixture
+def touch_plugin(tmp_path, monkeypatch, test_plugins):
+    """A plugin module in a folder of its own (no distribution: identified by its source)."""
+    import importlib
+    import sys
+
+    from qcompare import provenance, runner
+    from qcompare.plugins import add_plugin, remove_plugin
+
+    folder = tmp_path / "touchplugin"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+
+    def install(factor):
+        (folder / "touch_plugin.py").write_text(PLUGIN.format(factor=factor))
+        provenance.source_digest.cache_clear()
+        runner._identities.clear()
+        if "touch_plugin" in sys.modules:
+            remove_plugin(sys.modules["touch_plugin"])
+            del sys.modules["touch_plugin"]
+        importlib.invalidate_caches()
+        module = importlib.import_module("touch_plugin")
+        add_plugin(module)
+        return module
+
+    yield install
+    if "touch_plugin" in sys.modules:
+        remove_plugin(sys.modules.pop("touch_plugin"))
+
+
+def test_a_fixed_plugin_makes_its_cells_stale_and_the_report_never_pools_them(touch_plugin, write_recipe, tmp_path):
+    recipe = write_recipe(BASIC.replace('name = "keep"', 'name = "touch"').replace("seeds = [0, 1]", "seeds = [0]"))
+    out = tmp_path / "run"
+    touch_plugin(1.5)
+    assert cli.invoke(app, ["run", str(recipe), "-o", str(out)]).exit_code == 0
+    record = next(json.loads(p.read_text()) for p in out.glob("cells/*/result.json")
+                  if (json.loads(p.read_text())["settings"]["distiller"] or {}).get("name") == "touch")
+    assert record["plugins"]["distiller:touch"]["source"] and record["plugins"]["quantizer:rtn"]
+
+    touch_plugin(1.0)  # the fix
+    res = cli.invoke(app, ["plan", str(recipe), "-o", str(out)])
+    assert res.exit_code == 0 and res.output.count("stale") >= 2 and "2 cells are stale" in res.output
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(out), "--keep-stale"])
+    assert res.exit_code == 0 and "kept as they are" in res.output
+    # the report does not pool the kept stale cells with fresh ones of the same configuration
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(out), "--set", "seeds=[0,1]", "--keep-stale"])
+    assert res.exit_code == 0, res.output
+    report = cli.invoke(app, ["report", str(out), "--format", "csv"]).output
+    touch_rows = [line for line in report.splitlines() if "touch" in line]
+    assert len(touch_rows) == 4 and sum("plugins" in line for line in touch_rows) == 4  # 2 bits x 2 versions
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(out), "--set", "seeds=[0,1]"])
+    assert res.exit_code == 0 and "running them again" in res.output
+    plan = cli.invoke(app, ["plan", str(recipe), "-o", str(out), "--set", "seeds=[0,1]"]).output
+    assert "stale" not in plan
+
+
+# --- logical cost --------------------------------------------------------------------------------
+
+
+def test_cached_teacher_work_counts_in_every_cell_and_the_saving_is_the_runs(tmp_path):
+    from qcompare.recipe import load_recipe
+    from qcompare.report import print_report
+    from qcompare.runner import Runner
+    from qcompare.store import RunStore
+    from qcompare_plugins.distillers.teacher_cache import clear_memory
+    from rich.console import Console
+
+    clear_memory()
+    recipe = tmp_path / "sweep.toml"
+    recipe.write_text(textwrap.dedent("""
+        name = "sweep"
+        models = ["toy-qwen3"]
+        device = "cpu"
+        teacher = false
+        [data]
+        train = "toy-chat"
+        subset = 32
+        [[quantizers]]
+        name = "torchao"
+        bits = 4
+        group_size = 32
+        [[distillers]]
+        name = "gkd"
+        lmbda = 0.0
+        learning_rate = [1e-4, 1e-3]
+        max_steps = 3
+        per_device_train_batch_size = 4
+        max_length = 64
+        save_steps = 0
+    """))
+    records = Runner(load_recipe(recipe), RunStore(tmp_path / "run")).run()
+    first, second = sorted((r.cost for r in records), key=lambda c: -c["teacher_forwards"])
+    assert second["teacher_forwards"] == 0 and second["teacher_cached_tokens"] == first["teacher_tokens"]
+    # the method's work is the same whichever cell ran first; what the run spent is not
+    for key in ("flops", "teacher_tokens_logical", "teacher_forwards_logical"):
+        assert first[key] == second[key], key
+    assert second["flops_spent"] < second["flops"] == first["flops_spent"]
+    console = Console(width=250, record=True)
+    print_report(tmp_path / "run", console, "table")
+    text = console.export_text()
+    assert "teacher cache served" in text and "over the whole run" in text and "logical cost" in text
+
+
+# --- fp32 master weights ---------------------------------------------------------------------------
+
+
+def test_full_fine_tuning_of_a_bf16_student_keeps_updates_bf16_would_round_away(tmp_path):
+    from tiny_chat import make_context, make_data, make_teacher, make_tokenizer
+
+    from qcompare_plugins.distillers.cost import CostMeter
+    from qcompare_plugins.distillers.sft import SFTDistiller, SFTParams
+
+    tokenizer, data = make_tokenizer(), make_data()
+    teacher = make_teacher(tokenizer).to(torch.bfloat16)
+
+    def student():
+        s = make_teacher(tokenizer).to(torch.bfloat16)
+        with torch.no_grad():  # weights of magnitude 1: a bf16 ulp is 2^-7, half of it 0.0039
+            s.lm_head.weight.copy_(torch.sign(s.lm_head.weight) + (s.lm_head.weight == 0))
+        return s.train()
+
+    params = SFTParams(learning_rate=1e-3, max_steps=12, per_device_train_batch_size=4, max_length=32,
+                       lr_scheduler_type="constant", save_steps=0)
+    # plain bf16 training: each AdamW step (~1e-3) is below half an ulp and rounds away
+    plain = student()
+    before = plain.lm_head.weight.detach().clone()
+    trainer = SFTDistiller().make_trainer(plain, tokenizer, __import__(
+        "qcompare_plugins.distillers.sft_trainer", fromlist=["x"]).to_prompt_completion(data), params,
+        make_context(tmp_path / "plain"), CostMeter("cpu"))
+    trainer.train()
+    assert torch.equal(plain.lm_head.weight, before)
+    # the distiller: fp32 master weights, the steps add up, the student is bf16 again after
+    ours = student()
+    result = SFTDistiller().distill(teacher, ours, tokenizer, data, params, make_context(tmp_path / "ours"))
+    assert result.cost["master_weights"] == "fp32"
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    moved = (ours.lm_head.weight != before).float().mean().item()
+    assert moved > 0.5, moved
+    # LoRA keeps its fp32 adapters on a frozen base: nothing is cast
+    lora = student()
+    result = SFTDistiller().distill(teacher, lora, tokenizer, data, params.model_copy(update={"lora_r": 4}),
+                                    make_context(tmp_path / "lora"))
+    assert result.cost["master_weights"] == "as the model"
+    assert {p.dtype for n, p in lora.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in lora.named_parameters() if "lora_" in n} == {torch.float32}
+
+
+# --- old run folders ---------------------------------------------------------------------------------
+
+
+def test_a_first_build_run_folder_still_reads_and_a_newer_one_says_so(tmp_path):
+    from qcompare.results import load_run
+
+    cell = tmp_path / "run" / "cells" / "0123456789ab"
+    cell.mkdir(parents=True)
+    v1 = {"id": "0123456789ab", "label": "m · torchao(bits=4) · none", "status": "done",
+          "settings": {"model": "m", "quantizer": {"name": "torchao", "params": {"bits": 4}},
+                       "distiller": {"name": "none", "params": {}}, "seed": None, "data": {}, "evaluators": []},
+          "metrics": {"t/acc": 0.5}, "stderr": {"t/acc": 0.01},
+          "size": {"bits_per_weight": 4.5, "storage_bytes": 1000}, "cost": {"total_seconds": 1.0}}
+    (cell / "result.json").write_text(json.dumps(v1))
+    df = load_run(tmp_path / "run")
+    assert df.loc[0, "nominal_bits"] == 4.5 and df.loc[0, "memory_bytes"] == 1000 and df.loc[0, "t/acc"] == 0.5
+    assert cli.invoke(app, ["report", str(tmp_path / "run")]).exit_code == 0
+    (cell / "result.json").write_text(json.dumps({**v1, "schema_version": 99}))
+    res = cli.invoke(app, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "written by a newer qcompare (record schema 99" in res.output
