@@ -5,56 +5,19 @@ are listed or a recipe is validated. See ``qcompare_plugins.llmcompressor_quanti
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import tempfile
-import warnings
+import re
 
 import torch
 from torch import nn
 
 from qcompare.errors import QcompareError
 from qcompare.targets import find_targets
+from qcompare_plugins.compressed import llmcompressor_workarounds
 from qcompare_plugins.llmcompressor_quantizers import GPTQParams, LlmCompressorParams
 from qcompare_plugins.torchao_grids import granularity, weight_only_config
 
 
 # --- the CPU / offline workarounds, in one place -------------------------------------
-
-
-@contextlib.contextmanager
-def _llmcompressor_workarounds(model: nn.Module):
-    """What llm-compressor 0.14 needs to run on a CPU-only machine without the Hub (and quiet).
-
-    - ``oneshot`` reloads ``config.json`` from ``model.config._name_or_path`` (to refuse
-      models quantized by other methods), and its compressing ``save_pretrained`` copies
-      config, recipe and Python files from there; for a hub id that means a download (fails
-      offline), and a model built in memory has no such folder. A temporary folder holding
-      the model's own config.json stands in.
-    - AWQ pins its cached activations (``IntermediatesCache.pin_memory``) to speed up
-      host-to-GPU copies; pinning needs an accelerator and fails on CPU-only torch, and is
-      pointless without one, so it becomes a no-op there.
-    - With ``LLM_COMPRESSOR_LOG_DISABLED=true`` llm-compressor never defines its loguru
-      level "METRIC", and GPTQ then fails logging a metric with it; define it if missing.
-    """
-    from llmcompressor.pipelines.cache import IntermediatesCache
-    from loguru import logger
-
-    if "METRIC" not in logger._core.levels:  # the same check llm-compressor's logger makes
-        logger.level("METRIC", no=38)
-
-    old_name = getattr(model.config, "_name_or_path", "")
-    old_pin = IntermediatesCache.pin_memory
-    with tempfile.TemporaryDirectory(prefix="qcompare-llmc-") as folder:
-        model.config.save_pretrained(folder)
-        model.config._name_or_path = folder
-        if not torch.cuda.is_available():
-            IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-        try:
-            yield
-        finally:
-            IntermediatesCache.pin_memory = old_pin
-            model.config._name_or_path = old_name
 
 
 # --- calibration -----------------------------------------------------------------------
@@ -77,6 +40,11 @@ def skipped_linears(model: nn.Module, params: LlmCompressorParams, quantizer: st
     """The names of the Linear layers ``skip`` leaves in float, as llm-compressor's ``ignore`` takes
     them (exact names), after checking the layers that will be quantized: a group size that does
     not divide one fails deep inside llm-compressor."""
+    conv1d = find_targets(model, params.skip, ("conv1d",))
+    if conv1d:
+        raise QcompareError(f"{quantizer}: {type(model).__name__} keeps its weights in transformers' Conv1D layers "
+                            f"(GPT-2 family, e.g. {conv1d[0].name}), which llm-compressor does not quantize; the "
+                            "torchao quantizer handles this family")
     targets = find_targets(model, params.skip, ("linear",))
     if not targets:
         raise QcompareError(f"{quantizer}: no Linear layer left to quantize after skip {params.skip}; "
@@ -86,8 +54,8 @@ def skipped_linears(model: nn.Module, params: LlmCompressorParams, quantizer: st
             raise QcompareError(
                 f"{quantizer}: group_size {params.group_size} does not divide {t.name}.in_features="
                 f"{t.in_features}; use a group size that divides it, or 0 (per channel)")
-    chosen = {t.name for t in targets}
-    return [t.name for t in find_targets(model, (), ("linear",)) if t.name not in chosen]
+    chosen = {t.name for t in targets}  # never an expert router: find_targets keeps those apart
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in chosen]
 
 
 def _calibration_set(data, tokenizer, params: LlmCompressorParams, quantizer: str):
@@ -111,18 +79,88 @@ def _calibration_set(data, tokenizer, params: LlmCompressorParams, quantizer: st
                               "attention_mask": [encoded["attention_mask"][i] for i in keep]})
 
 
-def _modifiers(params: LlmCompressorParams, ignore: list[str]) -> tuple:
+def _modifiers(params: LlmCompressorParams, ignore: list[str], model: nn.Module, quantizer: str) -> tuple:
     groups = {"group_0": _scheme(params)}
     if isinstance(params, GPTQParams):
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         return (GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=params.dampening_frac),)
     from llmcompressor.modifiers.quantization import QuantizationModifier
-    from llmcompressor.modifiers.transform import AWQModifier
 
     # llm-compressor 0.14's AWQ only rescales (norms and Linear columns); a QuantizationModifier
     # after it rounds to nearest on the rescaled weights (the single AWQModifier is deprecated).
-    return AWQModifier(), QuantizationModifier(config_groups=groups, ignore=ignore)
+    return (_recording_awq()(mappings=awq_mappings(model, quantizer)),
+            QuantizationModifier(config_groups=groups, ignore=ignore))
+
+
+# --- AWQ: layer mappings for every family, and what it smoothed ------------------------------------
+
+
+def awq_mappings(model: nn.Module, quantizer: str = "awq"):
+    """AWQ's smooth → balance layer mappings for ``model``: llm-compressor's own where it registers
+    the architecture; the Qwen3-MoE mappings for any other mixture-of-experts model (their router
+    balance keeps routing as it was; llm-compressor's fallback leaves routers out and changes which
+    experts tokens go to); otherwise the first set whose layers all exist in the model, trying in
+    turn qcompare's own for Falcon and GPT-NeoX layouts, llm-compressor's defaults and every other
+    set it registers (OLMo-2 takes OLMo-3's). No set fits: a one-line error naming the families
+    AWQ supports.
+
+    Falcon and GPT-NeoX get norm → Linear pairs only: their qkv is fused (multi-query on Falcon),
+    so its value rows are not the dense layer's inputs one to one (AutoAWQ and llm-compressor's
+    own Bloom mapping leave that pair out too), and their GELU is no module to scale."""
+    from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY, AWQMapping, default_mappings
+
+    arch = type(model).__name__
+    if arch in AWQ_MAPPING_REGISTRY:
+        return AWQ_MAPPING_REGISTRY[arch]
+    falcon_qkv, up = "re:.*self_attention\\.query_key_value$", "re:.*mlp\\.dense_h_to_4h$"
+    ours = [
+        [AWQMapping("re:.*ln_attn$", [falcon_qkv]), AWQMapping("re:.*ln_mlp$", [up])],  # Falcon-40B/180B
+        [AWQMapping("re:.*input_layernorm$", [falcon_qkv]), AWQMapping("re:.*post_attention_layernorm$", [up])],
+        [AWQMapping("re:.*input_layernorm$", [falcon_qkv, up])],  # Falcon-7B: one norm feeds attention and MLP
+        [AWQMapping("re:.*input_layernorm$", ["re:.*attention\\.query_key_value$"]),  # GPT-NeoX
+         AWQMapping("re:.*post_attention_layernorm$", [up])],
+    ]
+    if find_targets(model, (), ("experts",)):  # its patterns name the per-expert layers oneshot splits them into
+        return AWQ_MAPPING_REGISTRY["Qwen3MoeForCausalLM"]
+    candidates = ours + [default_mappings] + list({id(m): m for m in AWQ_MAPPING_REGISTRY.values()}.values())
+    names = [n for n, _ in model.named_modules()]
+    for mappings in candidates:
+        if all(_matches_any(names, m.smooth_layer) and all(_matches_any(names, b) for b in m.balance_layers)
+               for m in mappings):
+            return mappings
+    known = sorted({a.removesuffix("ForCausalLM").removesuffix("ForConditionalGeneration") for a in AWQ_MAPPING_REGISTRY}
+                   | {"Falcon", "GPTNeoX", "any mixture-of-experts model"})
+    raise QcompareError(f"{quantizer}: no AWQ layer mappings fit {arch} (none of llm-compressor's or qcompare's sets "
+                        f"names its layers); AWQ supports: {', '.join(known)}")
+
+
+def _matches_any(names: list[str], pattern: str) -> bool:
+    rx = re.compile(pattern[3:]) if pattern.startswith("re:") else None
+    return any(rx.fullmatch(n) if rx else n == pattern for n in names)
+
+
+def _recording_awq():
+    """llm-compressor's AWQModifier, keeping past its finalize what it resolved and smoothed (it
+    reports skipped smoothing only in log lines, which LLM_COMPRESSOR_LOG_DISABLED silences)."""
+    from llmcompressor.modifiers.transform import AWQModifier
+    from pydantic import PrivateAttr
+
+    class RecordingAWQModifier(AWQModifier):
+        _qcompare_smoothed: list = PrivateAttr(default_factory=list)
+
+        def _log_error_metrics(self):  # on_finalize clears _error_metrics right after this
+            self._qcompare_smoothed = [m["layer_name"] for m in self._error_metrics]
+            super()._log_error_metrics()
+
+        def skipped(self, model) -> list[str]:
+            """Every layer a mapping names as smoothing layer that was not smoothed."""
+            wanted = [n for mapping in self.mappings for n, _ in model.named_modules()
+                      if _matches_any([n], mapping.smooth_layer)]
+            done = set(self._qcompare_smoothed)
+            return [n for n in dict.fromkeys(wanted) if n not in done]
+
+    return RecordingAWQModifier
 
 
 # --- the student -----------------------------------------------------------------------
@@ -175,33 +213,9 @@ def student_from_calibrated(model: nn.Module, params: LlmCompressorParams) -> nn
 def save_compressed(model: nn.Module, params: LlmCompressorParams, folder) -> None:
     """Write a converted model (torchao int weights on the GPTQ/AWQ grid) as a compressed-tensors
     checkpoint (packed ints), the format llm-compressor itself writes and vLLM serves."""
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
-    from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
+    from qcompare_plugins.compressed import save_compressed as save
 
-    plain = copy.deepcopy(model)
-    grid = {}
-    with torch.no_grad():
-        for name, m in plain.named_modules():
-            w = getattr(m, "weight", None)
-            if isinstance(m, nn.Linear) and type(w).__name__ == "IntxUnpackedToInt8Tensor":
-                grid[name] = (w.scale.detach(), w.zero_point.detach())
-                m.weight = nn.Parameter(w.dequantize(), requires_grad=False)  # the same values, on the grid
-    # the shape llm-compressor itself writes (and vLLM reads): target "Linear", ignore by name
-    ignore = [n for n, m in plain.named_modules() if isinstance(m, nn.Linear) and n not in grid]
-    config = QuantizationConfig(config_groups={"group_0": _scheme(params)}, ignore=ignore,
-                                quantization_status=QuantizationStatus.FROZEN)
-    apply_quantization_config(plain, config, show_progress=False)
-    with torch.no_grad():
-        for name, (scale, zero_point) in grid.items():
-            m = plain.get_submodule(name)
-            m.weight_scale.copy_(scale.reshape(m.weight_scale.shape).to(m.weight_scale.dtype))
-            m.weight_zero_point.copy_(zero_point.reshape(m.weight_zero_point.shape).round().to(m.weight_zero_point.dtype))
-    with _llmcompressor_workarounds(plain), warnings.catch_warnings():
-        # llm-compressor wraps modules for accelerate while saving, and transformers then warns
-        # about "offloaded modules" although everything is in memory
-        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
-        modify_save_pretrained(plain)
-        plain.save_pretrained(str(folder), save_compressed=True)
+    save(model, folder, params.bits, params.group_size, params.symmetric)
 
 
 def calibrate(model, params, context, quantizer: str):
@@ -210,11 +224,16 @@ def calibrate(model, params, context, quantizer: str):
 
     ignore = skipped_linears(model, params, quantizer)
     dataset = _calibration_set(context.data, context.tokenizer, params, quantizer)
+    modifiers = list(_modifiers(params, ignore, model, quantizer))
     with context.progress.task(f"{quantizer} calibration ({len(dataset)} samples)"), \
-            _llmcompressor_workarounds(model):
-        oneshot(model=model, dataset=dataset, recipe=list(_modifiers(params, ignore)), processor=context.tokenizer,
+            llmcompressor_workarounds(model):
+        oneshot(model=model, dataset=dataset, recipe=modifiers, processor=context.tokenizer,
                 num_calibration_samples=len(dataset), max_seq_length=params.calibration_length,
                 shuffle_calibration_samples=False)
+    recorded = [m for m in modifiers if hasattr(m, "skipped")]
+    if recorded:
+        skipped = recorded[0].skipped(model)
+        context.notes["awq"] = {"mappings": len(recorded[0].mappings), "skipped_smoothing": skipped}
     return model
 
 

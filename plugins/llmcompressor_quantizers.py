@@ -68,6 +68,15 @@ class AWQParams(LlmCompressorParams):
 class _LlmCompressorQuantizer(Quantizer):
     """Common ground of the GPTQ and AWQ quantizers."""
 
+    def check_model(self, model, params) -> None:
+        """Linear layers to quantize exist (no Conv1D-only family), the group size divides each, and
+        for AWQ a set of layer mappings fits the model."""
+        from qcompare_plugins.llmcompressor_calibration import awq_mappings, skipped_linears
+
+        skipped_linears(model, params, self.name)
+        if isinstance(params, AWQParams):
+            awq_mappings(model, self.name)
+
     def calibrate(self, model, params, context):
         """Run llm-compressor's oneshot on ``model`` in place; return the compressed-tensors model."""
         from qcompare_plugins.llmcompressor_calibration import calibrate

@@ -65,26 +65,29 @@ def fake_quantizer_classes():
 
 
 def targets(model: nn.Module, params):
-    """(name, module) of the Linear layers (and embeddings) to quantize; checks the shapes."""
+    """The weights to quantize, by kind (``qcompare.targets``): Linear layers (and Linear expert
+    routers when asked), embeddings when asked, and any other module's weights — fused 3-D expert
+    weights, non-Linear routers — as {module: [parameter names]}. Checks the group size."""
     for pattern in unmatched(model, params.skip):
         warnings.warn(f"torchao: skip pattern {pattern!r} matches no module of the model", stacklevel=3)
-    kinds = ("linear", "embedding") if params.embeddings else ("linear",)
+    kinds = ["linear", "experts"] + (["embedding"] if params.embeddings else []) + (["router"] if params.routers else [])
     found = find_targets(model, params.skip, kinds)
-    linears = [(t.name, t.module) for t in found if t.kind == "linear"]
-    embeddings = [(t.name, t.module) for t in found if t.kind == "embedding"]
-    if not linears:
-        raise QcompareError("torchao: the model has no Linear layers to quantize (after skip "
-                            f"{params.skip}); allowed: models with nn.Linear layers")
+    if not any(t.kind in ("linear", "experts") for t in found):
+        raise QcompareError(f"torchao: skip = {params.skip} leaves no Linear, Conv1D or 3-D expert weight of the model to "
+                            "quantize; skip fewer modules")
     g = params.group_size
-    for name, m in linears:
-        if g and m.in_features % g:
-            raise QcompareError(f"torchao: group_size {g} does not divide {name}.in_features={m.in_features}; "
-                                "use a group size that divides it, or 0 (per channel)")
-    for name, m in embeddings:
-        if g and m.embedding_dim % g:
-            raise QcompareError(f"torchao: group_size {g} does not divide {name}.embedding_dim={m.embedding_dim}; "
-                                "use a group size that divides it, or 0 (per channel)")
-    return linears, embeddings
+    for t in found:
+        width = t.module.embedding_dim if t.kind == "embedding" else t.in_features
+        if g and width % g:
+            raise QcompareError(f"torchao: group_size {g} does not divide the input features of {t.qualified} "
+                                f"({width}); use a group size that divides it, or 0 (per channel)")
+    linears = [(t.name, t.module) for t in found if isinstance(t.module, nn.Linear)]
+    embeddings = [(t.name, t.module) for t in found if t.kind == "embedding"]
+    others: dict = {}
+    for t in found:
+        if t.kind in ("experts", "router") and not isinstance(t.module, nn.Linear):
+            others.setdefault(t.module, []).append(t.param)
+    return linears, embeddings, others
 
 
 def check(params) -> None:
@@ -157,3 +160,43 @@ def unfake(model) -> tuple[set[int], set[int]]:
                 continue
             setattr(parent, name, plain)
     return linears, embeddings
+
+
+# --- transformers' Conv1D (GPT-2 family) ---------------------------------------------------
+
+
+def conv1d_to_linear(model: nn.Module, skip) -> list[str]:
+    """Each Conv1D layer to quantize (weight stored (in, out), y = x W + b) becomes the equal
+    nn.Linear (weight (out, in)), so torchao's QAT and convert handle it like any Linear layer.
+    The names are kept on the model (``_qcompare_conv1d``): ``save`` writes them back in the
+    model's own layout, which is what its config rebuilds on load."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = [t.name for t in find_targets(model, skip, ("conv1d",)) if isinstance(t.module, Conv1D)]
+    for name in names:
+        m = model.get_submodule(name)
+        with torch.device("meta"):
+            linear = nn.Linear(m.nx, m.nf, bias=m.bias is not None, dtype=m.weight.dtype)
+        linear.weight = nn.Parameter(m.weight.detach().t().contiguous(), requires_grad=m.weight.requires_grad)
+        linear.bias = m.bias
+        model.set_submodule(name, linear)
+    model._qcompare_conv1d = list(getattr(model, "_qcompare_conv1d", [])) + names
+    return names
+
+
+def linear_to_conv1d(model: nn.Module) -> nn.Module:
+    """The inverse, on a converted model: a Conv1D holding the transposed int weight (the same
+    codes, groups along its first axis; ``qcompare.compat`` supplies the transposes and the
+    ``addmm`` Conv1D computes with)."""
+    import qcompare.compat  # noqa: F401 - torchao's int tensor has no transpose of its own
+    from transformers.pytorch_utils import Conv1D
+
+    for name in getattr(model, "_qcompare_conv1d", []):
+        m = model.get_submodule(name)
+        with torch.device("meta"):
+            conv = Conv1D(m.out_features, m.in_features)
+        weight = m.weight.detach().t()
+        conv.weight = nn.Parameter(weight.contiguous() if type(weight) is torch.Tensor else weight, requires_grad=False)
+        conv.bias = m.bias
+        model.set_submodule(name, conv)
+    return model

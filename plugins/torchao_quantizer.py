@@ -21,6 +21,7 @@ otherwise).
 
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
@@ -67,6 +68,8 @@ class TorchaoParams(Params):
     skip: list[str] = Field(
         ["lm_head"], description="modules left in float: a glob over full names ('*.mlp.*') or a name suffix")
     embeddings: bool = Field(False, description="also quantize input embeddings (weight-only, same grid)")
+    routers: bool = Field(False, description="also quantize MoE routers (the gates that score experts; "
+                          "float by default, as llm-compressor leaves them)")
     packing: Literal["unpacked", "tinygemm"] = Field(
         "unpacked",
         description="'unpacked': one int8 per code, any bits, exact on CPU and CUDA; 'tinygemm': two int4 "
@@ -98,16 +101,30 @@ class TorchaoQuantizer(Quantizer):
     Params = TorchaoParams
     shares_teacher_weights = True  # prepare swaps modules over the same Parameters; convert builds new tensors
 
+    def check_model(self, model, params) -> None:
+        """The layers it would quantize exist, the group size divides each, and fused experts get a
+        grid they can take (what ``prepare`` checks first)."""
+        from qcompare_plugins.torchao_grids import check, conv1d_to_linear, targets
+
+        check(params)
+        conv1d_to_linear(model, params.skip)
+        _, _, others = targets(model, params)
+        _check_others(others, params)
+
     def prepare(self, model, params, context):
         import torch
         from torch import nn
         from torchao.quantization import quantize_
         from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, IntxFakeQuantizeConfig, QATConfig
 
-        from qcompare_plugins.torchao_grids import check, dtype_of, fake_quantizer_classes, granularity, targets
+        from qcompare_plugins import torchao_experts
+        from qcompare_plugins.torchao_grids import (check, conv1d_to_linear, dtype_of, fake_quantizer_classes, granularity,
+                                                    targets)
 
         check(params)
-        linears, embeddings = targets(model, params)
+        conv1d_to_linear(model, params.skip)  # GPT-2's Conv1D layers: Linear layers while trained and converted
+        linears, embeddings, others = targets(model, params)
+        _check_others(others, params)
         if params.packing == "tinygemm":
             model.to(torch.bfloat16)  # the int4 kernels take bfloat16 only; the student must see their numerics
         dtype = dtype_of(model)
@@ -129,6 +146,8 @@ class TorchaoQuantizer(Quantizer):
                 m.weight_fake_quantizer = tinygemm(m.weight_fake_quantizer.config)
             elif isinstance(m, (FakeQuantizedLinear, FakeQuantizedEmbedding)):
                 m.weight_fake_quantizer = affine(m.weight_fake_quantizer.config)
+        for module, names in others.items():  # fused experts, routers: the same grid, row by row
+            torchao_experts.prepare(module, names, weight, affine)
         return model
 
     def convert(self, student, params, context):
@@ -136,10 +155,12 @@ class TorchaoQuantizer(Quantizer):
         from torchao.quantization import quantize_
         from torchao.quantization.qat import FakeQuantizedLinear
 
+        from qcompare_plugins import torchao_experts
         from qcompare_plugins.torchao_grids import check, linear_convert_config, unfake, weight_only_config
 
         check(params)
-        if not any(isinstance(m, FakeQuantizedLinear) for m in student.modules()):
+        if not any(isinstance(m, FakeQuantizedLinear) for m in student.modules()) and \
+                not torchao_experts.prepared(student):
             raise QcompareError("torchao: convert needs a student made by torchao's prepare; "
                                 "this model has no fake-quantized Linear layers")
         device = next(student.parameters()).device
@@ -149,6 +170,8 @@ class TorchaoQuantizer(Quantizer):
             quantize_(student, linear_convert_config(params, device), filter_fn=lambda m, fqn: id(m) in linears)
             if embeddings:
                 quantize_(student, weight_only_config(params), filter_fn=lambda m, fqn: id(m) in embeddings)
+            for module in torchao_experts.prepared(student):
+                torchao_experts.convert(module, weight_only_config(params))
         return student.eval()
 
     def save(self, model, params, folder, context):
@@ -159,8 +182,15 @@ class TorchaoQuantizer(Quantizer):
         from transformers import TorchAoConfig
         from transformers.quantizers.auto import AutoHfQuantizer
 
+        from qcompare_plugins.torchao_experts import quantized
         from qcompare_plugins.torchao_grids import linear_convert_config
 
+        if quantized(model):
+            return self._save_compressed(model, params, folder)
+        if getattr(model, "_qcompare_conv1d", None):  # back to the model's own Conv1D layout, as its config loads
+            from qcompare_plugins.torchao_grids import linear_to_conv1d
+
+            model = linear_to_conv1d(copy.deepcopy(model))
         kinds = {type(t).__name__ for t in model.state_dict().values()} - {"Tensor", "Parameter"}
         unsupported = sorted(kinds - set(ALLOWED_TENSORS_SUBCLASSES))
         if unsupported:
@@ -182,6 +212,22 @@ class TorchaoQuantizer(Quantizer):
             if before[0] is None:
                 del model.config.quantization_config
 
+    def _save_compressed(self, model, params, folder) -> None:
+        """A model with quantized fused experts: transformers' torchao integration cannot hold 3-D
+        int weights, so it is written as compressed-tensors (the experts split per expert, as
+        llm-compressor's MoE checkpoints are), which reloads to the same values."""
+        from torch import nn
+
+        from qcompare_plugins.compressed import save_compressed
+        from qcompare_plugins.torchao_experts import quantized
+
+        if params.embeddings or any(not isinstance(m, nn.Linear) and not m.quantized_shapes.keys() <= {"gate_up_proj",
+                                    "down_proj", "up_proj"} for m in quantized(model)) or params.routers:
+            raise QcompareError("torchao: a model with quantized MoE experts is saved as compressed-tensors, which "
+                                "holds Linear layers and experts only; set embeddings = false and routers = false "
+                                "to export it")
+        save_compressed(model, folder, params.bits, params.group_size, params.symmetric)
+
     def fake_quant_tolerance(self, params) -> float:
         """Exact for the unpacked layout (the student rounds on the converter's grid, in any dtype);
         the packed int4 kernel computes in bfloat16 in its own order: within a few bf16 ulps."""
@@ -200,6 +246,13 @@ class TorchaoQuantizer(Quantizer):
     def code_bits(self, params) -> int:
         """The unpacked layout holds each code in a full int8; it ships at ``bits``."""
         return params.bits
+
+
+def _check_others(others, params) -> None:
+    if others and (params.packing != "unpacked" or params.activations != "none"):
+        raise QcompareError("torchao: fused MoE experts and routers take weight-only, unpacked grids; this model has "
+                            "them, so use packing='unpacked' and activations='none' (or skip them: "
+                            "skip = [\"lm_head\", \"*.experts\"])")
 
 
 @hookimpl

@@ -85,6 +85,9 @@ class CellContext:
     # The run's folder for what its cells share across processes (a plugin's cache keeps a
     # subfolder of its own there); None outside a run (e.g. a model rebuilt by export).
     shared_dir: Path | None = None
+    # What a plugin wants the cell's record to say about how it ran (e.g. AWQ smoothing it
+    # skipped): ``context.notes["awq"] = {...}``. Stored in result.json; the report shows it.
+    notes: dict = field(default_factory=dict)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -127,6 +130,14 @@ class Quantizer(Plugin):
         method then receives the base with the adapters unwrapped, and the runner writes the
         adapter beside it as a PEFT adapter (``qcompare.saving.save_converted``)."""
         model.save_pretrained(folder)
+
+    def check_model(self, model, params) -> None:
+        """Raise ``QcompareError`` (one line) if this quantizer cannot take ``model`` with ``params``.
+
+        ``qcompare validate`` calls it on the model built on the meta device from its
+        ``config.json``: every module and shape, no weights. Check what you can from structure
+        alone (a layout you do not quantize, a group size that does not divide a layer); the
+        default accepts every model."""
 
     def fake_quant_tolerance(self, params) -> float | None:
         """How far the converted model may compute from the trained student, as the largest

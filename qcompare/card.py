@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from qcompare.record import CellRecord
-from qcompare.saving import ADAPTER_CONFIG, is_compressed_tensors
+from qcompare.saving import ADAPTER_CONFIG, is_compressed_tensors, load_code, needs_compat
 
 
 def _yaml(obj) -> str:
@@ -41,32 +41,28 @@ def model_index(record: CellRecord, name: str) -> list[dict]:
 
 
 def use_lines(folder: Path) -> list[str]:
-    """The card's "Use" section: the code that loads this folder to the evaluated model
-    (``qcompare.saving.load_saved`` loads it the same way, and export checks that it does)."""
-    if not (folder / ADAPTER_CONFIG).is_file():
-        return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```", ""]
-    lines = ["The folder holds the quantized base model (`config.json`, `model.safetensors`) and the LoRA adapter "
-             "trained on it (`adapter_config.json`, `adapter_model.safetensors`: float, not merged, since merging "
-             "would re-quantize the weights and change the model). transformers loads both at once from the "
-             "folder (`peft` must be installed); a loader that ignores the adapter files gets the base alone, "
-             "which is not the evaluated model. Before uploading the folder to the Hugging Face Hub, set "
-             "`base_model_name_or_path` in `adapter_config.json` to the repository's id: transformers takes the "
-             "base of a Hub repository with an adapter from there (a local folder is its own base)."]
-    if is_compressed_tensors(folder):
-        # peft wraps Linear layers that hold a .weight; compressed-tensors keeps them packed unless asked
-        lines[0] += (" The adapter needs the compressed-tensors weights dequantized on load "
-                     "(`dequantize=True`: the same values, held in float; transformers warns that it "
-                     "overrides that loading attribute of the folder's config).")
-        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig", "",
-                'model = AutoModelForCausalLM.from_pretrained(  # base + LoRA adapter',
-                '    "path/to/this/folder", quantization_config=CompressedTensorsConfig(dequantize=True))']
-    else:
-        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")  # base + LoRA adapter']
-    return lines + ["", "```python"] + load + ['tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-                                               "```", ""]
+    """The card's "Use" section: the code that loads this folder to the evaluated model (the reload
+    check runs this very code, ``qcompare.saving.load_code``, in a fresh process)."""
+    lines = []
+    if (folder / ADAPTER_CONFIG).is_file():
+        lines = ["The folder holds the quantized base model (`config.json`, `model.safetensors`) and the LoRA adapter "
+                 "trained on it (`adapter_config.json`, `adapter_model.safetensors`: float, not merged, since merging "
+                 "would re-quantize the weights and change the model). transformers loads both at once from the "
+                 "folder (`peft` must be installed); a loader that ignores the adapter files gets the base alone, "
+                 "which is not the evaluated model. Before uploading the folder to the Hugging Face Hub, set "
+                 "`base_model_name_or_path` in `adapter_config.json` to the repository's id: transformers takes the "
+                 "base of a Hub repository with an adapter from there (a local folder is its own base)."]
+        if is_compressed_tensors(folder):
+            lines[0] += (" The adapter needs the compressed-tensors weights dequantized on load "
+                         "(`dequantize=True`: the same values, held in float; transformers warns that it "
+                         "overrides that loading attribute of the folder's config).")
+        lines.append("")
+    if needs_compat(folder):
+        lines += ["Loading it needs `pip install qcompare` and `import qcompare.compat` first: this layout's modeling "
+                  "code transposes torchao's int weights or initialises Falcon's layers in ways the pinned "
+                  "transformers/torchao do not support yet (see `qcompare/compat.py`).", ""]
+    code = load_code(folder) + ['tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")']
+    return lines + ["```python", *code, "```", ""]
 
 
 def model_card(record: CellRecord, run_name: str, folder: Path, rebuilt: bool, recipe_text: str = "",

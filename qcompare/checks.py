@@ -181,32 +181,100 @@ class Fingerprint:
         return cls(tensors["ids"], tensors["columns"], tensors["logits"], tensors["argmax"], scale)
 
 
+# Run in a fresh Python: the folder is loaded by exactly the code its model card shows (nothing this
+# process has imported or patched can help it), then its probe logits are written for comparison.
+_RELOAD = """\
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+jobs = json.loads(sys.argv[1])
+for job in jobs:
+    stage = "load"
+    try:
+        scope = {}
+        exec(job["code"], scope)
+        model = scope["model"].eval()
+        if job["device"] != "cpu":
+            model = model.to(job["device"])
+        stage = "forward"
+        probe = load_file(job["probe"])
+        with torch.no_grad():
+            logits = model(probe["ids"].to(job["device"])).logits.float().cpu()
+        save_file({"logits": logits[..., probe["columns"]].contiguous(), "argmax": logits.argmax(-1)}, job["out"])
+        print("QCOMPARE-RELOAD", json.dumps({"folder": job["folder"], "ok": True}), flush=True)
+    except Exception as e:
+        line = (str(e).strip().splitlines() or [""])[0][:300]
+        print("QCOMPARE-RELOAD", json.dumps({"folder": job["folder"], "ok": False, "stage": stage,
+                          "error": f"{type(e).__name__}: {line}"}), flush=True)
+"""
+
+
 def reload(folder, fingerprint: Fingerprint, rtol: float, device: str = "cpu") -> dict[str, Any]:
-    """Load ``folder`` exactly as its model card tells a user to and compare its probe logits with
-    the evaluated model's; CheckFailed if it does not load or loads as another model."""
-    import warnings
+    """Load ``folder`` in a fresh Python process exactly as its model card tells a user to, and
+    compare its probe logits with the evaluated model's; CheckFailed if it does not load, fails
+    its forward pass, or loads as another model."""
+    result = reload_all([(folder, fingerprint)], rtol, device)[0]
+    if isinstance(result, CheckFailed):
+        raise result
+    return result
 
-    from qcompare.saving import load_saved
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = load_saved(folder, device)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckFailed(f"reload: the saved folder does not load with AutoModelForCausalLM.from_pretrained "
-                          f"({type(e).__name__}: {first})", "reload", {"passed": False, "error": first}) from None
-    try:
-        comparison = fingerprint.compare(model)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise CheckFailed(f"reload: the saved folder loads but its forward pass fails ({type(e).__name__}: {first})",
-                          "reload", {"passed": False, "error": first}) from None
-    finally:
-        del model
+def reload_all(items: list, rtol: float, device: str = "cpu") -> list:
+    """``reload`` for several (folder, fingerprint) pairs, a check dict or a CheckFailed for each.
+    Folders that need ``qcompare.compat`` and folders that do not load in separate processes, so
+    one never lends the other its patches."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from qcompare.saving import load_code, needs_compat
+
+    results: dict[int, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="qcompare-reload-") as scratch:
+        for compat in (False, True):
+            jobs = []
+            for i, (folder, fingerprint) in enumerate(items):
+                if needs_compat(folder) != compat:
+                    continue
+                probe, out = Path(scratch) / f"probe-{i}.safetensors", Path(scratch) / f"logits-{i}.safetensors"
+                fingerprint.save(probe)
+                jobs.append({"index": i, "folder": str(folder), "code": "\n".join(load_code(folder, str(folder))),
+                             "probe": str(probe), "out": str(out), "device": device})
+            if not jobs:
+                continue
+            done = subprocess.run([sys.executable, "-c", _RELOAD, json.dumps(jobs)], capture_output=True, text=True)
+            reports = {r["folder"]: r for r in (json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
+                                                if line.startswith("QCOMPARE-RELOAD "))}
+            for job in jobs:
+                report = reports.get(job["folder"])
+                if report is None:  # the process itself died (out of memory, a crash in native code)
+                    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                    report = {"ok": False, "stage": "load", "error": tail}
+                results[job["index"]] = _judge(report, job, items[job["index"]][1], rtol, load_file)
+    return [results[i] for i in range(len(items))]
+
+
+def _judge(report: dict, job: dict, fingerprint: Fingerprint, rtol: float, load_file):
+    if not report["ok"]:
+        if report["stage"] == "load":
+            what = "does not load with the model card's code (AutoModelForCausalLM.from_pretrained)"
+        else:
+            what = "loads, but its forward pass fails"
+        return CheckFailed(f"reload: the saved folder {what} ({report['error']})", "reload",
+                           {"passed": False, "error": report["error"]})
+    got = load_file(job["out"])
+    diff = float((got["logits"] - fingerprint.logits).abs().max()) if got["logits"].shape == fingerprint.logits.shape \
+        and got["logits"].isfinite().all() else float("inf")
+    agree = float((got["argmax"] == fingerprint.argmax).float().mean()) if got["argmax"].shape == \
+        fingerprint.argmax.shape else 0.0
+    comparison = Comparison(diff, agree, fingerprint.scale)
     check = comparison.as_dict(rtol)
     if not check["passed"]:
-        raise CheckFailed(
+        return CheckFailed(
             f"reload: the saved folder loads as a different model: its logits differ from the evaluated model's "
             f"by up to {comparison.max_abs_diff:.3g} on the probe batch (top-1 agreement "
             f"{comparison.top1_agreement:.1%}; allowed {check['tolerance']:.3g})", "reload", check)

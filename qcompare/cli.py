@@ -67,7 +67,10 @@ def user_errors():
         raise typer.Exit(1 if isinstance(e, CheckFailed) else 2) from None
 
 
-def _load(recipe: Path, overrides, output: Path | None = None, executor: str | None = None):
+def _load(recipe: Path, overrides, output: Path | None = None, executor: str | None = None, structure: bool = False):
+    """The recipe and its run store; with ``structure``, also each model's layout checked against
+    each quantizer from its config (qcompare.structure): every problem is a line of one error."""
+    from qcompare.errors import RecipeError
     from qcompare.recipe import load_recipe
     from qcompare.runner import default_output
     from qcompare.store import RunStore
@@ -76,6 +79,15 @@ def _load(recipe: Path, overrides, output: Path | None = None, executor: str | N
     if executor:
         overrides.append(f"executor.name={executor!r}".replace("'", '"'))
     r = load_recipe(recipe, overrides)
+    if structure:
+        from qcompare.plugins import get_registry
+        from qcompare.structure import problems
+
+        found, notes = problems(r, get_registry())
+        for note in notes:
+            err_console.print(f"[dim]note: {note}[/]", highlight=False)
+        if found:
+            raise RecipeError(found)
     return r, RunStore(output or default_output(r))
 
 
@@ -83,7 +95,7 @@ def _load(recipe: Path, overrides, output: Path | None = None, executor: str | N
 def validate(recipe: RecipeArg, set_: SetOpt = None):
     """Check a recipe against every plugin's schema; list every mistake at once."""
     with user_errors():
-        r, _ = _load(recipe, set_)
+        r, _ = _load(recipe, set_, structure=True)
     from qcompare.cells import expand
 
     console.print(f"[green]ok[/] {recipe}: {len(expand(r))} cells")
@@ -146,7 +158,7 @@ def run(
 
     first = launcher_ranks()[0] == 0  # under torchrun every process runs the cells; the first one speaks
     with user_errors():
-        r, store = _load(recipe, set_, output, executor)
+        r, store = _load(recipe, set_, output, executor, structure=True)
         progress, cell_progress = _progress_bars(quiet=not first)
         runner = Runner(r, store, progress=cell_progress)
         plan = runner.plan()

@@ -115,6 +115,7 @@ class Outcome:
     cost: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     fingerprint: Any = None  # the converted model's probe logits (checks.Fingerprint), kept with the cell
+    notes: dict[str, Any] = field(default_factory=dict)
     save_error: str | None = None
 
 
@@ -257,7 +258,7 @@ class CellPipeline:
                     # CUDA's peak is reset per cell; CPU RSS only ever grows: the process's peak so far
                     "peak_memory_scope": "cell" if device == "cuda" else "process", "device": device}
         out.metrics, out.stderr, out.items, out.groups = result.metrics, result.stderr, result.items, result.groups
-        out.size, out.checks, out.fingerprint = self.size, self.checks, self.fingerprint
+        out.size, out.checks, out.fingerprint, out.notes = self.size, self.checks, self.fingerprint, self.context.notes
         return out
 
     def save_checked(self, model, folder: Path) -> None:

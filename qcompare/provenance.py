@@ -61,11 +61,24 @@ def _direct_url(dist: str) -> dict:
 
 
 def _module_file(module: str) -> Path | None:
+    """The source file of ``module``, found from its top-level package's folder without importing
+    anything below it (find_spec of a.b.c would import a.b; a name imported from a module, not a
+    module itself, has no file and gives None)."""
+    top, _, rest = module.partition(".")
     try:
-        spec = importlib.util.find_spec(module)
+        spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return None
-    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+    if spec is None:
+        return None
+    if not rest:
+        return Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
+    for folder in spec.submodule_search_locations or []:
+        base = Path(folder).joinpath(*rest.split("."))
+        for path in (base.with_suffix(".py"), base / "__init__.py"):
+            if path.is_file():
+                return path
+    return None
 
 
 def _local_imports(path: Path, module: str, top: str) -> set[str]:

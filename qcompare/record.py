@@ -61,6 +61,7 @@ class CellRecord(BaseModel):
     size: dict[str, Any] = {}
     cost: dict[str, Any] = {}
     checks: dict[str, Any] = {}
+    notes: dict[str, Any] = {}  # what plugins said about how the cell ran (CellContext.notes)
     plugins: dict[str, Any] = {}
     save_error: str | None = None
     provenance: dict[str, Any] = {}

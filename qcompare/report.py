@@ -6,6 +6,7 @@ post-training quantization (cells with no seed: nothing trained), then distilled
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -221,6 +222,8 @@ def print_report(store_or_path, console: Console, fmt: str = "table", metrics: l
     saving = cache_saving(df)
     if saving:
         console.print(saving, style="dim")
+    for line in notes_lines(df):
+        console.print(line, style="yellow", highlight=False)
     if not failed.empty:
         console.print(f"[red]{len(failed)} cells not finished[/] (failed, or interrupted: run the recipe again): "
                       + "; ".join(f"{r.id} ({r.error if isinstance(r.error, str) else r.status})" for r in failed.itertuples()))
@@ -232,6 +235,24 @@ SIZE_NOTE = ("quantized = share of the body's weights (all but embeddings and he
              "name; MB = the model at its true size. TFLOP and time s are each cell's logical cost, as if nothing "
              "were cached or shared (a cached teacher batch counts as computed; its time is estimated from the "
              "run's own teacher forwards).")
+
+
+def notes_lines(df: pd.DataFrame) -> list[str]:
+    """What plugins recorded about how cells ran (``CellContext.notes``), once per configuration."""
+    if "notes" not in df:
+        return []
+    out = []
+    for (label, text), _ in df[df["notes"] != ""].groupby([df["label"].str.replace(r" · seed \d+$", "", regex=True),
+                                                           "notes"], sort=False):
+        for plugin, note in json.loads(text).items():
+            skipped = note.get("skipped_smoothing") if isinstance(note, dict) else None
+            if skipped:
+                shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+                out.append(f"{label}: {plugin} skipped smoothing of {len(skipped)} layers ({shown}); "
+                           "llm-compressor found their shapes incompatible (grouped-query attention's v_proj → o_proj)")
+            elif not (isinstance(note, dict) and "skipped_smoothing" in note):
+                out.append(f"{label}: {plugin}: {json.dumps(note)}")
+    return out
 
 
 def cache_saving(df: pd.DataFrame) -> str | None:

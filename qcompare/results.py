@@ -68,6 +68,7 @@ def record_row(record: CellRecord) -> dict:
         choice = getattr(s, kind)
         for k, v in (choice.params if choice else {}).items():
             row[f"{kind}.{k}"] = tuple(v) if isinstance(v, list) else v
+    row["notes"] = json.dumps(record.notes, sort_keys=True) if record.notes else ""
     row.update(record.metrics)
     row.update({f"{k}:stderr": v for k, v in record.stderr.items()})
     row.update(record.size)

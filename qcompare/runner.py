@@ -152,10 +152,11 @@ class Runner:
                 write_json(files.cost, out.cost)
             record = record.model_copy(update=dict(
                 status="done", size=out.size, metrics=out.metrics, stderr=out.stderr, groups=out.groups,
-                cost=out.cost, checks=out.checks, save_error=out.save_error))
+                cost=out.cost, checks=out.checks, notes=out.notes, save_error=out.save_error))
         except Exception as e:  # the sweep goes on; the traceback is kept with the cell
             record = record.model_copy(update={"status": "failed", "error": error_line(e),
-                                               "checks": pipeline.checks if pipeline else {}})
+                                               "checks": pipeline.checks if pipeline else {},
+                                               "notes": pipeline.context.notes if pipeline else {}})
             if self.writes:
                 files.traceback.write_text(traceback.format_exc())
         record = record.model_copy(update={"finished_at": now(), "provenance": self._provenance()})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from pathlib import Path
 
 from qcompare.errors import QcompareError
@@ -78,30 +79,78 @@ def save_adapter(model, folder: Path) -> None:
     config.save_pretrained(str(folder))
 
 
-def is_compressed_tensors(folder: Path) -> bool:
-    """Whether ``folder``'s config says compressed-tensors (GPTQ/AWQ checkpoints)."""
+def _config(folder: Path) -> dict:
     import json
 
     config = Path(folder) / "config.json"
-    if not config.is_file():
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
+def is_compressed_tensors(folder: Path) -> bool:
+    """Whether ``folder``'s config says compressed-tensors (GPTQ/AWQ checkpoints)."""
+    return (_config(folder).get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+
+
+# model types whose exports need qcompare.compat's patches to load (see that module)
+NEEDS_COMPAT = {"falcon"}
+
+
+@functools.cache
+def uses_conv1d(model_type: str) -> bool:
+    """Whether transformers' modeling code for ``model_type`` builds its layers from ``Conv1D``."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
         return False
-    quant = json.loads(config.read_text()).get("quantization_config") or {}
-    return quant.get("quant_method") == "compressed-tensors"
+    return "Conv1D" in vars(module)
 
 
-def load_saved(folder: Path, device: str = "cpu"):
-    """Load a saved cell folder exactly as its model card tells a user to."""
-    from transformers import AutoModelForCausalLM
+def needs_compat(folder: Path) -> bool:
+    """Whether loading ``folder`` needs ``import qcompare.compat`` first (torchao int weights that
+    the modeling code transposes, Falcon's weight initialisation)."""
+    config = _config(folder)
+    model_type = config.get("model_type", "")
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    return model_type in NEEDS_COMPAT or (method == "torchao" and uses_conv1d(model_type))
 
-    kwargs = {}
+
+def load_code(folder: Path, path: str = "path/to/this/folder") -> list[str]:
+    """The Python that loads ``folder`` to the evaluated model, with ``path`` as its location: what
+    the model card shows a user, and what the reload check runs in a fresh process."""
+    lines = ["import qcompare.compat  # ops transformers/torchao lack for this layout (see qcompare/compat.py)"] \
+        if needs_compat(folder) else []
     if (Path(folder) / ADAPTER_CONFIG).is_file() and is_compressed_tensors(folder):
         # peft wraps Linear layers that hold a .weight; compressed-tensors keeps them packed unless asked
-        from transformers import CompressedTensorsConfig
+        return lines + ["from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig", "",
+                        "model = AutoModelForCausalLM.from_pretrained(  # base + LoRA adapter",
+                        f"    {path!r}, quantization_config=CompressedTensorsConfig(dequantize=True))"]
+    adapter = "  # base + LoRA adapter" if (Path(folder) / ADAPTER_CONFIG).is_file() else ""
+    return lines + ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                    f"model = AutoModelForCausalLM.from_pretrained({path!r}){adapter}"]
 
-        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    if device != "cpu":
-        kwargs["device_map"] = device
-    return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+
+def apply_int_grid(model, grids: dict, bits: int, group_size: int, symmetric: bool = True) -> None:
+    """Attach compressed-tensors' quantization scheme to ``model``'s Linear layers named in ``grids``
+    (``name -> (scale, zero_point)``, each (out_features, in_features / group_size)), the rest
+    ignored: what ``save_int_grid`` and the built-in quantizers' compressed-tensors writers share."""
+    import torch
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus, apply_quantization_config)
+    from torch import nn
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                            strategy="group" if group_size else "channel", group_size=group_size or None)
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in grids]
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                ignore=ignore, quantization_status=QuantizationStatus.FROZEN)
+    apply_quantization_config(model, config, show_progress=False)
+    with torch.no_grad():
+        for name, (scale, zero_point) in grids.items():
+            m = model.get_submodule(name)
+            m.weight_scale.copy_(scale.reshape(m.weight_scale.shape).to(m.weight_scale.dtype))
+            m.weight_zero_point.copy_(zero_point.reshape(m.weight_zero_point.shape).round().to(m.weight_zero_point.dtype))
 
 
 def save_int_grid(model, folder: Path, grids: dict, bits: int, group_size: int, symmetric: bool = True) -> None:
@@ -113,23 +162,9 @@ def save_int_grid(model, folder: Path, grids: dict, bits: int, group_size: int, 
     Linear layers named in ``grids`` hold their weights dequantized (exactly on the grid), and
     ``grids[name] = (scale, zero_point)``, each shaped (out_features, in_features / group_size).
     Every other Linear layer is saved in float."""
-    import torch
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 QuantizationStatus, apply_quantization_config)
-    from torch import nn
 
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
-                            strategy="group" if group_size else "channel", group_size=group_size or None)
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in grids]
-    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-                                ignore=ignore, quantization_status=QuantizationStatus.FROZEN)
-    apply_quantization_config(model, config)
-    with torch.no_grad():
-        for name, (scale, zero_point) in grids.items():
-            m = model.get_submodule(name)
-            m.weight_scale.copy_(scale.reshape(m.weight_scale.shape).to(m.weight_scale.dtype))
-            m.weight_zero_point.copy_(zero_point.reshape(m.weight_zero_point.shape).round().to(m.weight_zero_point.dtype))
+    apply_int_grid(model, grids, bits, group_size, symmetric)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     compressor.compress_model(model)
     model.save_pretrained(str(folder))

@@ -11,6 +11,8 @@ Every built-in quantizer finds its weights here, and a third-party one may too
                  what the module holds — a module with ``num_experts`` and 3-D parameters whose
                  first dimension is that number — not by a list of model families. A module
                  that sets ``is_transposed`` (transformers' flag) stores (E, in, out).
+- ``router``     the 2-D ``weight`` (E, hidden) of an experts module's sibling that scores the
+                 experts (a ``*TopKRouter``, or an ``nn.Linear`` gate); never a ``linear`` target.
 
 The skip grammar (``skip`` in every built-in quantizer's parameters), one pattern at a time:
 
@@ -30,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-KINDS = ("linear", "conv1d", "embedding", "experts")
+KINDS = ("linear", "conv1d", "embedding", "experts", "router")
 
 
 @dataclass(frozen=True)
@@ -95,14 +97,34 @@ def expert_params(module) -> list[str]:
     return [name for name, p in module.named_parameters(recurse=False) if p.ndim == 3 and p.shape[0] == n]
 
 
+def router_modules(model) -> set[int]:
+    """ids of the modules that route tokens to experts: a sibling of an experts module holding a
+    2-D ``weight`` with one row per expert."""
+    found = set()
+    for parent in model.modules():
+        children = list(parent.children())
+        for experts in children:
+            n = getattr(experts, "num_experts", None)
+            if not expert_params(experts):
+                continue
+            for other in children:
+                w = other._parameters.get("weight") if other is not experts else None
+                if w is not None and w.ndim == 2 and w.shape[0] == n:
+                    found.add(id(other))
+    return found
+
+
 def all_targets(model) -> list[Target]:
     """Every weight of a kind qcompare knows, in module order, nothing skipped."""
     from torch import nn
 
     conv1d = _conv1d_class()
+    routers = router_modules(model)
     found = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
+        if id(m) in routers:
+            found.append(Target(name, m, "router"))
+        elif isinstance(m, nn.Linear):
             found.append(Target(name, m, "linear"))
         elif conv1d is not None and isinstance(m, conv1d):
             found.append(Target(name, m, "conv1d"))
@@ -148,5 +170,5 @@ def unmatched(model, skip: Iterable[str]) -> list[str]:
 
 def describe(kinds: Iterable[str]) -> str:
     words = {"linear": "Linear layers", "conv1d": "Conv1D layers", "embedding": "embeddings",
-             "experts": "3-D expert weights"}
+             "experts": "3-D expert weights", "router": "expert routers"}
     return ", ".join(words[k] for k in kinds)

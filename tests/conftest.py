@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# validate's structure cache: one per test session, never the user's
+os.environ.setdefault("QCOMPARE_CACHE", tempfile.mkdtemp(prefix="qcompare-test-cache-"))
 
 import pytest
 import torch

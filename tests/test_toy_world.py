@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qcompare.plugins import get_registry
-from qcompare_plugins.toy import HELDOUT, MODEL, TASKS, TRAIN
+from qcompare_plugins.toy import HELDOUT, MODEL, MOE_MODEL, TASKS, TRAIN
 from qcompare_plugins.toy.world import benchmarks, chat_rows, heldout_texts, make_world, pretrain_texts
 
 MC_TASKS = ["toy_facts", "toy_habits", "toy_arith", "toy_seq"]
@@ -78,18 +78,21 @@ def test_tokenizer_has_pad_eos_and_a_chat_template_with_no_unknown_tokens(tokeni
     assert tokenizer.decode(full[len(prompt) : -1]) == messages[-1]["content"]
 
 
-def test_shipped_model_scores_high_on_the_toy_tasks_through_lm_eval(tokenizer):
+@pytest.mark.parametrize("folder", [MODEL, MOE_MODEL], ids=["dense", "moe"])
+def test_shipped_model_scores_high_on_the_toy_tasks_through_lm_eval(tokenizer, folder):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    model = AutoModelForCausalLM.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(folder)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=64, device="cpu")
     tm = TaskManager(include_path=str(TASKS))
     out = lm_eval.simple_evaluate(model=lm, tasks=["toy", "toy_gen", "toy_usual"], task_manager=tm, limit=40)
     results = out["results"]
+    # the MoE twin extrapolates count sequences less well (toy_seq ~0.77 against the dense 0.93)
+    floors = {"toy_seq": 0.7} if folder == MOE_MODEL else {}
     for task in MC_TASKS:
-        assert results[task]["acc,none"] >= 0.9, (task, results[task])
+        assert results[task]["acc,none"] >= floors.get(task, 0.9), (task, results[task])
     assert results["toy"]["acc,none"] >= 0.9
     assert results["toy_gen"]["exact_match,strip"] >= 0.8, results["toy_gen"]
     # Ranking an entity's own habits is harder (chance 0.25, the teacher ~0.87).
@@ -98,8 +101,11 @@ def test_shipped_model_scores_high_on_the_toy_tasks_through_lm_eval(tokenizer):
 
 def test_registered_names_resolve():
     registry = get_registry()
-    folder, _ = registry.models["toy-qwen3"].obj
-    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    for name in ("toy-qwen3", "toy-qwen3-moe"):
+        folder, _ = registry.models[name].obj
+        assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    moe = json.loads((registry.models["toy-qwen3-moe"].obj[0] / "config.json").read_text())
+    assert moe["model_type"] == "qwen3_moe" and moe["num_local_experts"] == 8
     assert registry.datasets["toy-chat"].obj[0] == TRAIN and TRAIN.exists()
     assert registry.datasets["toy-heldout"].obj[0] == HELDOUT and HELDOUT.exists()
     assert TASKS in registry.task_folders

@@ -67,6 +67,26 @@ def check_tokenizer(tokenizer) -> None:
 
 
 @contextlib.contextmanager
+def as_before_training(student):
+    """Put back what TRL's trainers change on the model they train and leave changed: the config's
+    MoE router settings (SFT/GKD turn ``output_router_logits`` on for the load-balancing loss, and
+    transformers' ``generate`` then fails computing that loss against the KV cache) and the fused
+    forward it patches onto the instance."""
+    configs = [c for c in (student.config, getattr(student.config, "text_config", None)) if c is not None]
+    keys = ("output_router_logits", "router_aux_loss_coef")
+    saved = [{k: getattr(c, k) for k in keys if hasattr(c, k)} for c in configs]
+    had_forward = "forward" in student.__dict__
+    try:
+        yield
+    finally:
+        for config, values in zip(configs, saved):
+            for key, value in values.items():
+                setattr(config, key, value)
+        if not had_forward:
+            student.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
 def fp32_master_weights(student, params: TrainParams):
     """Full fine-tuning of a bfloat16/float16 student on fp32 master weights.
 

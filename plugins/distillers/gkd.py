@@ -55,7 +55,7 @@ class GKDDistiller(Distiller):
         return params.lora_r > 0
 
     def distill(self, teacher, student, tokenizer, data, params: GKDParams, context: CellContext) -> DistillResult:
-        from .common import check_data, check_tokenizer, fp32_master_weights, run_training
+        from .common import as_before_training, check_data, check_tokenizer, fp32_master_weights, run_training
         from .cost import CostMeter
         from .shared_teacher import share_base_weights, unshare_trainable
         from .teacher_cache import TeacherCache
@@ -69,7 +69,7 @@ class GKDDistiller(Distiller):
         if params.lora_r and params.shared_teacher:
             refused = share_base_weights(teacher, student)
             layout = "shared" if refused is None else f"separate ({refused})"
-        with fp32_master_weights(student, params) as master:
+        with as_before_training(student), fp32_master_weights(student, params) as master:
             trainer = self.make_trainer(teacher, student, tokenizer, data, params, context, meter)
             if layout == "shared":
                 unshare_trainable(trainer.model, teacher)

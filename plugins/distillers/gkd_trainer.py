@@ -3,6 +3,7 @@ micro-batch normalisation, the run's teacher cache and the shared LoRA teacher."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -58,7 +59,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
 
     def generate_on_policy_outputs(self, model, inputs, generation_config):
         # TRL calls this through self, so an instance method may wrap its staticmethod.
-        with self.meter.time("rollout_seconds"):
+        with self.meter.time("rollout_seconds"), no_router_loss(model):
             ids, mask, labels = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
         by_teacher = model is self.teacher_model or model is self.accelerator.unwrap_model(self.teacher_model)
         self._rollout_by = "teacher" if by_teacher else "student"
@@ -105,6 +106,25 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
             cache.store(inputs, key, logits)
         return logits
 
+
+
+@contextlib.contextmanager
+def no_router_loss(model):
+    """A MoE model generates without computing its load-balancing loss: TRL turns
+    ``output_router_logits`` on for training, and transformers 5.17's loss then fails against the
+    KV cache's attention mask in ``generate``. Rollouts need no loss."""
+    configs = []
+    for m in {id(x): x for x in (model, getattr(model, "module", None), getattr(model, "base_model", None)) if x}.values():
+        for c in (getattr(m, "config", None), getattr(getattr(m, "config", None), "text_config", None)):
+            if c is not None and getattr(c, "output_router_logits", False):
+                configs.append(c)
+    for c in configs:
+        c.output_router_logits = False
+    try:
+        yield
+    finally:
+        for c in configs:
+            c.output_router_logits = True
 
 
 def make_trainer(teacher, student, tokenizer, data, params, context, meter, callbacks=None):

@@ -23,7 +23,7 @@ class SFTDistiller(Distiller):
         return params.lora_r > 0  # LoRA trains adapters only
 
     def distill(self, teacher, student, tokenizer, data, params: SFTParams, context: CellContext) -> DistillResult:
-        from .common import check_data, check_tokenizer, fp32_master_weights, run_training
+        from .common import as_before_training, check_data, check_tokenizer, fp32_master_weights, run_training
         from .cost import CostMeter
         from .shared_teacher import unshare_trainable
         from .sft_trainer import to_prompt_completion
@@ -31,7 +31,7 @@ class SFTDistiller(Distiller):
         data = to_prompt_completion(check_data(data, self.name))
         check_tokenizer(tokenizer)
         meter = CostMeter(context.device)
-        with fp32_master_weights(student, params) as master:
+        with as_before_training(student), fp32_master_weights(student, params) as master:
             trainer = self.make_trainer(student, tokenizer, data, params, context, meter)
             if teacher is not None:  # the runner may have built the student over the teacher's memory
                 unshare_trainable(trainer.model, teacher)

@@ -7,14 +7,14 @@ on the fly, like torchao QAT) they are bit-for-bit the teacher's weights. So:
   Parameter objects over the same memory, so freezing the student does not touch the
   teacher's ``requires_grad``), and the student's own copy is freed;
 - ``teacher_mode`` runs the student as the teacher: peft's ``disable_adapter()`` plus every
-  torchao fake quantizer's ``enabled = False`` (the switch ``FakeQuantizedLinear`` and
-  ``FakeQuantizedEmbedding`` read in torchao 0.18), in eval mode. Its logits equal the
-  float teacher's exactly (tests/test_teacher_sharing.py).
+  torchao fake quantizer's ``enabled = False`` (the switch ``FakeQuantizedLinear``,
+  ``FakeQuantizedEmbedding`` and qcompare's fused-expert fake quantizers read), in eval mode.
+  Its logits equal the float teacher's exactly (tests/test_teacher_sharing.py).
 
 A quantizer that changes the weights it prepares (GPTQ, AWQ) leaves a student whose base
 is not the teacher; sharing is then refused and the cell keeps two copies. (The runner
 itself builds a LoRA student over the teacher's memory when the quantizer allows it:
-``qcompare.runner.weight_sharing_copy``; sharing here then finds it already done.)
+``qcompare.pipeline.weight_sharing_copy``; sharing here then finds it already done.)
 """
 
 from __future__ import annotations
@@ -58,13 +58,11 @@ def unshare_trainable(model: nn.Module, teacher: nn.Module) -> int:
 
 
 def fake_quantizers(model: nn.Module) -> list:
-    found = []
-    for module in model.modules():
-        for attr in ("weight_fake_quantizer", "activation_fake_quantizer"):
-            q = getattr(module, attr, None)
-            if q is not None and hasattr(q, "enabled"):
-                found.append(q)
-    return found
+    """Every torchao fake quantizer in the model: Linear and embedding layers' and those of fused
+    MoE experts (``qcompare_plugins.torchao_experts``) alike."""
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    return [m for m in model.modules() if isinstance(m, FakeQuantizerBase) and hasattr(m, "enabled")]
 
 
 @contextlib.contextmanager

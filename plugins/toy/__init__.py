@@ -13,6 +13,7 @@ from qcompare import hookimpl
 
 HERE = Path(__file__).parent
 MODEL = HERE / "model"
+MOE_MODEL = HERE / "model-moe"
 TRAIN = HERE / "data" / "train.jsonl"
 HELDOUT = HERE / "data" / "heldout.jsonl"
 TASKS = HERE / "tasks"
@@ -21,6 +22,7 @@ TASKS = HERE / "tasks"
 @hookimpl
 def register_models(register):
     register("toy-qwen3", MODEL, "2-layer Qwen3 (~180k params) trained from scratch on the toy world")
+    register("toy-qwen3-moe", MOE_MODEL, "toy-qwen3 with 8 fused experts (2 per token) in its MLP, trained the same way")
 
 
 @hookimpl

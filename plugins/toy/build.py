@@ -1,6 +1,7 @@
-"""Build the toy world: data, tokenizer, task files and the toy-qwen3 teacher.
+"""Build the toy world: data, tokenizer, task files and its two teachers, the dense toy-qwen3 and
+the mixture-of-experts toy-qwen3-moe (the same world, attention and budget; 8 experts, 2 per token).
 
-    python -m qcompare_plugins.toy.build [--seed 0] [--out plugins/toy]
+    python -m qcompare_plugins.toy.build [--seed 0] [--out plugins/toy] [--only dense|moe]
 
 Deterministic for a seed (one thread, seeded torch). Its outputs are committed, so tests
 and recipes never retrain; rerun it only when the world changes.
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from qcompare_plugins.toy.tokenizer import make_tokenizer
 from qcompare_plugins.toy.world import World, benchmarks, chat_rows, heldout_texts, make_world, pretrain_texts
@@ -31,6 +32,31 @@ def model_config(tokenizer) -> Qwen3Config:
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+
+
+def moe_config(tokenizer) -> Qwen3MoeConfig:
+    """toy-qwen3's attention and width with its MLP as 8 experts of width 64, 2 routed per token:
+    half the dense model's active MLP width per token, ~1.5× its parameters."""
+    return Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -77,10 +103,10 @@ def batches(ids: list[list[int]], pad_id: int, batch: int, rng: random.Random):
         yield x, (x != pad_id).long(), labels
 
 
-def train_teacher(world: World, tokenizer, steps: int = STEPS, log_every: int = 500) -> Qwen3ForCausalLM:
+def train_teacher(world: World, tokenizer, steps: int = STEPS, log_every: int = 500, moe: bool = False):
     """Train from scratch with AdamW, warmup then cosine decay."""
     torch.manual_seed(world.seed)
-    model = Qwen3ForCausalLM(model_config(tokenizer))
+    model = Qwen3MoeForCausalLM(moe_config(tokenizer)) if moe else Qwen3ForCausalLM(model_config(tokenizer))
     texts = training_texts(world, tokenizer)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
@@ -105,17 +131,20 @@ def train_teacher(world: World, tokenizer, steps: int = STEPS, log_every: int = 
     return model
 
 
-def build(seed: int = 0, out: Path = HERE, steps: int = STEPS) -> Path:
-    """Write everything under ``out``; return the model folder."""
+def build(seed: int = 0, out: Path = HERE, steps: int = STEPS, only: str | None = None) -> Path:
+    """Write everything under ``out``; return the (dense) model folder."""
     torch.set_num_threads(1)
     world = make_world(seed)
     tokenizer = make_tokenizer()
     write_world_files(world, out)
-    model = train_teacher(world, tokenizer, steps)
-    folder = out / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    for moe in (False, True):
+        if only and only != ("moe" if moe else "dense"):
+            continue
+        model = train_teacher(world, tokenizer, steps, moe=moe)
+        folder = out / ("model-moe" if moe else "model")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return out / "model"
 
 
 def main() -> None:
@@ -123,8 +152,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--only", choices=("dense", "moe"), help="train one of the two teachers")
     args = parser.parse_args()
-    print(f"built {build(args.seed, args.out, args.steps)}")
+    print(f"built {build(args.seed, args.out, args.steps, args.only)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""What loading some exported models needs beyond transformers and torchao (pinned versions):
+``import qcompare.compat`` before ``from_pretrained``. Model cards say when.
+
+- torchao's ``IntxUnpackedToInt8Tensor`` implements ``F.linear`` but not the transposed products
+  some modeling code uses: Falcon's ``FalconLinear`` computes ``input @ self.weight.T`` and the
+  GPT-2 family's ``Conv1D`` computes ``torch.addmm(bias, x, weight)`` with the weight stored
+  (in, out). Registered here: ``t``/``transpose``/``permute`` of a 2-D int tensor (the same codes
+  with its group axis swapped) and ``mm``/``matmul``/``addmm`` with it on the right, computed by
+  torchao's own ``F.linear`` on the untransposed tensor — the same numbers as the evaluated model.
+- transformers' ``FalconPreTrainedModel._init_weights`` reads ``module.weight`` unguarded, and a
+  compressed-tensors ``FalconLinear`` holds ``weight_packed`` instead, so a GPTQ/AWQ Falcon
+  checkpoint fails to load; the patch guards it as the generic ``_init_weights`` does.
+
+Both belong upstream (torchao, transformers); until then this module is what the card imports.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def _swapped(w):
+    """A 2-D int tensor with its dimensions swapped: the same codes, the group axis swapped."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor as Intx
+
+    return Intx(w.qdata.t(), w.scale.t(), w.zero_point.t(), w.target_dtype, tuple(reversed(w.block_size)), w.dtype,
+                w.activation_quantization)
+
+
+@functools.cache
+def register_torchao_transposes() -> None:
+    from torch.utils._python_dispatch import return_and_correct_aliasing
+    from torchao.quantization import IntxUnpackedToInt8Tensor as Intx
+
+    aten = torch.ops.aten
+
+    def _only_2d(w):
+        if w.ndim != 2:
+            raise NotImplementedError("qcompare.compat transposes 2-D int tensors only")
+
+    @Intx.implements([aten.t.default, aten.transpose.int, aten.permute.default])
+    def _t(func, types, args, kwargs):
+        _only_2d(args[0])
+        return return_and_correct_aliasing(func, args, kwargs, _swapped(args[0]))
+
+    @Intx.implements([aten.mm.default])
+    def _mm(func, types, args, kwargs):
+        return F.linear(args[0], _swapped(args[1]))
+
+    @Intx.implements_torch_function([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])
+    def _matmul(func, types, args, kwargs):
+        a, b = args
+        if isinstance(a, Intx) or b.ndim != 2:
+            raise NotImplementedError("qcompare.compat: x @ W with W a 2-D int tensor on the right only")
+        return F.linear(a, _swapped(b))
+
+    def _addmm(bias, a, b, kwargs):
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or isinstance(a, Intx):
+            raise NotImplementedError("qcompare.compat: addmm(bias, x, W) with W a 2-D int tensor only")
+        return F.linear(a, _swapped(b), bias)
+
+    @Intx.implements([aten.addmm.default])
+    def _addmm_dispatch(func, types, args, kwargs):
+        return _addmm(*args, kwargs)
+
+    @Intx.implements_torch_function([torch.addmm])
+    def _addmm_function(func, types, args, kwargs):
+        return _addmm(*args, kwargs or {})
+
+
+@functools.cache
+def patch_falcon_init() -> None:
+    from transformers import initialization as init
+    from transformers.models.falcon import modeling_falcon as mf
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super(mf.FalconPreTrainedModel, self)._init_weights(module)  # the generic one guards .weight
+        if isinstance(module, mf.FalconLinear) and getattr(module, "weight", None) is not None:
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    mf.FalconPreTrainedModel._init_weights = _init_weights
+
+
+register_torchao_transposes()
+patch_falcon_init()

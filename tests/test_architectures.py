@@ -1,0 +1,127 @@
+"""Architectures beyond the dense Llama family: mixture-of-experts (fused 3-D experts), GPT-2's
+Conv1D, Falcon, GPT-NeoX, OLMo-2 — through every built-in quantizer, and the page that says so."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qcompare.cli import app
+from qcompare.testing import architecture_matrix, check_quantizer, matrix_markdown, tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+cli = CliRunner()
+
+
+@pytest.mark.slow
+def test_every_family_by_every_quantizer_and_the_page_that_says_so(tmp_path):
+    rows = architecture_matrix(tmp_path)
+    by = {(r["family"], r["quantizer"]): r for r in rows}
+    # the only refusals are GPT-2's Conv1D in llm-compressor; nothing fails a check
+    assert {k for k, r in by.items() if r["status"] != "ok"} == {("gpt2", "gptq int4"), ("gpt2", "awq int4")}
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["coverage"] >= 0.95 and r["fake_vs_converted"] == 0 and r["reload"] == 0, r
+    # fused experts are quantized where they are: the body is covered, and int2 is cheaper than int4
+    assert by[("qwen3_moe", "torchao int2")]["bits"] < by[("qwen3_moe", "torchao int4")]["bits"]
+    page = (ROOT / "docs" / "architectures.md").read_text()
+    assert page == matrix_markdown(rows), "docs/architectures.md is stale: run python scripts/architectures.py"
+
+
+def test_fused_experts_train_through_the_fake_quantizer_and_teacher_mode_switches_them_off():
+    from qcompare_plugins.distillers.shared_teacher import fake_quantizers, teacher_mode
+    from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
+
+    teacher = tiny_model("qwen3_moe")
+    student = TorchaoQuantizer().prepare(copy.deepcopy(teacher), TorchaoParams(bits=2, group_size=0), None)
+    experts = student.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "FakeQuantizedQwen3MoeExperts" and experts.gate_up_proj.requires_grad
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    student(ids).logits.pow(2).mean().backward()
+    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+    # int2 moves the experts' output; with every fake quantizer off the student is the teacher
+    with torch.no_grad():
+        expected = teacher(ids).logits
+        assert not torch.equal(student(ids).logits, expected)
+        assert len(fake_quantizers(student)) > 2 * 2  # the experts' too, not only the Linear layers'
+        with teacher_mode(student):
+            assert torch.equal(student(ids).logits, expected)
+
+
+def test_routers_stay_float_unless_asked_and_asymmetric_experts_are_refused_for_export():
+    from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
+
+    teacher = tiny_model("mixtral")
+    float_router = TorchaoQuantizer().prepare(copy.deepcopy(teacher), TorchaoParams(), None)
+    assert type(float_router.model.layers[0].mlp.gate).__name__ == "MixtralTopKRouter"
+    quantized = TorchaoQuantizer().prepare(copy.deepcopy(teacher), TorchaoParams(routers=True), None)
+    assert type(quantized.model.layers[0].mlp.gate).__name__ == "FakeQuantizedMixtralTopKRouter"
+    report = check_quantizer(TorchaoQuantizer, {"symmetric": False}, layouts=(), refuse=("moe-experts",))
+    assert "use symmetric = true to export MoE models" in report["moe-experts"]["refused"]
+
+
+def test_validate_reads_the_layout_from_the_config_and_names_what_cannot_work(tmp_path, tiny_model_dir):
+    from qcompare.testing import tiny_tokenizer
+
+    gpt2 = tmp_path / "tiny-gpt2"
+    tiny_model("gpt2").save_pretrained(gpt2)
+    tiny_tokenizer().save_pretrained(gpt2)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"""
+models = ["{gpt2}", "{tiny_model_dir}"]
+[data]
+train = "toy-chat"
+[[quantizers]]
+name = "gptq"
+[[quantizers]]
+name = "torchao"
+group_size = 64
+[[distillers]]
+name = "none"
+""")
+    res = cli.invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 2, res.output
+    assert any("quantizer gptq on" in ln and "tiny-gpt2" in ln and "Conv1D" in ln and "torchao quantizer handles"
+               in ln for ln in lines)
+    # the tiny Qwen3 is 32 wide: a group of 64 does not divide its layers (GPT-2's are 64 wide)
+    assert any("quantizer torchao on" in ln and "group_size 64 does not divide" in ln and "(32)" in ln for ln in lines)
+    # a fixed recipe passes, and the second look comes from the cache without torch
+    recipe.write_text(recipe.read_text().replace('name = "gptq"', 'name = "torchao"\nbits = 8\ngroup_size = 16')
+                      .replace("group_size = 64", "group_size = 16"))
+    assert cli.invoke(app, ["validate", str(recipe)]).exit_code == 0
+
+
+def test_an_awq_cell_records_the_smoothing_it_skipped_and_the_report_says_so(tmp_path):
+    recipe = tmp_path / "awq.toml"
+    recipe.write_text("""
+name = "awq"
+models = ["toy-qwen3"]
+teacher = false
+[data]
+train = "toy-chat"
+[[quantizers]]
+name = "awq"
+group_size = 32
+calibration_samples = 16
+calibration_length = 64
+[[distillers]]
+name = "none"
+[[evaluators]]
+name = "kl_to_teacher"
+dataset = "toy-heldout"
+max_samples = 8
+""")
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "run").glob("cells/*/result.json")]
+    awq = record["notes"]["awq"]
+    # toy-qwen3 has grouped-query attention: v_proj → o_proj cannot be balanced, llm-compressor skips it
+    assert awq["skipped_smoothing"] == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    assert "awq skipped smoothing" in res.output and "self_attn.v_proj" in res.output
