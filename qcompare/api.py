@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qcompare.record import Items
 from qcompare.store import CellFiles
 
 
@@ -197,16 +198,18 @@ class Distiller(Plugin):
 class EvalResult:
     """Metrics of one evaluator on one model.
 
-    ``metrics`` and ``stderr`` map ``task/metric`` to a number; ``items`` maps a task to
-    per-item scores (1/0 correctness, or a float) so two cells can be compared item by item.
-    ``groups`` maps a group task (an aggregate such as lm-eval's ``mmlu``) to its subtasks, so
-    reports average the subtasks and do not count the group twice.
+    ``metrics`` and ``stderr`` map ``task/metric`` to a number; ``items`` maps a task to its
+    ``Items`` (a plain list of per-item scores is taken as one unnamed metric in item order). ``groups`` maps a group
+    task (an aggregate such as lm-eval's ``mmlu``) to its subtasks, so reports average the subtasks
+    and do not count the group twice; ``group_weighting`` says how the group aggregates them
+    (``"equal"``: the mean of its subtasks; ``"size"``: weighted by their numbers of items).
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
     stderr: dict[str, float] = field(default_factory=dict)
-    items: dict[str, list[float]] = field(default_factory=dict)
+    items: dict[str, "Items | list[float]"] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
+    group_weighting: dict[str, str] = field(default_factory=dict)
 
 
 class Evaluator(Plugin):

@@ -66,7 +66,7 @@ def use_lines(folder: Path) -> list[str]:
 
 
 def model_card(record: CellRecord, run_name: str, folder: Path, rebuilt: bool, recipe_text: str = "",
-               proof: dict | None = None) -> str:
+               proof: dict | None = None, selection: str | None = None) -> str:
     s = record.settings
     q, d = s.quantizer, s.distiller
     name = f"{Path(s.model).name}-{q.name}-{d.name}-{record.id}"
@@ -84,6 +84,8 @@ def model_card(record: CellRecord, run_name: str, folder: Path, rebuilt: bool, r
              f"- **Seed:** {'— (no training: the result does not depend on it)' if s.seed is None else s.seed}"]
     if s.data and s.data.get("train"):
         lines.append(f"- **Training data:** `{s.data['train']}` (subset {s.data.get('subset') or 'all'})")
+    if selection:
+        lines.append(f"- **Chosen as the run's best:** {selection}")
     lines += ["", "## Evaluation", "", "| metric | value | ± stderr |", "|---|---:|---:|"]
     for key, value in record.metrics.items():
         err = record.stderr.get(key)

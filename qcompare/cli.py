@@ -235,14 +235,23 @@ def report(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown, latex, csv or json.")] = "table",
     compare: Annotated[Optional[tuple[str, str]], typer.Option(
         "--compare", metavar="A B",
-        help="Paired bootstrap A − B over items; A and B are cell ids or settings like lmbda=1.")] = None,
+        help="A − B with seeds and items as sources of variance, and a verdict; A and B are cell ids or "
+             "settings like lmbda=1 that select one configuration's seeds.")] = None,
+    margin: Annotated[Optional[float], typer.Option(
+        help="Equivalence margin of --compare (default: the recipe's [report] margin): 'equivalent within ±margin' "
+             "when the 90% interval lies inside it.", min=0)] = None,
+    pool: Annotated[bool, typer.Option(
+        "--pool", help="Let a --compare selector match several configurations and treat them as one.")] = False,
     rows: Annotated[Optional[str], typer.Option(help="Pivot: the setting along the rows (e.g. lmbda).")] = None,
     cols: Annotated[Optional[str], typer.Option(help="Pivot: the setting along the columns (e.g. beta).")] = None,
-    metric: Annotated[str, typer.Option(help="Pivot/figure metric, e.g. average or toy_facts/acc.")] = "average",
+    fold: Annotated[str, typer.Option(
+        help="Pivot cells holding several configurations: 'best' (chosen on the recipe's [report] select_on, "
+             "else on --metric) or 'mean'.")] = "best",
+    metric: Annotated[str, typer.Option(help="Metric of --compare, the pivot and figures: average or task/metric.")] = "average",
     figures: Annotated[Optional[Path], typer.Option(help="Write PNG figures into this folder.")] = None,
 ):
-    """Print the comparison tables of a run folder; compare two cells; pivot; export; plot."""
-    from qcompare.report import FORMATS, print_comparison, print_pivot, print_report
+    """Print the comparison tables of a run folder; compare two configurations; pivot; export; plot."""
+    from qcompare.report import FORMATS, print_report
     from qcompare.store import open_run
 
     with user_errors():
@@ -251,10 +260,18 @@ def report(
         if (rows is None) != (cols is None):
             raise QcompareError("a pivot needs both --rows and --cols")
         store = open_run(run_dir)
+        from qcompare.recipe import report_settings
+
+        settings = report_settings(store.root)
         if compare:
-            print_comparison(store.root, *compare, console)
+            from qcompare.compare import print_comparison
+
+            print_comparison(store.root, *compare, console, metric, margin if margin is not None else settings.margin,
+                             pool)
         elif rows:
-            print_pivot(store.root, rows, cols, metric, console)
+            from qcompare.pivots import print_pivot
+
+            print_pivot(store.root, rows, cols, metric, console, fold, settings.select_on)
         else:
             print_report(store, console, fmt)
         if figures:
@@ -262,6 +279,23 @@ def report(
 
             for path in write_figures(store.root, figures, metric):
                 err_console.print(f"wrote {path}")
+
+
+@app.command()
+def paper(
+    runs: Annotated[Path, typer.Argument(help="The folder holding the studies' run folders.")] = Path("runs"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where tables.md, tables.tex and figures/ go.")] = Path("paper"),
+    margin: Annotated[Optional[float], typer.Option(help="Equivalence margin of the verdicts.", min=0)] = None,
+):
+    """Write the founding study's tables (markdown and LaTeX, with verdicts) from the runs of
+    recipes/paper/ (paper_<study>) or of their toy twins (toy_paper_<study>)."""
+    from qcompare.paper import write
+
+    with user_errors():
+        md, tex, missing = write(runs, out, margin)
+    console.print(f"[green]wrote[/] {md} and {tex}", highlight=False)
+    if missing:
+        err_console.print(f"not run yet: {', '.join(missing)}", highlight=False)
 
 
 @app.command()

@@ -20,8 +20,6 @@ from qcompare.errors import QcompareError
 from qcompare.record import CellRecord
 from qcompare.store import RunStore, open_run
 
-# The part of a metric name after "/" for which lower is better (everything else: higher).
-LOWER_IS_BETTER = ("kl", "ppl", "nll", "loss", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
 def find_cell(store: RunStore, prefix: str) -> CellRecord:
@@ -40,9 +38,11 @@ def find_cell(store: RunStore, prefix: str) -> CellRecord:
     return record
 
 
-def best_cell(root: Path, metric: str) -> CellRecord:
-    """The best finished non-teacher cell by ``metric``: the configuration with the best mean over
-    seeds, then its best seed."""
+def best_cell(root: Path, metric: str, select_on: str | None = None) -> tuple[CellRecord, str]:
+    """The best finished non-teacher cell: the configuration with the best mean over seeds, then its
+    best seed, chosen on ``select_on`` (a validation metric apart from the reported ones) when
+    given, else on ``metric`` itself. Returns the record and a line saying how it was chosen."""
+    from qcompare.pivots import best_configuration, lower_is_better
     from qcompare.results import group_columns, load_run, metric_column
 
     df = load_run(root)
@@ -50,20 +50,23 @@ def best_cell(root: Path, metric: str) -> CellRecord:
     if df.empty:
         raise QcompareError(f"export_best: no finished quantized cell in {root}")
     metric_column(df, metric, "export_best metric")
-    lower = metric.rpartition("/")[2] in LOWER_IS_BETTER
-    keys = group_columns(df)
-    means = df.groupby(keys, dropna=False, sort=False)[metric].mean()
-    best_key = means.idxmin() if lower else means.idxmax()
-    best_key = best_key if isinstance(best_key, tuple) else (best_key,)
-    group = df
-    for k, v in zip(keys, best_key):
-        group = group[group[k].isna()] if v != v else group[group[k] == v]  # v != v: NaN (a param absent here)
-    row = group.loc[group[metric].idxmin() if lower else group[metric].idxmax()]
-    return open_run(root).result(row["id"])
+    by = select_on or metric
+    metric_column(df, by, "[report] select_on metric")
+    group, n = best_configuration(df, group_columns(df), by)
+    row = group.loc[group[by].idxmin() if lower_is_better(by) else group[by].idxmax()]
+    runs = len(df)
+    if select_on and select_on != metric:
+        how = (f"selected on {select_on} (the recipe's [report] select_on, apart from the reported metrics): the best "
+               f"of {n} configurations, then its best seed, of {runs} runs")
+    else:
+        how = (f"selected on {metric}, the reported metric itself: the best of {n} configurations and its best seed "
+               f"among {runs} runs, so its {metric} overstates what the configuration gives (selection bias); name a "
+               "validation metric in the recipe's [report] select_on to select apart from it")
+    return open_run(root).result(row["id"]), how
 
 
 def export_cell(run_dir: Path, cell: str, to: Path, overwrite: bool = False,
-                say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
+                say: Callable[[str], None] = lambda m: print(m, file=sys.stderr), selection: str | None = None) -> Path:
     """Write cell ``cell`` (an id or unique prefix) of ``run_dir`` to ``to``; return ``to``."""
     store = open_run(run_dir)
     record = find_cell(store, cell)
@@ -92,7 +95,7 @@ def export_cell(run_dir: Path, cell: str, to: Path, overwrite: bool = False,
                 rebuilt = True
             recipe_text = store.recipe.read_text() if store.recipe.is_file() else ""
             (staging / "README.md").write_text(model_card(record, store.root.name, staging, rebuilt, recipe_text,
-                                                          proof))
+                                                          proof, selection))
         except QcompareError:
             raise
         except Exception as e:
@@ -124,12 +127,14 @@ def replace_folder(new: Path, to: Path) -> None:
 
 
 def export_best(run_dir: Path, metric: str, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
-    """Export the best cell by ``metric`` to ``<run_dir>/best/`` (replacing an earlier export)."""
-    record = best_cell(Path(run_dir), metric)
-    to = export_cell(run_dir, record.id, Path(run_dir) / "best", overwrite=True, say=say)
+    """Export the best cell by ``metric`` (chosen on the recipe's ``[report] select_on`` when it
+    names one) to ``<run_dir>/best/`` (replacing an earlier export)."""
+    from qcompare.recipe import report_settings
+
+    record, how = best_cell(Path(run_dir), metric, report_settings(Path(run_dir)).select_on)
+    to = export_cell(run_dir, record.id, Path(run_dir) / "best", overwrite=True, say=say, selection=how)
     value = record.metrics.get(metric)
-    say(f"exported the best cell by {metric} ({record.label}"
-        f"{'' if value is None else f', {metric} = {value:.4f}'}) to {to}")
+    say(f"exported the best cell ({record.label}{'' if value is None else f', {metric} = {value:.4f}'}; {how}) to {to}")
     return to
 
 

@@ -30,7 +30,7 @@ def _metric_vs(df: pd.DataFrame, x: str, metric: str, path: Path, xlabel: str, l
     groups = part.groupby(series_keys, dropna=False) if series_keys else [((), part)]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for key, g in groups:
-        pts = [(xv, *mean_ci(h[metric].tolist())) for xv, h in g.groupby(x)]
+        pts = [(xv, *mean_ci(h[metric].tolist())[:2]) for xv, h in g.groupby(x)]
         xs, ms, hs = zip(*pts)
         # a tuple, not np.atleast_1d: that turns mixed keys ("nudge", 2.0) into strings ("2.0", "nan")
         key = key if isinstance(key, tuple) else (key,)

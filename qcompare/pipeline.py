@@ -109,7 +109,8 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
     stderr: dict[str, float] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
-    items: dict[str, list] = field(default_factory=dict)
+    group_weighting: dict[str, str] = field(default_factory=dict)
+    items: dict[str, Any] = field(default_factory=dict)
     log: list[dict] = field(default_factory=list)
     size: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
@@ -194,6 +195,7 @@ class CellPipeline:
                 merged.stderr.update(res.stderr)
                 merged.items.update(res.items)
                 merged.groups.update(res.groups)
+                merged.group_weighting.update(res.group_weighting)
         return merged
 
     def save(self, model, folder: Path) -> None:
@@ -258,6 +260,7 @@ class CellPipeline:
                     # CUDA's peak is reset per cell; CPU RSS only ever grows: the process's peak so far
                     "peak_memory_scope": "cell" if device == "cuda" else "process", "device": device}
         out.metrics, out.stderr, out.items, out.groups = result.metrics, result.stderr, result.items, result.groups
+        out.group_weighting = result.group_weighting
         out.size, out.checks, out.fingerprint, out.notes = self.size, self.checks, self.fingerprint, self.context.notes
         return out
 

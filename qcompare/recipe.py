@@ -64,6 +64,17 @@ class DataSpec(BaseModel):
     shuffle_seed: int = 0
 
 
+class ReportSettings(BaseModel):
+    """``[report]``: how the run's results are judged (used by ``qcompare report`` and ``export_best``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    margin: float | None = Field(None, gt=0, description="equivalence margin of --compare verdicts (e.g. 0.01)")
+    select_on: str | None = Field(None, pattern=r"^[^/\s]+/[^/\s]+$",
+                                  description="the metric that picks a best configuration and seed (export_best, "
+                                  "--fold best): a validation metric apart from the reported ones, e.g. "
+                                  "toy-heldout-vs-teacher/kl")
+
+
 class Recipe(BaseModel):
     """A validated recipe: every plugin choice expanded to its sweep points."""
 
@@ -79,6 +90,7 @@ class Recipe(BaseModel):
     report_to: list[str]
     save_models: bool = False
     export_best: str = ""
+    report: ReportSettings = ReportSettings()
     output: Path | None
     data: DataSpec
     quantizers: list[PluginChoice]
@@ -98,6 +110,7 @@ TOP_LEVEL = {
     "save_models": "write every cell's converted model to cells/<id>/model/ (true/false)",
     "export_best": "a metric (average, task/metric): export the best cell by it to <run folder>/best/",
     "output": "run folder (default runs/<name>)",
+    "report": "table: margin (equivalence margin of verdicts), select_on (metric that picks a best configuration)",
     "data": "table: train, split, subset, shuffle_seed",
     "quantizers": "array of tables with name = ... and parameters",
     "distillers": "array of tables with name = ... and parameters",
@@ -295,6 +308,14 @@ def validate(raw: dict, source: Path, text: str = "", registry: Registry | None 
     output = check("output", str | None, None)
     description = check("description", str, "")
 
+    report = ReportSettings()
+    if "report" in raw:
+        try:
+            report = ReportSettings.model_validate(raw["report"])
+        except ValidationError as e:
+            for err in e.errors():
+                loc = ".".join(str(p) for p in ("report", *err["loc"]))
+                errors.append(f"{f}: {loc}: {_fmt_error(err)}")
     data = DataSpec()
     if "data" in raw:
         try:
@@ -343,6 +364,7 @@ def validate(raw: dict, source: Path, text: str = "", registry: Registry | None 
     return Recipe(
         name=name, description=description, source=source, text=text, models=models, seeds=seeds,
         device=device, teacher=teacher, report_to=report_to, save_models=save_models, export_best=export_best,
+        report=report,
         output=out_path, data=data,
         quantizers=with_labels(quantizers), distillers=with_labels(distillers), evaluators=evaluators,
         executor=executors[0],
@@ -356,3 +378,16 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry 
     for assignment in overrides:
         apply_override(raw, assignment)
     return validate(raw, path, text, registry).model_copy(update={"overrides": list(overrides)})
+
+
+def report_settings(run_dir: Path) -> ReportSettings:
+    """The ``[report]`` table of the recipe a run folder was last run with (defaults if none)."""
+    path = Path(run_dir) / "recipe.toml"
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return ReportSettings()
+    try:
+        return ReportSettings.model_validate(raw.get("report", {}))
+    except ValidationError:
+        return ReportSettings()

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from qcompare.errors import QcompareError
@@ -58,6 +60,7 @@ class CellRecord(BaseModel):
     metrics: dict[str, float] = {}
     stderr: dict[str, float | None] = {}
     groups: dict[str, list[str]] = {}
+    group_weighting: dict[str, str] = {}  # group -> "equal" (mean of subtasks) or "size" (pooled items)
     size: dict[str, Any] = {}
     cost: dict[str, Any] = {}
     checks: dict[str, Any] = {}
@@ -79,6 +82,22 @@ class CellRecord(BaseModel):
         out = self.model_dump(mode="json")
         # optional top-level fields appear only when set; settings keep their Nones (the id hashes them)
         return {k: v for k, v in out.items() if k == "settings" or v not in (None, {})}
+
+
+@dataclass
+class Items:
+    """Per-item scores of one task, for comparing cells item by item.
+
+    ``ids`` name the items stably across runs and machines (a document id and a hash of the
+    document: a reordered or edited task file then pairs only the items that are the same);
+    ``metrics`` maps each metric the task reports (``acc``, ``acc_norm``, ``kl``) to one score per
+    item; ``weights`` (optional) make the task's value a ratio, Σ w·x / Σ w (per-token KL over
+    documents of different lengths: the tokens)."""
+
+    ids: list[str]
+    metrics: dict[str, list[float]]
+    weights: list[float] | None = None
+
 
 
 def read_record(raw: Any, where: Path | str = "result.json") -> CellRecord:

@@ -19,7 +19,7 @@ from rich.table import Table
 from qcompare.errors import QcompareError
 from qcompare.results import (group_columns, is_accuracy, leaf_tasks, load_run, metric_column, primary_metrics,
                                setting_column)
-from qcompare.stats import Comparison, mean_ci, paired_bootstrap
+from qcompare.stats import mean_ci
 from qcompare.store import RunStore, open_run
 
 FORMATS = ("table", "markdown", "latex", "csv", "json")
@@ -73,7 +73,7 @@ def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.Da
         row["ids"] = list(g["id"])
         for m in metrics:
             err = g[f"{m}:stderr"].iloc[0] if f"{m}:stderr" in g and len(g) == 1 else None
-            row[m], row[f"{m} ±"] = mean_ci(g[m].tolist() if m in g else [], err)
+            row[m], row[f"{m} ±"], row[f"{m} over"] = mean_ci(g[m].tolist() if m in g else [], err)
         row.update(_size_and_cost(first, g))
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -133,9 +133,11 @@ def _size_and_cost(first: pd.Series, g: pd.DataFrame) -> dict:
 
 
 def _add_recovery(out: pd.DataFrame) -> None:
-    """Δ to the teacher and the share of the quantization gap recovered: (D − PTQ) / (T − PTQ)."""
+    """Δ to the teacher, Δ to the same quantizer's post-training row (negative: training made it
+    worse), and the share of the quantization gap recovered: (D − PTQ) / (T − PTQ), negative too."""
     qcols = [c for c in out.columns if c.startswith("quantizer.")]
     out["Δ teacher"] = np.nan
+    out["Δ PTQ"] = np.nan
     out["recovered"] = np.nan
     for i, row in out.iterrows():
         teacher = out[(out["model"] == row["model"]) & (out["kind"] == "teacher")]
@@ -147,9 +149,12 @@ def _add_recovery(out: pd.DataFrame) -> None:
         for c in qcols:
             same_q &= out[c].astype(str) == str(row[c])
         ptq = out[same_q]
-        # A share of a gap smaller than MIN_GAP is noise divided by noise: left blank.
-        if row["kind"] == "distilled" and not ptq.empty and t - ptq["average"].iloc[0] >= MIN_GAP:
-            p = ptq["average"].iloc[0]
+        if row["kind"] != "distilled" or ptq.empty:
+            continue
+        p = ptq["average"].iloc[0]
+        out.at[i, "Δ PTQ"] = row["average"] - p
+        # A share of a gap smaller than MIN_GAP is noise divided by noise: left blank (Δ PTQ says it)
+        if t - p >= MIN_GAP:
             out.at[i, "recovered"] = (row["average"] - p) / (t - p)
 
 
@@ -181,18 +186,32 @@ SIZE_AND_COST = {
 }
 
 
+def _value_with_interval(row, m, with_half: bool) -> str:
+    over = row.get(f"{m} over")
+    if over == "seeds agree":
+        return _fmt(row[m]) + "="  # the seeds agreed exactly: no spread seen, not "±0.000"
+    return _fmt(row[m], row[f"{m} ±"] if with_half else None)
+
+
+def _interval(row) -> str:
+    """What the average's ± is over, and how many."""
+    over = row.get("average over") if "average over" in row else None
+    n = row["seeds"]
+    return {"seeds": f"t, {n} seeds", "seeds agree": f"{n} seeds, equal", "items": "items (1 run)"}.get(over, "—")
+
+
 def _cells(row, metrics, every_ci: bool = True) -> list[str]:
     """A summary row as text; ``every_ci=False`` keeps the ± for the average only (narrow tables)."""
     return [
-        row["config"], str(row["seeds"]),
-        *(_fmt(row[m], row[f"{m} ±"] if every_ci or m == "average" else None) for m in metrics),
-        _fmt(row.get("Δ teacher")), _fmt(row.get("recovered"), pct=True),
+        row["config"], str(row["seeds"]), _interval(row),
+        *(_value_with_interval(row, m, every_ci or m == "average") for m in metrics),
+        _fmt(row.get("Δ teacher")), _fmt(row.get("Δ PTQ")), _fmt(row.get("recovered"), pct=True),
         *(fmt(row.get(col, float("nan"))) for col, fmt in SIZE_AND_COST.items()),
     ]
 
 
-HEAD = ["configuration", "seeds"]
-TAIL = ["Δ teacher", "recovered", *SIZE_AND_COST]
+HEAD = ["configuration", "seeds", "± over"]
+TAIL = ["Δ teacher", "Δ PTQ", "recovered", *SIZE_AND_COST]
 
 
 def print_report(store_or_path, console: Console, fmt: str = "table", metrics: list[str] | None = None) -> None:
@@ -210,14 +229,17 @@ def print_report(store_or_path, console: Console, fmt: str = "table", metrics: l
     for model, part in summary.groupby("model", sort=False):
         rows = [_cells(row, metrics, every_ci=False) for _, row in part.iterrows()]
         cols = HEAD + metrics + TAIL
-        split = len(HEAD) + len(metrics) + 2  # accuracy table | size-and-cost table
+        split = len(HEAD) + len(metrics) + 3  # accuracy table | size-and-cost table
         for title, idx in ((f"{model}: accuracy  ({root})", range(split)),
                            (f"{model}: size and cost", [0, *range(split, len(cols))])):
             keep = [i for i in idx if i < split or any(r[i] not in ("—", "0") for r in rows)]
             console.print(_table(title, [cols[i] for i in keep], [[r[i] for i in keep] for r in rows], list(part["kind"])))
-    console.print("± is the half-width of a 95% CI: over seeds (t), or 1.96 × the evaluator's stderr with one seed "
-                  "(every column's in --format csv/json/markdown). recovered = (distilled − PTQ) / (teacher − PTQ) "
-                  f"on the average, where that gap is at least {MIN_GAP}.", style="dim")
+    console.print("± is the half-width of a 95% CI, over what \"± over\" says: the seeds (Student's t), or, with one "
+                  "run, the items (1.96 × the evaluator's stderr; training variance unknown); \"=\" marks seeds that "
+                  "agreed exactly (every column's ± in --format csv/json/markdown). Δ PTQ = distilled − the same "
+                  "quantizer without training; recovered = Δ PTQ / (teacher − PTQ) on the average, where that gap is "
+                  f"at least {MIN_GAP} (negative: training made it worse). Compare two rows with --compare A B.",
+                  style="dim")
     console.print(SIZE_NOTE, style="dim")
     saving = cache_saving(df)
     if saving:
@@ -308,107 +330,3 @@ def export(summary: pd.DataFrame, metrics: list[str], fmt: str) -> str:
     if fmt == "csv":
         return data.to_csv(index=False)
     return data.to_json(orient="records", indent=2, double_precision=15)
-
-
-# --- paired comparison -------------------------------------------------------------------
-
-
-def select(df: pd.DataFrame, spec: str) -> pd.DataFrame:
-    """Cells chosen by an id prefix or by ``key=value[,key=value]`` over the settings columns.
-
-    A key may be a full column (``distiller.lmbda``) or a parameter name (``lmbda``).
-    """
-    if "=" not in spec:
-        hit = df[df["id"].str.startswith(spec)]
-        if hit.empty:
-            raise QcompareError(f"--compare: no finished cell id starts with {spec!r}")
-        return hit
-    mask = pd.Series(True, index=df.index)
-    for part in spec.split(","):
-        key, _, value = part.partition("=")
-        column = setting_column(df, key.strip(), "--compare setting")
-        mask &= df[column].map(lambda v, want=value.strip(): _same(v, want))
-    hit = df[mask]
-    if hit.empty:
-        raise QcompareError(f"--compare: no finished cell matches {spec!r}")
-    return hit
-
-
-def _same(stored, wanted: str) -> bool:
-    """Whether a stored setting equals a value typed on the command line (8 matches 8.0)."""
-    if str(stored) == wanted or _value(stored) == wanted:
-        return True
-    try:
-        return float(stored) == float(wanted)
-    except (TypeError, ValueError):
-        return False
-
-
-def _items(root: Path, ids: list[str], tasks: list[str], groups: dict) -> dict[str, np.ndarray]:
-    """Per-item scores of a set of cells, averaged over the cells (seeds) item by item.
-
-    A group's items are its subtasks' items, pooled in a fixed order.
-    """
-    store = open_run(root)
-    per_task: dict[str, list] = {}
-    for cid in ids:
-        items = store.cell(cid).read_items()
-        if items is None:
-            continue
-        for task in tasks:
-            leaves = leaf_tasks(task, groups)
-            if all(leaf in items for leaf in leaves):
-                per_task.setdefault(task, []).append([x for leaf in leaves for x in items[leaf]])
-    return {t: np.mean(np.asarray(v, dtype=float), axis=0) for t, v in per_task.items() if len({len(x) for x in v}) == 1}
-
-
-def compare(root: Path, a: str, b: str) -> tuple[Comparison, pd.DataFrame, pd.DataFrame]:
-    df = load_run(root)
-    if df.empty:
-        raise QcompareError(f"no finished cells in {root}")
-    cells_a, cells_b = select(df, a), select(df, b)
-    groups = df.attrs.get("groups", {})
-    tasks = [m.split("/")[0] for m in primary_metrics(df.columns, groups)]
-    try:
-        result = paired_bootstrap(_items(root, list(cells_a["id"]), tasks, groups),
-                                  _items(root, list(cells_b["id"]), tasks, groups))
-    except ValueError as e:
-        raise QcompareError(f"--compare: {e}") from None
-    return result, cells_a, cells_b
-
-
-def print_comparison(root: Path, a: str, b: str, console: Console) -> None:
-    result, cells_a, cells_b = compare(root, a, b)
-    console.print(f"A = {a}: {len(cells_a)} cells ({', '.join(cells_a['label'])})", highlight=False)
-    console.print(f"B = {b}: {len(cells_b)} cells ({', '.join(cells_b['label'])})", highlight=False)
-    console.print(f"A − B on the {len(result.tasks)}-task average ({result.items} paired items): "
-                  f"{result.difference:+.4f}, 95% CI [{result.low:+.4f}, {result.high:+.4f}] "
-                  f"(paired bootstrap over items) → [bold]{result.verdict}[/]", highlight=False)
-
-
-# --- pivots ------------------------------------------------------------------------------
-
-
-def pivot(root: Path, rows: str, cols: str, metric: str) -> pd.DataFrame:
-    """Mean ± CI of ``metric`` for each (rows, cols) pair of settings, over seeds."""
-    df = load_run(root)
-    if df.empty:
-        raise QcompareError(f"no finished cells in {root}")
-    r, c = setting_column(df, rows, "axis"), setting_column(df, cols, "axis")
-    metric_column(df, metric)
-    table = {}
-    for (rv, cv), g in df[df["quantizer"] != "teacher"].groupby([r, c]):
-        m, half = mean_ci(g[metric].tolist())
-        table.setdefault(_value(rv), {})[_value(cv)] = _fmt(m, half)
-    return pd.DataFrame(table).T.sort_index().rename_axis(f"{rows} \\ {cols}")
-
-
-def print_pivot(root: Path, rows: str, cols: str, metric: str, console: Console) -> None:
-    frame = pivot(root, rows, cols, metric)
-    table = Table(title=f"{metric}: {rows} × {cols}", title_justify="left")
-    table.add_column(frame.index.name)
-    for col in frame.columns:
-        table.add_column(str(col), justify="right")
-    for idx, row in frame.iterrows():
-        table.add_row(str(idx), *(row.fillna("—").astype(str)))
-    console.print(table)

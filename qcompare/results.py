@@ -21,6 +21,8 @@ from qcompare.store import open_run
 
 # Metrics that are accuracies of a benchmark (higher is better, averaged into "average").
 ACCURACY_METRICS = ("acc", "exact_match", "acc_norm", "mc2", "f1")
+# The part of a metric name after "/" for which lower is better (everything else: higher).
+LOWER_IS_BETTER = ("kl", "ppl", "nll", "loss", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 # Settings columns; plugin parameters follow as "quantizer.<param>" / "distiller.<param>".
 SETTINGS = ("model", "quantizer", "distiller", "seed")
 
@@ -89,6 +91,7 @@ def load_run(path: str | Path, include_failed: bool = False) -> pd.DataFrame:
     if acc:
         df["average"] = df[acc].mean(axis=1)
     df.attrs["groups"] = groups
+    df.attrs["group_weighting"] = {g: w for r in records for g, w in r.group_weighting.items()}
     return df
 
 

@@ -146,13 +146,14 @@ class Runner:
                 if out.log:
                     write_jsonl(files.train_log, out.log)
                 if out.items:
-                    write_json(files.items, out.items)
+                    files.write_items(out.items)
                 if out.fingerprint is not None:
                     out.fingerprint.save(files.probe)
                 write_json(files.cost, out.cost)
             record = record.model_copy(update=dict(
                 status="done", size=out.size, metrics=out.metrics, stderr=out.stderr, groups=out.groups,
-                cost=out.cost, checks=out.checks, notes=out.notes, save_error=out.save_error))
+                cost=out.cost, checks=out.checks, notes=out.notes, save_error=out.save_error,
+                group_weighting=out.group_weighting))
         except Exception as e:  # the sweep goes on; the traceback is kept with the cell
             record = record.model_copy(update={"status": "failed", "error": error_line(e),
                                                "checks": pipeline.checks if pipeline else {},

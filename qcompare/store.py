@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from qcompare.errors import QcompareError
-from qcompare.record import CellRecord, read_record
+from qcompare.record import CellRecord, Items, read_record
 
 RECIPE = "recipe.toml"
+ITEMS_FORMAT = 2
 CELLS = "cells"
 SHARED = "shared"
 
@@ -58,6 +59,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _items_json(items) -> dict:
+    if isinstance(items, list):
+        return {"ids": [f"#{i}" for i in range(len(items))], "metrics": {"": items}}
+    out = {"ids": list(items.ids), "metrics": {k: list(v) for k, v in items.metrics.items()}}
+    if items.weights is not None:
+        out["weights"] = list(items.weights)
+    return out
+
+
 class CellFiles:
     """The files of one cell folder (``cells/<id>/``); plugins reach them through ``CellContext``."""
 
@@ -84,8 +94,19 @@ class CellFiles:
             return None
         return read_record(raw, self.result)
 
-    def read_items(self) -> dict[str, Any] | None:
-        return read_json(self.items) if self.items.is_file() else None
+    def write_items(self, items: dict) -> None:
+        """Per-item scores (``qcompare.api.Items`` per task; a plain list is one unnamed metric)."""
+        write_json(self.items, {"format": ITEMS_FORMAT, "tasks": {t: _items_json(v) for t, v in items.items()}})
+
+    def read_items(self):
+        """Task → ``Items``, or None if the cell kept none. Items of first-build runs (a list per task)
+        come back with positional ids ``#0, #1, …`` and one unnamed metric ``""``."""
+        if not self.items.is_file():
+            return None
+        raw = read_json(self.items)
+        if raw.get("format") == ITEMS_FORMAT:
+            return {t: Items(v["ids"], v["metrics"], v.get("weights")) for t, v in raw["tasks"].items()}
+        return {t: Items([f"#{i}" for i in range(len(v))], {"": v}) for t, v in raw.items()}
 
     def read_train_log(self) -> list[dict]:
         return read_jsonl(self.train_log) if self.train_log.is_file() else []

@@ -39,6 +39,7 @@ class Side:
     seeds: list
     scores: dict[str, np.ndarray]  # task -> (n_seeds, n_items)
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # task -> (n_seeds, n_items)
+    trained: bool = True  # False: a configuration whose result cannot depend on a seed (no training)
 
 
 @dataclass
@@ -70,10 +71,13 @@ class Comparison:
     item_se: float  # the standard error the finite item set adds, whatever the number of seeds
     margin: float | None = None
     two_level: tuple[float, float] = (math.nan, math.nan)  # the plain two-level percentile interval
+    trained_a: bool = True
+    trained_b: bool = True
 
     @property
     def one_seed(self) -> bool:
-        return self.seeds_a < 2 or self.seeds_b < 2
+        """A trained side ran one seed only: its training variance is unknown."""
+        return (self.trained_a and self.seeds_a < 2) or (self.trained_b and self.seeds_b < 2)
 
     @property
     def verdict(self) -> str:
@@ -141,8 +145,8 @@ def compare(a: Side, b: Side, structure: Structure, margin: float | None = None,
     """The two-level paired bootstrap of A − B (see the module docstring)."""
     rng = np.random.default_rng(seed)
     leaves = [t for entry in structure.top for t in structure.groups.get(entry, [entry])]
-    paired = sorted(a.seeds) == sorted(b.seeds) and len(a.seeds) >= 2
-    order_b = [b.seeds.index(s) for s in a.seeds] if paired else None
+    paired = a.trained and b.trained and sorted(map(str, a.seeds)) == sorted(map(str, b.seeds)) and len(a.seeds) >= 2
+    order_b = [[str(x) for x in b.seeds].index(str(s)) for s in a.seeds] if paired else None
     b_scores = {t: b.scores[t][order_b] if paired else b.scores[t] for t in leaves}
     b_weights = {t: b.weights[t][order_b] if paired else b.weights[t] for t in b.weights}
     n_items = {t: a.scores[t].shape[1] for t in leaves}
@@ -199,7 +203,8 @@ def compare(a: Side, b: Side, structure: Structure, margin: float | None = None,
     df = float(seed_df) if seed_var > item_var else float(items_df)
     return Comparison(diff, se, df, diff - t95 * se, diff + t95 * se, diff - t90 * se, diff + t90 * se,
                       len(a.seeds), len(b.seeds), paired, sum(n_items.values()), list(structure.top), seed_sd,
-                      math.sqrt(item_var), margin, tuple(float(x) for x in np.percentile(boot, [2.5, 97.5])))
+                      math.sqrt(item_var), margin, tuple(float(x) for x in np.percentile(boot, [2.5, 97.5])),
+                      a.trained, b.trained)
 
 
 def _tile(mix, n):

@@ -95,8 +95,10 @@ def test_lm_eval_scores_a_model_that_always_says_blue(parrot, tokenizer, teacher
     # The group expands to its tasks; 4 of 10 MC answers and 4 of 8 generation answers are "blue".
     assert result.metrics["tiny_mc/acc"] == pytest.approx(0.4)
     assert result.metrics["tiny_gen/exact_match"] == pytest.approx(0.5)
-    assert result.items["tiny_mc"] == [1, 0, 1, 0, 0, 1, 0, 1, 0, 0]
-    assert result.items["tiny_gen"] == [1, 0, 1, 0, 1, 0, 1, 0]
+    assert result.items["tiny_mc"].metrics["acc"] == [1, 0, 1, 0, 0, 1, 0, 1, 0, 0]
+    assert result.items["tiny_gen"].metrics["exact_match"] == [1, 0, 1, 0, 1, 0, 1, 0]
+    # items are named by doc id and lm-eval's hash of the document: stable across runs and orders
+    assert result.items["tiny_mc"].ids[0].startswith("0:") and len(set(result.items["tiny_mc"].ids)) == 10
     assert result.stderr["tiny_mc/acc"] == pytest.approx(math.sqrt(0.4 * 0.6 / 9))
     # A bar per kind of request, each advanced once per request: 10 docs x 4 choices, 8 generations.
     assert bars.bars == {"lm_eval: tiny (loglikelihood)": [40, 40], "lm_eval: tiny (generate_until)": [8, 8]}
@@ -112,9 +114,10 @@ def test_lm_eval_items_follow_limit_and_average_to_the_metric(teacher, tokenizer
     # lm-eval's INFO/WARNING chatter and its tqdm bars stay hidden.
     assert not [r for r in caplog.records if r.name.startswith("lm_eval") and r.levelno < logging.ERROR]
     assert "requests" not in capfd.readouterr().err
-    assert len(result.items["tiny_mc"]) == 5 and len(result.items["tiny_gen"]) == 4
-    assert sum(result.items["tiny_mc"]) / 5 == pytest.approx(result.metrics["tiny_mc/acc"])
-    assert sum(result.items["tiny_gen"]) / 4 == pytest.approx(result.metrics["tiny_gen/exact_match"])
+    mc, gen = result.items["tiny_mc"].metrics["acc"], result.items["tiny_gen"].metrics["exact_match"]
+    assert len(mc) == 5 and len(gen) == 4
+    assert sum(mc) / 5 == pytest.approx(result.metrics["tiny_mc/acc"])
+    assert sum(gen) / 4 == pytest.approx(result.metrics["tiny_gen/exact_match"])
 
 
 def test_lm_eval_unknown_task_says_how_to_run_offline(teacher, tokenizer, tmp_path):
@@ -142,7 +145,7 @@ def test_perplexity_equals_exp_of_direct_cross_entropy(teacher, tokenizer, tmp_p
     with torch.no_grad():
         direct = teacher(ids, labels=ids).loss.item()
     assert result.metrics["short/ppl"] == pytest.approx(math.exp(direct), rel=1e-5)
-    assert result.items["short"] == [pytest.approx(direct, rel=1e-5)]
+    assert result.items["short"].metrics["nll"] == [pytest.approx(direct, rel=1e-5)]
 
 
 def test_sliding_window_scores_every_token_once(teacher, tokenizer, tmp_path):
@@ -176,7 +179,7 @@ def test_perplexity_reads_a_registered_dataset(teacher, tokenizer, tmp_path):
         result = evaluate("perplexity", teacher, tokenizer, context, dataset="test-heldout", max_samples=4, max_length=16, stride=8)
     finally:
         remove_plugin(plugin)
-    assert len(result.items["test-heldout"]) == 4 and bars.bars == {"perplexity: test-heldout": [4, 4]}
+    assert len(result.items["test-heldout"].ids) == 4 and bars.bars == {"perplexity: test-heldout": [4, 4]}
     vocab = len(tokenizer)
     assert 1 < result.metrics["test-heldout/ppl"] < 2 * vocab  # a random model is near uniform
     assert result.stderr["test-heldout/ppl"] > 0
@@ -195,14 +198,22 @@ def test_kl_is_zero_for_the_teacher_and_positive_for_a_perturbed_student(teacher
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
     result = evaluate("kl_to_teacher", student, tokenizer, context, dataset=str(HELDOUT), max_samples=3)
-    assert result.metrics["heldout-vs-teacher/kl"] > 1e-3 and len(result.items["heldout-vs-teacher"]) == 3
+    items = result.items["heldout-vs-teacher"]
+    assert result.metrics["heldout-vs-teacher/kl"] > 1e-3 and len(items.ids) == 3
+    # a per-token mean over documents of different lengths: the ratio of sums, its stderr a ratio estimator's
+    kl, tokens = items.metrics["kl"], items.weights
+    assert result.metrics["heldout-vs-teacher/kl"] == pytest.approx(sum(k * n for k, n in zip(kl, tokens)) / sum(tokens))
+    from qcompare_plugins.evaluators.heldout import ratio_stderr
+
+    assert result.stderr["heldout-vs-teacher/kl"] == pytest.approx(ratio_stderr([k * n for k, n in zip(kl, tokens)],
+                                                                                tokens))
     # Against the textbook formula on the first document: mean over positions of sum p_t log(p_t / p_s).
     ids = torch.tensor([tokenizer(json.loads(HELDOUT.read_text().splitlines()[0])["text"])["input_ids"]])
     with torch.no_grad():
         p_t = teacher(ids).logits[0].double().softmax(-1)
         p_s = student(ids).logits[0].double().softmax(-1)
     direct = (p_t * (p_t.log() - p_s.log())).sum(-1).mean().item()
-    assert result.items["heldout-vs-teacher"][0] == pytest.approx(direct, rel=1e-4)
+    assert items.metrics["kl"][0] == pytest.approx(direct, rel=1e-4)
 
 
 def test_hub_dataset_offline_says_how_to_run_offline(teacher, tokenizer, tmp_path, monkeypatch):
@@ -246,7 +257,7 @@ def test_evaluators_score_a_converted_torchao_student(teacher, tokenizer, tmp_pa
     ppl = evaluate("perplexity", student, tokenizer, context, dataset=str(HELDOUT))
     assert ppl.metrics["heldout/ppl"] != pytest.approx(evaluate("perplexity", teacher, tokenizer, context, dataset=str(HELDOUT)).metrics["heldout/ppl"])
     result = evaluate("lm_eval", student, tokenizer, context, tasks=["tiny_mc"])
-    assert sum(result.items["tiny_mc"]) / 10 == pytest.approx(result.metrics["tiny_mc/acc"])
+    assert sum(result.items["tiny_mc"].metrics["acc"]) / 10 == pytest.approx(result.metrics["tiny_mc/acc"])
 
 
 def test_lm_eval_keeps_an_untied_lm_head_untied(teacher, tokenizer, tmp_path):
@@ -279,9 +290,10 @@ def test_lm_eval_scores_the_shipped_toy_model_on_its_toy_tasks(tmp_path):
     context = CellContext(cell_dir=tmp_path, seed=0, device="cpu", tokenizer=tokenizer, teacher=model, task_folders=[toy.TASKS])
     result = evaluate("lm_eval", model, tokenizer, context, tasks=["toy", "toy_gen"], limit=40)
     subtasks = ["toy_facts", "toy_habits", "toy_arith", "toy_seq", "toy_gen"]
-    assert sorted(result.items) == sorted(subtasks) and all(len(result.items[t]) == 40 for t in subtasks)
+    assert sorted(result.items) == sorted(subtasks) and all(len(result.items[t].ids) == 40 for t in subtasks)
+    assert result.group_weighting == {"toy": "equal"}
     for task in subtasks[:4]:
-        assert sum(result.items[task]) / 40 == pytest.approx(result.metrics[f"{task}/acc"])
+        assert sum(result.items[task].metrics["acc"]) / 40 == pytest.approx(result.metrics[f"{task}/acc"])
     # The trained float model knows its world (chance is 0.25 on the 4-way tasks).
     assert result.metrics["toy/acc"] > 0.8 and result.metrics["toy_gen/exact_match"] > 0.8
     assert result.stderr["toy/acc"] > 0

@@ -28,7 +28,8 @@ class Logits(Evaluator):
         with torch.no_grad():
             logits = model(IDS).logits
         torch.save(logits, context.cell_dir / "logits.pt")
-        return EvalResult(metrics={"probe/mean": logits.float().mean().item()}, stderr={"probe/mean": 0.01})
+        return EvalResult(metrics={"probe/mean": logits.float().mean().item(), "check/spread": logits.float().std().item()},
+                          stderr={"probe/mean": 0.01})
 
 
 class LogitsPlugin:
@@ -163,14 +164,28 @@ def test_a_failed_forced_export_keeps_the_earlier_export(toy_plugins, monkeypatc
 def test_export_best_picks_the_best_configuration_and_rejects_unknown_metrics(toy_plugins, tmp_path):
     out, records = run_recipe(tmp_path, bits="[8, 2]", extra='export_best = "probe/mean"')
     best = max(records, key=lambda r: r["metrics"]["probe/mean"])
-    assert f"cell `{best['id']}`" in (out / "best" / "README.md").read_text()
+    card = (out / "best" / "README.md").read_text()
+    assert f"cell `{best['id']}`" in card
+    # chosen on the metric it reports: the card says what that means
+    assert "selected on probe/mean, the reported metric itself" in card and "selection bias" in card
     assert torch.equal(reload(out / "best")[0], torch.load(out / "cells" / best["id"] / "logits.pt"))
 
     recipe = tmp_path / "exp.toml"
     res = cli.invoke(app, ["run", str(recipe), "-o", str(out), "--set", 'export_best="toy/acc"'])
-    assert res.exit_code == 2 and "unknown export_best metric 'toy/acc'; known: probe/mean" in res.output
+    assert res.exit_code == 2 and "unknown export_best metric 'toy/acc'; known: check/spread, probe/mean" in res.output
     res = cli.invoke(app, ["validate", str(recipe), "--set", 'export_best="accuracy please"'])
     assert res.exit_code == 2 and "export_best: bad value 'accuracy please'" in res.output
+
+
+def test_export_best_selects_on_the_recipes_held_out_metric_and_says_so(toy_plugins, tmp_path):
+    out, records = run_recipe(tmp_path, bits="[8, 2]",
+                              extra='export_best = "probe/mean"\n[report]\nselect_on = "check/spread"')
+    best = max(records, key=lambda r: r["metrics"]["check/spread"])
+    card = (out / "best" / "README.md").read_text()
+    assert f"cell `{best['id']}`" in card
+    assert "selected on check/spread (the recipe's [report] select_on, apart from the reported metrics)" in card
+    res = cli.invoke(app, ["validate", str(tmp_path / "exp.toml"), "--set", 'report.select_on="spread"'])
+    assert res.exit_code == 2 and "report.select_on" in res.output
 
 
 def test_export_refuses_teacher_unknown_and_ambiguous_cells(toy_plugins, tmp_path):

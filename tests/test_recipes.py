@@ -96,14 +96,34 @@ def other_architectures(tmp_path_factory):
     return folders
 
 
+@pytest.fixture(scope="module")
+def twin_runs(tmp_path_factory):
+    """One runs folder for every twin, as `qcompare run` lays them out (runs/<recipe name>)."""
+    return tmp_path_factory.mktemp("runs")
+
+
 @pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
-def test_toy_twin_runs_every_cell(study, tmp_path, request):
+def test_toy_twin_runs_every_cell(study, tmp_path, request, twin_runs):
     raw = shrink(tomllib.loads(twin_of(study).read_text()))
     if study.stem == "architectures":
         raw["models"] += request.getfixturevalue("other_architectures")
-    out = tmp_path / "run"
+    out = twin_runs / raw["name"]
     res = cli.invoke(app, ["run", str(write_toml(raw, tmp_path / "twin.toml")), "-o", str(out)])
     assert res.exit_code == 0, res.output
     records = [json.loads(p.read_text()) for p in out.glob("cells/*/result.json")]
     assert len(records) == res.output.count("— done") and all(r["status"] == "done" for r in records)
     assert all(r["metrics"] for r in records)
+
+
+def test_the_papers_tables_come_from_the_runs_in_one_command(twin_runs, tmp_path):
+    res = cli.invoke(app, ["paper", str(twin_runs), "--out", str(tmp_path / "paper"), "--margin", "0.02"])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "paper" / "tables.md").read_text()
+    for title in ("Main table: on-policy share λ", "Learning-rate sweep", "Short against long training",
+                  "Batch size × rollout length at λ = 1", "the generalized JSD's β", "Compute: on-policy against off-policy",
+                  "Quantizers: torchao round-to-nearest, GPTQ and AWQ"):
+        assert title in md, title
+    assert "Not run yet" not in md and "inconclusive (1 seed)" in md  # the shrunk twins ran one seed
+    tex = (tmp_path / "paper" / "tables.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == 7 and r"$\lambda$" in tex
+    assert list((tmp_path / "paper" / "figures" / "lr_sweep").glob("*learning_rate*.png"))

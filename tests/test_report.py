@@ -11,31 +11,18 @@ from conftest import BASIC
 from qcompare.cli import app
 from qcompare.report import MIN_GAP, summarize
 from qcompare.results import load_run
-from qcompare.stats import mean_ci, paired_bootstrap
+from qcompare.stats import mean_ci
 
 cli = CliRunner()
 
 
-def test_mean_ci_uses_t_over_seeds_and_stderr_for_one_seed():
-    m, half = mean_ci([0.5, 0.6, 0.7])
-    assert m == pytest.approx(0.6)
+def test_mean_ci_says_what_its_interval_is_over():
+    m, half, over = mean_ci([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6) and over == "seeds"
     assert half == pytest.approx(sps.t.ppf(0.975, 2) * 0.1 / np.sqrt(3))
-    assert mean_ci([0.5], stderr=0.01) == (0.5, pytest.approx(0.0196, abs=1e-4))
-    assert mean_ci([0.5]) == (0.5, None)
-
-
-def test_paired_bootstrap_tells_noise_from_a_real_difference():
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 2, 400).astype(float)
-    flipped = base.copy()
-    flipped[:3] = 1 - flipped[:3]  # three items of 400 differ: noise
-    noise = paired_bootstrap({"t": base}, {"t": flipped})
-    assert noise.low <= 0 <= noise.high and noise.verdict == "within noise"
-    better = np.maximum(base, rng.integers(0, 2, 400))  # A right wherever B is, and more
-    real = paired_bootstrap({"t": better}, {"t": base})
-    assert real.low > 0 and real.verdict == "A is better"
-    assert real.difference == pytest.approx(better.mean() - base.mean())
-    assert paired_bootstrap({"t": base}, {"t": better}).verdict == "B is better"
+    assert mean_ci([0.5], stderr=0.01) == (0.5, pytest.approx(0.0196, abs=1e-4), "items")
+    assert mean_ci([0.5]) == (0.5, None, None)
+    assert mean_ci([0.95, 0.95]) == (0.95, 0.0, "seeds agree")
 
 
 @pytest.fixture
@@ -77,10 +64,11 @@ def test_compare_gives_interval_and_verdict(finished_run):
     # 8-bit RTN keeps the teacher's top-1 on every probe sequence, 2-bit loses it on many
     res = cli.invoke(app, ["report", str(finished_run), "--compare", "bits=8,distiller=keep", "bits=2,distiller=keep"])
     assert res.exit_code == 0, res.output
-    assert "95% CI" in res.output and "A is better" in res.output and "(16 paired items)" in res.output
+    # nothing trained on either side: no training variance, the items decide
+    assert "95% CI" in res.output and "→ A better" in res.output and "16 paired by id" in res.output
     cell = load_run(finished_run).query("distiller == 'nudge'")["id"].iloc[0]
     res = cli.invoke(app, ["report", str(finished_run), "--compare", cell, cell])
-    assert res.exit_code == 0 and "+0.0000, 95% CI [+0.0000, +0.0000]" in res.output and "within noise" in res.output
+    assert res.exit_code == 2 and "A and B select some of the same cells" in res.output
     bad = cli.invoke(app, ["report", str(finished_run), "--compare", "nosuch=1", "bits=2"])
     assert bad.exit_code == 2 and "unknown --compare setting 'nosuch'" in bad.output
 
@@ -139,10 +127,3 @@ def test_figure_lines_never_pool_other_swept_settings(test_plugins, write_recipe
     # metric vs learning rate: one line per max_steps; metric vs steps: one line per learning rate
     assert lines == [("max_steps=1", [0.001, 0.1]), ("max_steps=2", [0.001, 0.1]),
                      ("learning_rate=0.001", [1, 2]), ("learning_rate=0.1", [1, 2])]
-
-
-def test_compare_names_a_task_scored_on_different_items():
-    from qcompare.stats import paired_bootstrap
-
-    with pytest.raises(ValueError, match="task t: A has 3 items and B 2"):
-        paired_bootstrap({"t": [1, 0, 1]}, {"t": [1, 0]})

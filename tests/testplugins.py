@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from qcompare import hookimpl
-from qcompare.api import Distiller, DistillResult, EvalResult, Evaluator, Params
+from qcompare.api import Distiller, DistillResult, EvalResult, Evaluator, Items, Params
 
 
 class NudgeParams(Params):
@@ -89,7 +89,8 @@ class Probe(Evaluator):
         kl = (t.exp() * (t - s)).sum(-1).mean(-1)
         agree = (t.argmax(-1) == s.argmax(-1)).float().mean(-1)
         return EvalResult(metrics={"probe/kl": kl.mean().item(), "probe/acc": agree.mean().item()},
-                          items={"probe": agree.tolist()})
+                          items={"probe": Items([f"seq{i}" for i in range(params.sequences)],
+                                               {"acc": agree.tolist(), "kl": kl.tolist()})})
 
 
 @hookimpl

@@ -57,6 +57,7 @@ class LmEvalEvaluator(Evaluator):
             # One lm-eval run per requested task, so each gets its own progress bar.
             for name in params.tasks:
                 loaded = _load(task_manager, name)
+                _record_weighting(loaded, result)
                 bar = lambda kind, total, name=name: context.progress.task(f"lm_eval: {name} ({kind})", total=total)  # noqa: E731
                 with progress_through(bar):
                     out = lm_eval.simple_evaluate(
@@ -183,13 +184,42 @@ def _collect(out: dict, result: EvalResult) -> None:
         if subtasks:
             result.groups[group] = list(subtasks)
     for task, samples in out.get("samples", {}).items():
-        if not samples:
-            continue
-        # Per-item scores of the task's first metric under its first filter, by doc_id.
-        filter_name, metric = samples[0]["filter"], samples[0]["metrics"][0]
+        items = _items(samples)
+        if items is not None:
+            result.items[task] = items
+
+
+def _items(samples: list[dict]):
+    """A task's per-item scores for every metric and filter it reports (named as the table names
+    them), in doc order, each item named by its doc id and lm-eval's hash of the document."""
+    from qcompare.api import Items
+
+    if not samples:
+        return None
+    filters = list(dict.fromkeys(s["filter"] for s in samples))
+    first = sorted((s for s in samples if s["filter"] == filters[0]), key=lambda s: s["doc_id"])
+    ids = [f"{s['doc_id']}:{str(s.get('doc_hash', ''))[:16]}" for s in first]
+    metrics = {}
+    for filter_name in filters:
         rows = sorted((s for s in samples if s["filter"] == filter_name), key=lambda s: s["doc_id"])
-        if all(_is_number(s.get(metric)) for s in rows):
-            result.items[task] = [float(s[metric]) for s in rows]
+        if [s["doc_id"] for s in rows] != [s["doc_id"] for s in first]:
+            continue
+        for metric in rows[0]["metrics"]:
+            if all(_is_number(s.get(metric)) for s in rows):
+                metrics[f"{metric},{filter_name}" if len(filters) > 1 else metric] = [float(s[metric]) for s in rows]
+    return Items(ids, metrics) if metrics else None
+
+
+def _record_weighting(loaded: list, result: EvalResult) -> None:
+    """How each group among ``loaded`` (and its subgroups) aggregates its subtasks: lm-eval's
+    ``weight_by_size`` (a group without an aggregate has no score of its own: left out)."""
+    for group in loaded:
+        aggregates = getattr(group, "aggregate_metric_list", None)
+        name = getattr(group, "name", None)
+        if name and aggregates:
+            result.group_weighting[str(name)] = "size" if aggregates[0].weight_by_size else "equal"
+        for child in getattr(group, "_children", {}).values():
+            _record_weighting([child], result)
 
 
 def _is_number(value) -> bool:

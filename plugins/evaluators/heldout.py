@@ -99,3 +99,24 @@ def window_length(model, max_length: int | None) -> int:
 
 def token_ids(tokenizer, docs: list[str]) -> list[list[int]]:
     return [tokenizer(d, add_special_tokens=True)["input_ids"] for d in docs]
+
+
+def doc_id(index: int, text: str) -> str:
+    """A document's stable item id: its position and a hash of its text."""
+    import hashlib
+
+    return f"{index}:{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+
+
+def ratio_stderr(sums: list[float], counts: list[float]) -> float:
+    """Standard error of sum(sums)/sum(counts) with documents as the sampling unit (the
+    linearised ratio estimator): per-token means over documents of different lengths."""
+    import math
+
+    k = len(sums)
+    if k < 2:
+        return float("nan")
+    ratio = sum(sums) / sum(counts)
+    mean_n = sum(counts) / k
+    resid = sum((s - ratio * n) ** 2 for s, n in zip(sums, counts))
+    return math.sqrt(resid / (k * (k - 1))) / mean_n

@@ -11,9 +11,10 @@ from typing import Annotated
 
 from pydantic import Field
 
-from qcompare.api import EvalResult, Evaluator, Params
+from qcompare.api import EvalResult, Evaluator, Items, Params
 from qcompare.errors import QcompareError
-from qcompare_plugins.evaluators.heldout import dataset_label, load_documents, token_ids, window_length
+from qcompare_plugins.evaluators.heldout import (dataset_label, doc_id, load_documents, ratio_stderr, token_ids,
+                                                 window_length)
 
 
 class KLParams(Params):
@@ -37,29 +38,31 @@ class KLToTeacherEvaluator(Evaluator):
             raise QcompareError("kl_to_teacher: the cell has no teacher model to compare with; drop this evaluator or give a teacher")
         task = f"{dataset_label(params.dataset)}-vs-teacher"
         window = window_length(model, params.max_length)
-        docs = [ids[:window] for ids in token_ids(tokenizer, load_documents(params.dataset, tokenizer, params.max_samples, params.split))]
-        docs = [ids for ids in docs if ids]
-        kl_sums, agree, tokens, per_doc = 0.0, 0, 0, []
+        texts = load_documents(params.dataset, tokenizer, params.max_samples, params.split)
+        docs = [(doc_id(i, text), ids[:window]) for i, (text, ids) in enumerate(zip(texts, token_ids(tokenizer, texts)))]
+        docs = [(name, ids) for name, ids in docs if ids]
+        kl_sums, agrees, counts = [], [], []
         model.eval()
         teacher.eval()
         with context.progress.task(f"kl_to_teacher: {task}", total=len(docs)) as advance, torch.inference_mode():
-            for ids in docs:
+            for _, ids in docs:
                 if model is teacher:  # the baseline row: zero by definition, no second pass
                     kl, same = torch.zeros(len(ids)), len(ids)
                 else:
                     kl, same = token_kl(teacher, model, ids)
-                kl_sums += kl.sum().item()
-                agree += same
-                tokens += len(ids)
-                per_doc.append(kl.mean().item())
+                kl_sums.append(kl.sum().item())
+                agrees.append(float(same))
+                counts.append(len(ids))
                 advance(1)
-        n = len(per_doc)
-        mean = sum(per_doc) / n
-        se = (sum((x - mean) ** 2 for x in per_doc) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+        tokens = sum(counts)
+        # both metrics are per-token means over documents of different lengths: ratio estimators,
+        # with documents as the sampling unit (their stderr and the item weights say so)
         return EvalResult(
-            metrics={f"{task}/kl": kl_sums / tokens, f"{task}/top1_agree": agree / tokens},
-            stderr={f"{task}/kl": se},
-            items={task: per_doc},
+            metrics={f"{task}/kl": sum(kl_sums) / tokens, f"{task}/top1_agree": sum(agrees) / tokens},
+            stderr={f"{task}/kl": ratio_stderr(kl_sums, counts), f"{task}/top1_agree": ratio_stderr(agrees, counts)},
+            items={task: Items([name for name, _ in docs], {"kl": [k / n for k, n in zip(kl_sums, counts)],
+                                                             "top1_agree": [a / n for a, n in zip(agrees, counts)]},
+                               [float(n) for n in counts])},
         )
 
 

@@ -14,9 +14,10 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from qcompare.api import EvalResult, Evaluator, Params
+from qcompare.api import EvalResult, Evaluator, Items, Params
 from qcompare.errors import QcompareError
-from qcompare_plugins.evaluators.heldout import dataset_label, load_documents, token_ids, window_length
+from qcompare_plugins.evaluators.heldout import (dataset_label, doc_id, load_documents, ratio_stderr, token_ids,
+                                                 window_length)
 
 
 class PerplexityParams(Params):
@@ -43,8 +44,10 @@ class PerplexityEvaluator(Evaluator):
         import torch
 
         label = dataset_label(params.dataset)
-        docs = token_ids(tokenizer, load_documents(params.dataset, tokenizer, params.max_samples, params.split))
-        docs = [ids for ids in docs if len(ids) >= 2]  # the first token is never predicted
+        texts = load_documents(params.dataset, tokenizer, params.max_samples, params.split)
+        named = [(doc_id(i, t), ids) for i, (t, ids) in enumerate(zip(texts, token_ids(tokenizer, texts)))
+                 if len(ids) >= 2]  # the first token is never predicted
+        docs = [ids for _, ids in named]
         if not docs:
             raise QcompareError(f"perplexity: every document of {params.dataset!r} is shorter than 2 tokens")
         window = window_length(model, params.max_length)
@@ -58,11 +61,12 @@ class PerplexityEvaluator(Evaluator):
                 counts.append(n)
                 advance(1)
         nll = sum(sums) / sum(counts)
-        se = _ratio_stderr(sums, counts)
+        se = ratio_stderr(sums, counts)
         return EvalResult(
             metrics={f"{label}/ppl": math.exp(nll), f"{label}/nll": nll},
             stderr={f"{label}/ppl": math.exp(nll) * se, f"{label}/nll": se},
-            items={label: [s / n for s, n in zip(sums, counts)]},
+            items={label: Items([name for name, _ in named], {"nll": [s / n for s, n in zip(sums, counts)]},
+                                [float(n) for n in counts])},
         )
 
 
@@ -92,14 +96,3 @@ def document_nll(model, ids: list[int], window: int, stride: int) -> tuple[float
         if end == len(ids):
             break
     return total, count
-
-
-def _ratio_stderr(sums: list[float], counts: list[int]) -> float:
-    """Standard error of sum(sums)/sum(counts) with documents as the sampling unit."""
-    k = len(sums)
-    if k < 2:
-        return float("nan")
-    ratio = sum(sums) / sum(counts)
-    mean_n = sum(counts) / k
-    resid = sum((s - ratio * n) ** 2 for s, n in zip(sums, counts))
-    return math.sqrt(resid / (k * (k - 1))) / mean_n
