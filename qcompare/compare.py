@@ -95,8 +95,8 @@ def plan_statistic(df: pd.DataFrame, metric: str) -> Plan:
     structure = Structure(top, {t: leaf_tasks(t, groups) for t in top if t in groups},
                           {t: weighting.get(t, "size") for t in top if t in groups},
                           lower_is_better=metric != "average" and metric.rpartition("/")[2] in LOWER_IS_BETTER)
-    label = "the average" if metric == "average" else metric
-    return Plan(structure, leaf_metric, f"{label} = " + " · ".join(described) if metric == "average" else label)
+    label = f"the average of {', '.join(described)}" if metric == "average" else metric
+    return Plan(structure, leaf_metric, label)
 
 
 def sides(root: Path, cells_a: pd.DataFrame, cells_b: pd.DataFrame, plan: Plan) -> tuple[Side, Side, list[str]]:

@@ -194,8 +194,9 @@ def _value_with_interval(row, m, with_half: bool) -> str:
 
 
 def _interval(row) -> str:
-    """What the average's ± is over, and how many."""
-    over = row.get("average over") if "average over" in row else None
+    """What the row's ± are over, and how many (the average's, else its tasks')."""
+    kinds = [v for k, v in row.items() if isinstance(k, str) and k.endswith(" over") and isinstance(v, str)]
+    over = row.get("average over") if isinstance(row.get("average over"), str) else (kinds[0] if kinds else None)
     n = row["seeds"]
     return {"seeds": f"t, {n} seeds", "seeds agree": f"{n} seeds, equal", "items": "items (1 run)"}.get(over, "—")
 
