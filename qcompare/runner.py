@@ -226,6 +226,7 @@ class CellJob:
         self.recipe, self.run_dir = runner.recipe, runner.store.root.resolve()
         self.device, self.processes = runner.device, runner.processes
         self._runner: Runner | None = runner
+        self._owner = os.getpid()
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_runner"}
@@ -235,6 +236,10 @@ class CellJob:
 
     @property
     def runner(self) -> Runner:
+        if self._owner != os.getpid():
+            # a forked worker inherits the driver's runner, progress display and all: a display
+            # whose refresh thread held its lock at the fork deadlocks the worker's first bar
+            self._runner, self._owner = None, os.getpid()
         if self._runner is None:
             self._runner = Runner(self.recipe, RunStore(self.run_dir))
         return self._runner

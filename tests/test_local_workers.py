@@ -70,3 +70,40 @@ def test_workers_that_die_before_any_cell_stop_the_run_with_one_line(test_plugin
     res = cli.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "run")])
     assert res.exit_code == 2
     assert "worker processes died before running any cell (7 left pending)" in res.output
+
+
+def test_a_forked_worker_builds_its_own_runner_not_the_drivers_display(test_plugins, write_recipe, tmp_path):
+    # A fork copies the driver's runner with its live progress display; a display whose refresh
+    # thread held its lock at the fork hangs the worker's first progress bar forever (seen: a
+    # cell "running" for good under workers = 2). The worker must build a runner of its own.
+    import multiprocessing
+    import threading
+
+    from qcompare.api import CellProgress
+    from qcompare.recipe import load_recipe
+    from qcompare.runner import CellJob, Runner
+    from qcompare.store import RunStore
+
+    held = threading.Lock()
+
+    def start(description, total):  # the driver's display: needs its lock
+        with held:
+            return (lambda n=1: None), (lambda: None)
+
+    runner = Runner(load_recipe(write_recipe(BASIC)), RunStore(tmp_path / "run"), progress=CellProgress(start))
+    job = CellJob(runner)
+    answers = multiprocessing.get_context("fork").Queue()
+
+    def worker():
+        mine = job.runner
+        with mine.progress.task("step", 2) as advance:  # would block on the inherited lock
+            advance()
+        answers.put(mine is not runner)
+
+    with held:  # held by the driver at the moment of the fork
+        child = multiprocessing.get_context("fork").Process(target=worker)
+        child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0 and answers.get(timeout=5) is True
