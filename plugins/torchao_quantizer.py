@@ -118,15 +118,15 @@ class TorchaoQuantizer(Quantizer):
         from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, IntxFakeQuantizeConfig, QATConfig
 
         from qcompare_plugins import torchao_experts
-        from qcompare_plugins.torchao_grids import (check, conv1d_to_linear, dtype_of, fake_quantizer_classes, granularity,
-                                                    targets)
+        from qcompare_plugins.torchao_grids import (cast_weights, check, conv1d_to_linear, dtype_of,
+                                                    fake_quantizer_classes, granularity, targets)
 
         check(params)
         conv1d_to_linear(model, params.skip)  # GPT-2's Conv1D layers: Linear layers while trained and converted
         linears, embeddings, others = targets(model, params)
         _check_others(others, params)
         if params.packing == "tinygemm":
-            model.to(torch.bfloat16)  # the int4 kernels take bfloat16 only; the student must see their numerics
+            cast_weights(model, torch.bfloat16)  # the int4 kernels take bfloat16 only; the student must see their numerics
         dtype = dtype_of(model)
         weight = IntxFakeQuantizeConfig(
             getattr(torch, f"int{params.bits}"), granularity=granularity(params.group_size),
@@ -180,8 +180,8 @@ class TorchaoQuantizer(Quantizer):
         (measured: identical logits for every unpacked variant)."""
         from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
         from transformers import TorchAoConfig
-        from transformers.quantizers.auto import AutoHfQuantizer
 
+        from qcompare.saving import save_quantized
         from qcompare_plugins.torchao_experts import quantized
         from qcompare_plugins.torchao_grids import linear_convert_config
 
@@ -200,17 +200,7 @@ class TorchaoQuantizer(Quantizer):
         device = next(model.parameters()).device
         config = TorchAoConfig(linear_convert_config(params, device), modules_to_not_convert=list(params.skip),
                                include_input_output_embeddings=params.embeddings)
-        # save_pretrained flattens torchao tensors only when the model carries an HfQuantizer,
-        # which from_pretrained would have attached; set both for the save, then put them back.
-        before = (getattr(model.config, "quantization_config", None), getattr(model, "hf_quantizer", None))
-        model.config.quantization_config = config
-        model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
-        try:
-            model.save_pretrained(folder)
-        finally:
-            model.config.quantization_config, model.hf_quantizer = before
-            if before[0] is None:
-                del model.config.quantization_config
+        save_quantized(model, config, folder)
 
     def _save_compressed(self, model, params, folder) -> None:
         """A model with quantized fused experts: transformers' torchao integration cannot hold 3-D

@@ -11,7 +11,13 @@
   compressed-tensors ``FalconLinear`` holds ``weight_packed`` instead, so a GPTQ/AWQ Falcon
   checkpoint fails to load; the patch guards it as the generic ``_init_weights`` does.
 
-Both belong upstream (torchao, transformers); until then this module is what the card imports.
+- bitsandbytes' ``Linear4bit`` on a CPU with AVX512-BF16 repacks its weight on the first
+  inference forward and then computes with activations rounded to bfloat16: not what the
+  quantized model computed when it was trained and evaluated (measured: 3e-3 logits on a tiny
+  model; and it fails outright when a block spans more than one row). Off here, so a reloaded
+  NF4/FP4 model keeps bitsandbytes' portable dequantize → matmul path.
+
+All belong upstream (torchao, transformers, bitsandbytes); until then this module is what the card imports.
 """
 
 from __future__ import annotations
@@ -87,5 +93,15 @@ def patch_falcon_init() -> None:
     mf.FalconPreTrainedModel._init_weights = _init_weights
 
 
+@functools.cache
+def keep_bitsandbytes_portable() -> None:
+    try:
+        import bitsandbytes.nn.modules as modules
+    except ImportError:  # no bitsandbytes model to load
+        return
+    modules.has_avx512bf16 = lambda: False  # what Linear4bit.__init__ reads for its CPU fast path
+
+
 register_torchao_transposes()
 patch_falcon_init()
+keep_bitsandbytes_portable()

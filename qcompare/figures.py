@@ -1,4 +1,5 @@
-"""PNG figures of a run: metric vs learning rate per λ, loss curves, metric vs steps, per quantizer."""
+"""PNG figures of a run: metric vs learning rate per λ, loss curves, metric vs steps, per quantizer,
+and metric vs true bits per weight (the formats' Pareto front)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ from qcompare.report import _value, _varying, summarize  # noqa: E402
 from qcompare.results import group_columns, load_run  # noqa: E402
 from qcompare.stats import mean_ci  # noqa: E402
 from qcompare.store import open_run  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
 
 
 def _metric_vs(df: pd.DataFrame, x: str, metric: str, path: Path, xlabel: str, log: bool) -> Path | None:
@@ -45,10 +53,7 @@ def _metric_vs(df: pd.DataFrame, x: str, metric: str, path: Path, xlabel: str, l
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _loss_curves(root: Path, df: pd.DataFrame, path: Path) -> Path | None:
@@ -73,10 +78,7 @@ def _loss_curves(root: Path, df: pd.DataFrame, path: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (mean over seeds)")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _per_quantizer(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
@@ -89,10 +91,58 @@ def _per_quantizer(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
     ax.set_xticks(range(len(summary)), summary["config"], rotation=60, ha="right", fontsize=6)
     ax.set_ylabel(metric)
     ax.set_title("teacher (black) · post-training quantization (red) · distilled (blue)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats: none has fewer (or as few) bits and a higher (or as high)
+    metric, one of them strictly. Sorted by bits."""
+    front = [(b, m) for b, m in points
+             if not any(b2 <= b and m2 >= m and (b2, m2) != (b, m) for b2, m2 in points)]
+    return sorted(set(front))
+
+
+def _pareto(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    """Metric (mean ± 95% CI) against the true bits per quantized weight: a colour per quantizer,
+    a marker per training, the front of the best trade-offs as a step line. Points of one width
+    are spread a little sideways so that none hides another. Needs two or more widths."""
+    summary, _ = summarize(df)
+    if metric not in summary or summary.empty:
+        return None
+    rows = summary[(summary["kind"] != "teacher") & summary["bits/weight"].notna() & summary[metric].notna()].copy()
+    if rows.empty or rows["bits/weight"].round(3).nunique() < 2:
+        return None
+    rows["format"] = rows["config"].str.split(" · ").str[0]
+    rows["training"] = rows["config"].str.split(" · ").str[1:].str.join(" · ")
+    formats, trainings = list(dict.fromkeys(rows["format"])), list(dict.fromkeys(rows["training"]))
+    colors = plt.get_cmap("tab10")
+    markers = "soD^vP*Xh<>"
+    span = rows["bits/weight"].max() - rows["bits/weight"].min()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for _, at_width in rows.groupby(rows["bits/weight"].round(3)):
+        for k, (_, r) in enumerate(at_width.iterrows()):
+            dx = (k - (len(at_width) - 1) / 2) * span * 0.012
+            f, t = formats.index(r["format"]), trainings.index(r["training"])
+            ax.errorbar(r["bits/weight"] + dx, r[metric], yerr=0 if pd.isna(r[f"{metric} ±"]) else r[f"{metric} ±"],
+                        fmt=markers[t % len(markers)], color=colors(f % 10), capsize=2, ms=5, lw=0.8)
+    front = pareto_front(list(zip(rows["bits/weight"], rows[metric])))
+    if len(front) > 1:
+        ax.step([b for b, _ in front], [m for _, m in front], where="post", color="gray", lw=1, ls=":")
+    teacher = summary[summary["kind"] == "teacher"]
+    if not teacher.empty:
+        ax.axhline(teacher[metric].mean(), color="k", ls="--", lw=1)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors(i % 10), marker="o", ls="", label=f) for i, f in enumerate(formats)]
+    handles += [Line2D([], [], color="gray", marker=markers[i % len(markers)], ls="", label=t or "—")
+                for i, t in enumerate(trainings)]
+    handles += [Line2D([], [], color="gray", ls=":", label="Pareto front")] + \
+        ([Line2D([], [], color="k", ls="--", label="teacher")] if not teacher.empty else [])
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_xlabel("true bits per quantized weight (codes + block scales as stored)")
+    ax.set_ylabel(metric)
+    ax.set_title("colour: quantizer · marker: training · bars: 95% CI", fontsize=8)
+    return _save(fig, path)
 
 
 def write_figures(root: str | Path, folder: str | Path, metric: str = "average") -> list[Path]:
@@ -108,5 +158,6 @@ def write_figures(root: str | Path, folder: str | Path, metric: str = "average")
         _metric_vs(df, "distiller.max_steps", metric, folder / "metric_vs_steps.png", "training steps", False),
         _loss_curves(root, df, folder / "loss_curves.png"),
         _per_quantizer(df, metric, folder / "metric_per_configuration.png"),
+        _pareto(df, metric, folder / "metric_vs_bits.png"),
     ]
     return [p for p in made if p is not None]

@@ -100,11 +100,11 @@ def inner_tensors(t) -> list:
         parts = [getattr(t, n, None) for n in names]
         return [x for p in parts if isinstance(p, torch.Tensor) for x in inner_tensors(p)]
     state = getattr(t, "quant_state", None)
-    if state is not None:  # bitsandbytes Params4bit: packed codes, absmax (maybe nested), code table
+    if state is not None:  # bitsandbytes Params4bit: packed codes, absmax (maybe nested), code tables
         extra = [getattr(state, "absmax", None), getattr(state, "code", None)]
         nested = getattr(state, "state2", None)
         if nested is not None:
-            extra += [getattr(nested, "absmax", None), getattr(nested, "code", None)]
+            extra += [getattr(nested, "absmax", None), getattr(nested, "code", None), getattr(state, "offset", None)]
         return [t.as_subclass(torch.Tensor)] + [x for x in extra if isinstance(x, torch.Tensor)]
     return [t]
 
@@ -221,11 +221,17 @@ def measure(teacher, model, code_bits: float | None = None) -> Footprint:
         shipped, held = found
         weights.append(Weight(name, group, part, param.numel(), True, shipped, held))
     adapters = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    # what the modules hold (a state dict would count bitsandbytes' quantization state twice: once
+    # inside its weight, once as the entries it serializes it to), each tensor once
     memory, seen = 0, set()
-    for t in list(model.state_dict(keep_vars=True).values()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            memory += stored_bits(t) // 8
+    for m in model.modules():
+        kept = [t for name, t in list(m._parameters.items()) + list(m._buffers.items())
+                if t is not None and name not in m._non_persistent_buffers_set]
+        for t in kept:
+            for x in inner_tensors(t):
+                if id(x) not in seen:
+                    seen.add(id(x))
+                    memory += _bits(x) // 8
     return Footprint(weights, sum(p.numel() for _, p in adapters),
                      float(sum(p.numel() * p.element_size() * 8 for _, p in adapters)), memory)
 

@@ -10,6 +10,7 @@ twin (``toy_paper_<study>``) under a runs folder; a study not run yet is listed 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def cost_table(root: Path, margin) -> PaperTable:
                       ["λ", "average", "TFLOP", "time s", "tokens generated", "rollout share of training"], rows)
 
 
-def quantizers_table(root: Path, margin) -> PaperTable:
+def quantizers_table(root: Path, margin, figures: Path | None = None) -> PaperTable:
     df = load_run(root)
     rows = []
     for g in _configs(df):
@@ -215,21 +216,28 @@ def quantizers_table(root: Path, margin) -> PaperTable:
                     and h.get("distiller.lmbda", pd.Series([None])).iloc[0] == g.get("distiller.lmbda", pd.Series([None])).iloc[0]),
                    None)
         verdict = "reference" if ref is g else (_verdict(root, df, g, ref, margin) if ref is not None else "")
-        lam = g["distiller.lmbda"].iloc[0] if "distiller.lmbda" in g and g["distiller.lmbda"].notna().any() else None
-        name = f"{g['quantizer'].iloc[0]} · {g['distiller'].iloc[0]}" + (f" λ = {_value(lam)}" if lam is not None else "")
+        # the quantizer's variant and the training, as the cell's label says them (model and seed aside)
+        name = re.sub(r" · seed \d+$", "", str(g["label"].iloc[0])).removeprefix(f"{g['model'].iloc[0]} · ")
         bits = g["bits_per_weight"].iloc[0] if "bits_per_weight" in g else float("nan")
         rows.append([name, str(max(1, g["seed"].nunique())), _mean(g, "average"),
                      "—" if bits != bits else f"{bits:.2f}", verdict])
-    return PaperTable("Quantizers: torchao round-to-nearest, GPTQ and AWQ at the same width",
+    made = []
+    if figures is not None:
+        from qcompare.figures import write_figures
+
+        made = [p for p in write_figures(root, figures / "quantizers", "average") if p.name == "metric_vs_bits.png"]
+    return PaperTable("Quantizers and formats at ~4 bits: integer grids (torchao, GPTQ, AWQ) and float formats "
+                      "(NVFP4, MXFP4, NF4)",
                       ["configuration", "seeds", "average", "true bits/weight", "vs torchao, same training: Δ [95% CI] verdict"],
-                      rows)
+                      rows, ["true bits/weight: codes and block scales as the converted model stores them; the figure "
+                             "puts every configuration on that axis."], made)
 
 
 def build(runs: Path, figures: Path | None = None, margin: float | None = None) -> tuple[list[PaperTable], list[str]]:
     makers = {"lambda": lambda r: [lambda_table(r, margin), cost_table(r, margin)],
               "lr_sweep": lambda r: [lr_table(r, margin, figures)],
               "steps": lambda r: [steps_table(r, margin)], "rollout": lambda r: [rollout_table(r, margin)],
-              "beta": lambda r: [beta_table(r, margin)], "quantizers": lambda r: [quantizers_table(r, margin)]}
+              "beta": lambda r: [beta_table(r, margin)], "quantizers": lambda r: [quantizers_table(r, margin, figures)]}
     tables, missing = [], []
     for study in STUDIES:
         root = find_run(Path(runs), study)

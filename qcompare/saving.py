@@ -55,6 +55,25 @@ def save_converted(quantizer, model, params, folder: Path, context) -> None:
     save_adapter(model, folder)
 
 
+def save_quantized(model, config, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` with ``config`` (a transformers quantization config:
+    ``TorchAoConfig``, ``BitsAndBytesConfig``) in its ``config.json``, so that ``from_pretrained``
+    rebuilds the same low-bit layers. transformers serializes torchao and bitsandbytes tensors
+    only for a model that carries an HfQuantizer, as ``from_pretrained`` would have attached;
+    both are set for the save and put back after it."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    before = (getattr(model.config, "quantization_config", None), getattr(model, "hf_quantizer", None))
+    model.config.quantization_config = config
+    model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
+    try:
+        model.save_pretrained(folder)
+    finally:
+        model.config.quantization_config, model.hf_quantizer = before
+        if before[0] is None:
+            del model.config.quantization_config
+
+
 def save_adapter(model, folder: Path) -> None:
     """Write the LoRA adapter of ``model`` as peft's ``PeftModel.save_pretrained`` does."""
     from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
@@ -109,11 +128,11 @@ def uses_conv1d(model_type: str) -> bool:
 
 def needs_compat(folder: Path) -> bool:
     """Whether loading ``folder`` needs ``import qcompare.compat`` first (torchao int weights that
-    the modeling code transposes, Falcon's weight initialisation)."""
+    the modeling code transposes, Falcon's weight initialisation, bitsandbytes' CPU path)."""
     config = _config(folder)
     model_type = config.get("model_type", "")
     method = (config.get("quantization_config") or {}).get("quant_method")
-    return model_type in NEEDS_COMPAT or (method == "torchao" and uses_conv1d(model_type))
+    return model_type in NEEDS_COMPAT or (method == "torchao" and uses_conv1d(model_type)) or method == "bitsandbytes"
 
 
 def load_code(folder: Path, path: str = "path/to/this/folder") -> list[str]:

@@ -209,7 +209,11 @@ MATRIX_QUANTIZERS = (("torchao int2", "torchao", {"bits": 2, "group_size": 0}),
                      ("torchao int4", "torchao", {"bits": 4, "group_size": 32}),
                      ("torchao int8", "torchao", {"bits": 8, "group_size": 32}),
                      ("gptq int4", "gptq", {"bits": 4, "group_size": 32, **QUICK_CALIBRATION}),
-                     ("awq int4", "awq", {"bits": 4, "group_size": 32, **QUICK_CALIBRATION}))
+                     ("awq int4", "awq", {"bits": 4, "group_size": 32, **QUICK_CALIBRATION}),
+                     ("nvfp4", "nvfp4", {}),
+                     ("mxfp4", "mxfp4", {}),
+                     ("fp8", "fp8", {}),
+                     ("bnb nf4", "bnb", {}))
 
 
 def architecture_matrix(folder: Path, families=MATRIX_FAMILIES, quantizers=MATRIX_QUANTIZERS) -> list[dict]:
@@ -291,7 +295,14 @@ def matrix_markdown(rows: list[dict]) -> str:
               "transformers/torchao lack); their model cards say so.",
               "- AWQ uses llm-compressor's layer mappings where it has them, the Qwen3-MoE mappings for other "
               "mixture-of-experts models (their routers balanced), and qcompare's own for Falcon and GPT-NeoX; "
-              "smoothing it skips is recorded in the cell (`notes.awq.skipped_smoothing`) and shown by the report.", ""]
+              "smoothing it skips is recorded in the cell (`notes.awq.skipped_smoothing`) and shown by the report.",
+              "- The float formats (NVFP4, MXFP4, FP8, bitsandbytes NF4/FP4) hold plain Linear layers: torchao's "
+              "float tensors and bitsandbytes' `Linear4bit` take no fused 3-D experts (skip `*.experts` and lower "
+              "`min_coverage` to study the rest), torchao's have no transposed layout for GPT-2's `Conv1D` (bitsandbytes "
+              "quantizes it, as transformers' integration does), and Linear subclasses with their own product "
+              "(Falcon's `FalconLinear`) are refused. The tiny families' layers (64 wide) make NVFP4's and MXFP4's "
+              "128-row scale tiles part padding, hence their bits here; bitsandbytes' per-layer code tables weigh "
+              "the same way (docs/quantizers.md).", ""]
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Regenerate docs/architectures.md: every tiny family × built-in quantizer through the runner's checks.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/architectures.py      # ~3 minutes on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/architectures.py      # ~40 s on 2 cores
 """
 
 import tempfile

@@ -121,9 +121,12 @@ def test_the_papers_tables_come_from_the_runs_in_one_command(twin_runs, tmp_path
     md = (tmp_path / "paper" / "tables.md").read_text()
     for title in ("Main table: on-policy share λ", "Learning-rate sweep", "Short against long training",
                   "Batch size × rollout length at λ = 1", "the generalized JSD's β", "Compute: on-policy against off-policy",
-                  "Quantizers: torchao round-to-nearest, GPTQ and AWQ"):
+                  "Quantizers and formats at ~4 bits"):
         assert title in md, title
     assert "Not run yet" not in md and "inconclusive (1 seed)" in md  # the shrunk twins ran one seed
     tex = (tmp_path / "paper" / "tables.tex").read_text()
     assert tex.count(r"\begin{tabular}") == 7 and r"$\lambda$" in tex
     assert list((tmp_path / "paper" / "figures" / "lr_sweep").glob("*learning_rate*.png"))
+    assert (tmp_path / "paper" / "figures" / "quantizers" / "metric_vs_bits.png").is_file()  # every format on one axis
+    for fmt in ("nvfp4", "mxfp4", "bnb", "gptq", "awq"):
+        assert f"| {fmt}" in md, fmt

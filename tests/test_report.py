@@ -79,7 +79,7 @@ def test_pivot_and_figures(finished_run, tmp_path):
     assert res.exit_code == 0, res.output
     assert "bits \\ max_steps" in res.output
     pngs = sorted(p.name for p in (tmp_path / "figs").glob("*.png"))
-    assert pngs == ["loss_curves.png", "metric_per_configuration.png", "metric_vs_steps.png"]
+    assert pngs == ["loss_curves.png", "metric_per_configuration.png", "metric_vs_bits.png", "metric_vs_steps.png"]
     assert all((tmp_path / "figs" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert cli.invoke(app, ["report", str(finished_run), "--rows", "bits"]).exit_code == 2
 
