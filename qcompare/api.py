@@ -49,10 +49,16 @@ class Plugin:
 
 
 class CellProgress:
-    """Steps inside one cell; the runner shows them as a progress bar."""
+    """Steps inside one cell; the runner shows them as a progress bar, and the phase it is in."""
 
-    def __init__(self, start: Callable[[str, int | None], Any] | None = None) -> None:
-        self._start = start
+    def __init__(self, start: Callable[[str, int | None], Any] | None = None,
+                 phase: Callable[[str], None] | None = None) -> None:
+        self._start, self._phase = start, phase
+
+    def phase(self, name: str) -> None:
+        """The cell has entered phase ``name`` (load, prepare, distill, convert, evaluate, save, check)."""
+        if self._phase is not None:
+            self._phase(name)
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
@@ -184,6 +190,14 @@ class Distiller(Plugin):
         adapters train), so they may share the teacher's memory (see
         ``Quantizer.shares_teacher_weights``)."""
         return False
+
+    def planned_tokens(self, params) -> dict[str, float] | None:
+        """What a cell will put through the models, known from ``params`` before it runs (upper
+        bounds: sequences × their maximum length), for ``qcompare plan``'s price: ``student_tokens``
+        (trained: forward and backward), ``teacher_tokens`` (teacher forwards), ``student_rollout_tokens``
+        and ``teacher_rollout_tokens`` (prompt and completion through ``generate``) and
+        ``generated_tokens``. ``None`` (the default): this distiller gives no estimate."""
+        return None
 
     def distill(self, teacher, student, tokenizer, data, params, context: CellContext) -> DistillResult:
         """Train ``student`` toward ``teacher`` (or the data) and return a DistillResult.

@@ -10,14 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from qcompare.api import CellProgress
 from qcompare.errors import QcompareError
 
 # torchao announces on import the CUDA kernels a CPU wheel lacks, and torch warns about its
 # pytree registrations: noise on every command, with nothing for the user to do.
-for _name in ("torchao", "torch.utils._pytree"):
+for _name in ("torchao", "torch.utils._pytree", "bitsandbytes"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 app = typer.Typer(
@@ -101,45 +99,68 @@ def validate(recipe: RecipeArg, set_: SetOpt = None):
     console.print(f"[green]ok[/] {recipe}: {len(expand(r))} cells")
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 @app.command()
 def plan(
     recipe: RecipeArg,
     set_: SetOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default runs/<recipe name>).")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="Price the cells on this device (cpu or cuda; default: the recipe's, for auto whether a GPU is here).")] = None,
 ):
-    """Show the cells a recipe expands to and which are already done; runs nothing."""
+    """Show the cells a recipe expands to, which are already done, and what the rest will cost
+    (FLOPs, wall time, GPU-hours), before running anything."""
     from rich.table import Table
 
+    from qcompare.estimate import estimate_cells, guess_device
+    from qcompare.plugins import get_registry
     from qcompare.runner import plan as plan_cells
 
     with user_errors():
+        if device not in (None, "cpu", "cuda"):
+            raise QcompareError(f"unknown --device {device!r}; allowed: cpu, cuda")
         r, store = _load(recipe, set_, output)
         rows = plan_cells(r, store)
+        device = device or guess_device(r)
+        todo = [cell for cell, status in rows if status not in ("done",)]
+        estimates = estimate_cells(r, store, todo, get_registry(), device)
     table = Table(title=f"{r.name}: {len(rows)} cells → {store.root}")
-    for col in ("cell", "model", "quantizer", "distiller", "seed", "status"):
-        table.add_column(col)
+    for col in ("cell", "model", "quantizer", "distiller", "seed", "status", "TFLOP", "time"):
+        table.add_column(col, justify="right" if col in ("TFLOP", "time") else "left")
     style = {"done": "green", "stale": "yellow", "failed": "red", "running": "yellow", "pending": "dim"}
     for cell, status in rows:
+        e = estimates.get(cell.id)
         table.add_row(cell.id, cell.model, cell.quantizer.label() if cell.quantizer else "—",
                       cell.distiller.label() if cell.distiller else "—",
-                      "—" if cell.seed is None else str(cell.seed), f"[{style[status]}]{status}[/]")
+                      "—" if cell.seed is None else str(cell.seed), f"[{style[status]}]{status}[/]",
+                      "—" if e is None else ("?" if e.flops is None else f"{e.flops / 1e12:.3g}"),
+                      "—" if e is None else _duration(e.seconds))
     console.print(table)
+    known = [e for e in estimates.values() if e.seconds is not None]
+    bases = sorted({e.basis for e in estimates.values()})
+    if known:
+        flops, seconds = sum(e.flops for e in known), sum(e.seconds for e in known)
+        gpu = f" = {seconds / 3600:.2f} GPU-h" if device == "cuda" else ""
+        console.print(f"to run: {len(todo)} cells, {flops / 1e12:.3g} TFLOP, about {_duration(seconds)} on {device}{gpu}, "
+                      "one cell at a time" + (f" ({len(todo) - len(known)} cells not priced)" if len(known) < len(todo)
+                                              else ""), highlight=False)
+        console.print("[dim]FLOPs: 6·N per trained token, 2·N per teacher and rollout token (every sequence at its "
+                      "maximum length unless this run folder measured less); time: " + "; ".join(bases) +
+                      ". `qcompare report` sets these estimates against what the cells took.[/]", highlight=False)
+    elif todo:
+        console.print(f"to run: {len(todo)} cells, not priced: {'; '.join(bases)}", highlight=False)
     stale = sum(status == "stale" for _, status in rows)
     if stale:
         console.print(f"[yellow]{stale} cells are stale[/]: done by other versions of their plugins than the ones "
                       "installed now; `qcompare run` runs them again (--keep-stale keeps them, reported as rows of "
                       "their own)", highlight=False)
-
-
-def _progress_bars(quiet: bool = False):
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=err_console, transient=False, disable=quiet)
-
-    def start(description, total):
-        task = progress.add_task(f"  {description}", total=total)
-        return (lambda n=1: progress.advance(task, n)), (lambda: progress.remove_task(task))
-
-    return progress, CellProgress(start)
 
 
 @app.command()
@@ -151,39 +172,40 @@ def run(
     keep_stale: Annotated[bool, typer.Option(
         "--keep-stale", help="Keep cells done by other plugin versions instead of running them again "
                              "(the report shows them as rows of their own).")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show what the libraries print (progress bars, warnings, logs) here; by default "
+                                "it goes to each cell's output.log.")] = False,
 ):
-    """Run every cell of a recipe not yet done, then print the comparison table."""
+    """Run every cell of a recipe not yet done, then print the comparison table.
+
+    In a terminal a live display shows the cells with an ETA, the running cell's phase and steps,
+    and a line per finished cell; written to a file, the run prints one line as each cell starts
+    and one as it ends."""
+    from qcompare.display import RunDisplay
+    from qcompare.output import own_stream
     from qcompare.report import print_report
     from qcompare.runner import Runner, launcher_ranks
 
     first = launcher_ranks()[0] == 0  # under torchrun every process runs the cells; the first one speaks
+    # the display keeps a stream of its own: a cell's libraries write into the cell's log
+    say = Console(file=own_stream(sys.stderr), width=None if sys.stderr.isatty() else 200)
     with user_errors():
         r, store = _load(recipe, set_, output, executor, structure=True)
-        progress, cell_progress = _progress_bars(quiet=not first)
-        runner = Runner(r, store, progress=cell_progress)
+        runner = Runner(r, store, cell_logs=not verbose)
         plan = runner.plan()
         kept = ("done", "stale") if keep_stale else ("done",)
         todo = [c for c, s in plan if s not in kept]
         stale = sum(s == "stale" for _, s in plan)
         skipped = len(plan) - len(todo)
         if skipped and first:
-            err_console.print(f"{skipped} cells already done in {store.root}; running {len(todo)}")
+            say.print(f"{skipped} cells already done in {store.root}; running {len(todo)}", highlight=False)
         if stale and first:
-            err_console.print(f"{stale} cells were done by other plugin versions: "
-                              + ("kept as they are (--keep-stale)" if keep_stale else "running them again"))
-        with progress:
-            overall = progress.add_task("cells", total=len(todo))
-
-            def on_done(cell, record):
-                progress.advance(overall)
-                if not first:
-                    return
-                mark = "[green]done[/]" if record.done else f"[red]failed[/]: {record.error or ''}"
-                if record.save_error:
-                    mark += f" [yellow](model not saved: {record.save_error})[/]"
-                progress.console.print(f"{cell.label()} — {mark}", highlight=False)
-
-            records = runner.run(on_done=on_done, keep_stale=keep_stale)
+            say.print(f"{stale} cells were done by other plugin versions: "
+                      + ("kept as they are (--keep-stale)" if keep_stale else "running them again"), highlight=False)
+        in_process = r.executor.name == "local" and r.executor.params.get("workers", 1) == 1
+        with RunDisplay(say, len(todo), in_process, quiet=not first) as display:
+            runner.progress, runner.on_start = display.cell_progress, display.started
+            records = runner.run(on_done=display.finished, keep_stale=keep_stale, announce=not display.live)
     failed = [rec for rec in records if not rec.done]
     unsaved = [rec for rec in records if rec.done and rec.save_error]
     if not first:
@@ -198,41 +220,76 @@ def run(
         err_console.print(f"[red]{len(unsaved)} cells' models were not saved[/] (save_models = true): "
                           + "; ".join(f"{rec.id}: {rec.save_error}" for rec in unsaved), highlight=False)
     if failed:
-        err_console.print(f"[red]{len(failed)} of {len(records)} cells failed[/]; tracebacks in their folders under {store.root}/cells")
+        retry = sum(bool(rec.rerun_helps) for rec in failed)
+        why = (f"{retry} may end otherwise if you run the recipe again (killed, out of memory); " if retry else "") + \
+            (f"{len(failed) - retry} fail the same way until the recipe or a plugin changes; " if len(failed) > retry else "")
+        err_console.print(f"[red]{len(failed)} of {len(records)} cells failed[/]: {why}tracebacks and output.log in "
+                          f"their folders under {store.root}/cells", highlight=False)
     if failed or unsaved:
         raise typer.Exit(1)
 
 
+def type_text(annotation) -> str:
+    """A parameter's type as a recipe author reads it: the allowed values of a Literal, ``X | None``."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return type_text(args[0])
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_text(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(type_text(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]" if inner else getattr(origin, "__name__", str(origin))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 @app.command()
 def plugins():
-    """List every registered plugin with its parameters, defaults and the package it came from."""
+    """List every registered plugin with its parameters, allowed values, defaults, and the package
+    and entry point it came from (QCOMPARE_PLUGINS=name,name loads only those entry points)."""
     from rich.table import Table
 
     from qcompare.plugins import KINDS, get_registry
 
     with user_errors():
-        reg = get_registry()
+        reg = get_registry(clashes_allowed=True)
     for kind in KINDS:
         for name in reg.names(kind):
             entry = reg.plugins[kind][name]
             cls = entry.obj
-            table = Table(title=f"{kind} [bold]{name}[/] — {cls.summary()}  (from {entry.package})", title_justify="left")
+            table = Table(title=f"{kind} [bold]{name}[/] — {cls.summary()}  (from {entry.source})",
+                          title_justify="left")
             for col in ("parameter", "type", "default", "description"):
                 table.add_column(col)
             for pname, f in cls.Params.model_fields.items():
-                ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
                 default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-                table.add_row(pname, ann, default, f.description or "")
+                table.add_row(pname, type_text(f.annotation), default, f.description or "")
             console.print(table)
     for title, table in (("models", reg.models), ("datasets", reg.datasets)):
         for name, entry in sorted(table.items()):
-            console.print(f"{title[:-1]} [bold]{name}[/] — {entry.obj[1]}  (from {entry.package})")
+            console.print(f"{title[:-1]} [bold]{name}[/] — {entry.obj[1]}  (from {entry.source})")
+    console.print(f"entry points loaded (what QCOMPARE_PLUGINS takes): {', '.join(reg.entry_points) or '(none)'}",
+                  highlight=False)
+    if reg.clashes:
+        for line in reg.clashes:
+            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
 
 
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `qcompare run`.", show_default=False)],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown, latex, csv or json.")] = "table",
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="table, markdown, latex, csv, json, or html (one self-contained file with the "
+                               "tables, figures and a section per cell; see --out).")] = "table",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Where --format html writes (default: report.html in the run folder).")] = None,
     compare: Annotated[Optional[tuple[str, str]], typer.Option(
         "--compare", metavar="A B",
         help="A − B with seeds and items as sources of variance, and a verdict; A and B are cell ids or "
@@ -255,8 +312,8 @@ def report(
     from qcompare.store import open_run
 
     with user_errors():
-        if fmt not in FORMATS:
-            raise QcompareError(f"unknown --format {fmt!r}; allowed: {', '.join(FORMATS)}")
+        if fmt not in (*FORMATS, "html"):
+            raise QcompareError(f"unknown --format {fmt!r}; allowed: {', '.join(FORMATS)}, html")
         if (rows is None) != (cols is None):
             raise QcompareError("a pivot needs both --rows and --cols")
         store = open_run(run_dir)
@@ -272,6 +329,11 @@ def report(
             from qcompare.pivots import print_pivot
 
             print_pivot(store.root, rows, cols, metric, console, fold, settings.select_on)
+        elif fmt == "html":
+            from qcompare.html_report import write_html
+
+            path = write_html(store.root, out or store.root / "report.html", metric)
+            console.print(f"[green]wrote[/] {path}", highlight=False)
         else:
             print_report(store, console, fmt)
         if figures:

@@ -146,6 +146,7 @@ class CellPipeline:
     @contextlib.contextmanager
     def phase(self, name: str):
         """Time a phase into the cell's cost as ``<name>_seconds`` (added up if it runs twice)."""
+        self.context.progress.phase(name)
         start = time.perf_counter()
         try:
             yield

@@ -30,6 +30,11 @@ class Entry:
     name: str
     obj: object
     package: str
+    entry_point: str | None = None  # the entry-point name it came through (what QCOMPARE_PLUGINS takes)
+
+    @property
+    def source(self) -> str:
+        return f"{self.package}, entry point {self.entry_point!r}" if self.entry_point else self.package
 
 
 @dataclass
@@ -40,6 +45,8 @@ class Registry:
     models: dict[str, Entry] = field(default_factory=dict)
     datasets: dict[str, Entry] = field(default_factory=dict)
     task_folders: list[Path] = field(default_factory=list)
+    entry_points: list[str] = field(default_factory=list)  # loaded, in load order
+    clashes: list[str] = field(default_factory=list)  # one line per name two plugins register
 
     def get(self, kind: str, name: str) -> type[Plugin]:
         known = self.plugins[kind]
@@ -81,6 +88,7 @@ def make_plugin_manager(extra: list | None = None) -> pluggy.PluginManager:
         if pm.get_plugin(ep.name) is not None:
             continue
         pm.register(ep.load(), name=ep.name)
+        pm.qcompare_entry_points = [*getattr(pm, "qcompare_entry_points", []), ep.name]
     for plugin in extra or []:
         pm.register(plugin)
     pm.check_pending()
@@ -88,17 +96,21 @@ def make_plugin_manager(extra: list | None = None) -> pluggy.PluginManager:
 
 
 def _collect(pm: pluggy.PluginManager) -> Registry:
-    reg = Registry()
+    reg = Registry(entry_points=list(getattr(pm, "qcompare_entry_points", [])))
+
+    def origin(plugin) -> tuple[str, str | None]:
+        name = pm.get_name(plugin)
+        return _package_of(plugin), name if name in reg.entry_points else None
 
     def plugin_register(kind):
         hook = getattr(pm.hook, f"register_{kind}s")
         for impl in hook.get_hookimpls():
-            package = _package_of(impl.plugin)
+            package, entry_point = origin(impl.plugin)
 
-            def register(cls, _package=package):
+            def register(cls, _package=package, _entry_point=entry_point):
                 if not (isinstance(cls, type) and issubclass(cls, KINDS[kind])):
                     raise QcompareError(f"plugin {_package} registered {cls!r}, which is not a {KINDS[kind].__name__} subclass")
-                _add(reg.plugins[kind], kind, cls.name, cls, _package)
+                _add(reg, reg.plugins[kind], Entry(kind, cls.name, cls, _package, _entry_point))
 
             impl.function(**{a: register for a in impl.argnames})
 
@@ -107,10 +119,11 @@ def _collect(pm: pluggy.PluginManager) -> Registry:
 
     for hookname, table in (("register_models", reg.models), ("register_datasets", reg.datasets)):
         for impl in getattr(pm.hook, hookname).get_hookimpls():
-            package = _package_of(impl.plugin)
+            package, entry_point = origin(impl.plugin)
 
-            def register(name, path, description="", _package=package, _table=table, _kind=hookname[9:-1]):
-                _add(_table, _kind, name, (Path(path), description), _package)
+            def register(name, path, description="", _package=package, _table=table, _kind=hookname[9:-1],
+                         _entry_point=entry_point):
+                _add(reg, _table, Entry(_kind, name, (Path(path), description), _package, _entry_point))
 
             impl.function(register)
 
@@ -119,13 +132,16 @@ def _collect(pm: pluggy.PluginManager) -> Registry:
     return reg
 
 
-def _add(table: dict, kind: str, name: str, obj, package: str) -> None:
-    if name in table:
-        raise QcompareError(
-            f"two plugins register the {kind} {name!r}: {table[name].package} and {package}; "
-            f"uninstall one or limit plugins with QCOMPARE_PLUGINS"
-        )
-    table[name] = Entry(kind, name, obj, package)
+def _add(reg: Registry, table: dict, entry: Entry) -> None:
+    """Register ``entry``; a name already taken keeps its first plugin and the clash is recorded."""
+    first = table.get(entry.name)
+    if first is None:
+        table[entry.name] = entry
+        return
+    keep = [ep for ep in reg.entry_points if ep not in (first.entry_point, entry.entry_point)]
+    hint = (f"uninstall one, or load one of them only: QCOMPARE_PLUGINS={','.join(keep + [first.entry_point])}"
+            if first.entry_point and entry.entry_point else "uninstall one of them")
+    reg.clashes.append(f"two plugins register the {entry.kind} {entry.name!r}: {first.source} and {entry.source}; {hint}")
 
 
 _extra: list = []
@@ -152,9 +168,14 @@ def _loaded() -> tuple[pluggy.PluginManager, Registry]:
     return _cache[key]
 
 
-def get_registry() -> Registry:
-    """The registry of every loaded plugin (built once per process and plugin set)."""
-    return _loaded()[1]
+def get_registry(clashes_allowed: bool = False) -> Registry:
+    """The registry of every loaded plugin (built once per process and plugin set). Two plugins
+    registering one name is an error (one line per clash) unless ``clashes_allowed`` (``qcompare
+    plugins`` lists them, so the clash can be seen and fixed)."""
+    reg = _loaded()[1]
+    if reg.clashes and not clashes_allowed:
+        raise QcompareError("\n".join(reg.clashes))
+    return reg
 
 
 def get_plugin_manager() -> pluggy.PluginManager:

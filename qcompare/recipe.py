@@ -122,11 +122,24 @@ _SET_RE = re.compile(r"^([A-Za-z_][\w]*(?:\.[\w]+|\[\d+\])*)=(.*)$", re.S)
 
 
 def parse_toml(path: Path) -> tuple[dict, str]:
+    """The recipe file's table and text; one line for every way a file can fail to be a recipe."""
     if not path.exists():
         raise QcompareError(f"recipe file not found: {path}")
     if path.is_dir():
         raise QcompareError(f"recipe path is a folder, not a TOML file: {path}")
-    text = path.read_text()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise QcompareError(f"cannot read the recipe file {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QcompareError(f"{path} is not UTF-8 text (byte {e.start}); a recipe is a TOML text file") from None
+    if "\0" in text:
+        raise QcompareError(f"{path} holds NUL bytes: not a text file; a recipe is a TOML text file")
+    if not text.strip():
+        raise QcompareError(f"recipe file is empty: {path}; a recipe names at least its models, e.g. "
+                            "models = [\"toy-qwen3\"] (recipes/toy_int4.toml is a whole one)")
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as e:

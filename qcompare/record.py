@@ -53,6 +53,9 @@ class CellRecord(BaseModel):
     settings: CellSettings
     status: Literal["running", "done", "failed"]
     error: str | None = None
+    # for a failed cell: whether running the recipe again can end otherwise (a process killed, memory
+    # or disk short) or not (a seeded, deterministic failure: the recipe or a plugin must change)
+    rerun_helps: bool | None = None
     started_at: str | None = None
     finished_at: str | None = None
     recipe: dict[str, Any] | None = None  # {"text", "overrides"}: what produced the cell
@@ -68,6 +71,8 @@ class CellRecord(BaseModel):
     plugins: dict[str, Any] = {}
     save_error: str | None = None
     provenance: dict[str, Any] = {}
+    # what the run estimated the cell would cost before it ran (qcompare.estimate): flops, seconds
+    estimate: dict[str, Any] = {}
 
     @property
     def is_teacher(self) -> bool:

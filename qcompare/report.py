@@ -227,6 +227,20 @@ def print_report(store_or_path, console: Console, fmt: str = "table", metrics: l
     if fmt != "table":
         console.print(export(summary, metrics, fmt), soft_wrap=True, highlight=False, markup=False)
         return
+    for title, cols, rows, kinds in report_tables(summary, metrics, root):
+        console.print(_table(title, cols, rows, kinds))
+    for line in footnotes(df, root):
+        console.print(line, style="dim", highlight=False)
+    for line in notes_lines(df):
+        console.print(line, style="yellow", highlight=False)
+    if not failed.empty:
+        console.print(f"[red]{len(failed)} cells not finished[/] (failed, or interrupted: run the recipe again): "
+                      + "; ".join(f"{r.id} ({r.error if isinstance(r.error, str) else r.status})" for r in failed.itertuples()))
+
+
+def report_tables(summary: pd.DataFrame, metrics: list[str], root: Path):
+    """(title, columns, rows, kinds) of each table the report shows: per model, accuracy, then
+    size and cost (columns with nothing to say left out)."""
     for model, part in summary.groupby("model", sort=False):
         rows = [_cells(row, metrics, every_ci=False) for _, row in part.iterrows()]
         cols = HEAD + metrics + TAIL
@@ -234,22 +248,17 @@ def print_report(store_or_path, console: Console, fmt: str = "table", metrics: l
         for title, idx in ((f"{model}: accuracy  ({root})", range(split)),
                            (f"{model}: size and cost", [0, *range(split, len(cols))])):
             keep = [i for i in idx if i < split or any(r[i] not in ("—", "0") for r in rows)]
-            console.print(_table(title, [cols[i] for i in keep], [[r[i] for i in keep] for r in rows], list(part["kind"])))
-    console.print("± is the half-width of a 95% CI, over what \"± over\" says: the seeds (Student's t), or, with one "
-                  "run, the items (1.96 × the evaluator's stderr; training variance unknown); \"=\" marks seeds that "
-                  "agreed exactly (every column's ± in --format csv/json/markdown). Δ PTQ = distilled − the same "
-                  "quantizer without training; recovered = Δ PTQ / (teacher − PTQ) on the average, where that gap is "
-                  f"at least {MIN_GAP} (negative: training made it worse). Compare two rows with --compare A B.",
-                  style="dim")
-    console.print(SIZE_NOTE, style="dim")
-    saving = cache_saving(df)
-    if saving:
-        console.print(saving, style="dim")
-    for line in notes_lines(df):
-        console.print(line, style="yellow", highlight=False)
-    if not failed.empty:
-        console.print(f"[red]{len(failed)} cells not finished[/] (failed, or interrupted: run the recipe again): "
-                      + "; ".join(f"{r.id} ({r.error if isinstance(r.error, str) else r.status})" for r in failed.itertuples()))
+            yield title, [cols[i] for i in keep], [[r[i] for i in keep] for r in rows], list(part["kind"])
+
+
+def footnotes(df: pd.DataFrame, root: Path) -> list[str]:
+    """What the tables' columns and intervals mean, and what the run saved and estimated."""
+    lines = ["± is the half-width of a 95% CI, over what \"± over\" says: the seeds (Student's t), or, with one "
+             "run, the items (1.96 × the evaluator's stderr; training variance unknown); \"=\" marks seeds that "
+             "agreed exactly (every column's ± in --format csv/json/markdown). Δ PTQ = distilled − the same "
+             "quantizer without training; recovered = Δ PTQ / (teacher − PTQ) on the average, where that gap is "
+             f"at least {MIN_GAP} (negative: training made it worse). Compare two rows with --compare A B.", SIZE_NOTE]
+    return lines + [line for line in (cache_saving(df), estimate_line(root)) if line]
 
 
 SIZE_NOTE = ("quantized = share of the body's weights (all but embeddings and head) on a low-bit grid; bits/weight = "
@@ -276,6 +285,19 @@ def notes_lines(df: pd.DataFrame) -> list[str]:
             elif not (isinstance(note, dict) and "skipped_smoothing" in note):
                 out.append(f"{label}: {plugin}: {json.dumps(note)}")
     return out
+
+
+def estimate_line(root: Path) -> str | None:
+    """The price the run put on its cells before running them, against what they took."""
+    from qcompare.estimate import against_actual
+
+    found = against_actual(RunStore(root).records())
+    if not found:
+        return None
+    parts = [f"{what} {med:.2f}× (from {lo:.2f}× to {hi:.2f}×, {n} cells)" for what, v in
+             (("time", found["seconds"]), ("FLOPs", found["flops"])) if v for med, lo, hi, n in [v]]
+    return ("actual cost / the estimate made before each cell ran (qcompare plan's price), median: " + "; ".join(parts)
+            + " — above 1: the estimate was low")
 
 
 def cache_saving(df: pd.DataFrame) -> str | None:

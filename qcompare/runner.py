@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from qcompare.api import CellContext, CellProgress
 from qcompare.cells import Cell, expand
-from qcompare.errors import QcompareError, error_line
+from qcompare.errors import QcompareError, error_line, transient
+from qcompare.estimate import estimate_cells
+from qcompare.output import cell_output
 from qcompare.pipeline import CellPipeline, InputCache
 from qcompare.plugins import get_plugin_manager, get_registry
 from qcompare.record import CellRecord
@@ -92,6 +96,10 @@ class Runner:
     recipe: Recipe
     store: RunStore
     progress: CellProgress = field(default_factory=CellProgress)
+    # what libraries print while a cell runs goes to the cell's output.log (qcompare.output), not here
+    cell_logs: bool = False
+    on_start: Callable[[Cell], None] | None = None  # told as each cell starts in this process
+    estimates: dict = field(default_factory=dict)  # cell id -> its estimated cost, kept in its record
 
     def __post_init__(self):
         self.registry = get_registry()
@@ -132,16 +140,21 @@ class Runner:
                             started_at=now(), plugins=plugin_identities(cell, self.registry),
                             # what produced the cell: the run folder's recipe.toml is the latest run's
                             recipe={"text": self.recipe.text, "overrides": self.recipe.overrides},
-                            data_source=None if cell.is_teacher else self.recipe.data.model_dump())
+                            data_source=None if cell.is_teacher else self.recipe.data.model_dump(),
+                            estimate=self.estimates.get(cell.id, {}))
         self._write(files.settings, cell.settings())
         self._write(files.result, record.to_json())
+        if self.on_start is not None and self.writes:
+            self.on_start(cell)
         if self.writes:
             self.hooks.cell_started(cell=cell, cell_dir=files.folder)
         pipeline = None
         try:
             save_to = files.model if self.recipe.save_models and self.writes else None
-            pipeline = self.pipeline(cell, files.folder)
-            out = pipeline.run(save_to=save_to)
+            with cell_output(files.output_log if self.cell_logs and self.writes else None):
+                self.progress.phase("load")
+                pipeline = self.pipeline(cell, files.folder)
+                out = pipeline.run(save_to=save_to)
             if self.writes:
                 if out.log:
                     write_jsonl(files.train_log, out.log)
@@ -156,6 +169,7 @@ class Runner:
                 group_weighting=out.group_weighting))
         except Exception as e:  # the sweep goes on; the traceback is kept with the cell
             record = record.model_copy(update={"status": "failed", "error": error_line(e),
+                                               "rerun_helps": transient(e),
                                                "checks": pipeline.checks if pipeline else {},
                                                "notes": pipeline.context.notes if pipeline else {}})
             if self.writes:
@@ -172,22 +186,26 @@ class Runner:
 
         return {**provenance(), "processes": self.processes}
 
-    def store_failure(self, cell: Cell, error: str) -> CellRecord:
-        """Record a cell that died outside run_cell (e.g. its worker process was killed)."""
+    def store_failure(self, cell: Cell, error: str, rerun_helps: bool = True) -> CellRecord:
+        """Record a cell that died outside run_cell (its worker process killed, a lost machine):
+        by default a failure that running the recipe again may not meet."""
         record = CellRecord(id=cell.id, label=cell.label(), settings=cell.settings(), status="failed",
-                            error=error, finished_at=now())
+                            error=error, rerun_helps=rerun_helps, finished_at=now())
         self._write(self.store.cell(cell.id).result, record.to_json())
         return record
 
     # --- the sweep --------------------------------------------------------------------
 
-    def run(self, on_done=None, keep_stale: bool = False) -> list[CellRecord]:
+    def run(self, on_done=None, keep_stale: bool = False, announce: bool = False) -> list[CellRecord]:
         """Run every cell not yet done (and, unless ``keep_stale``, every cell made by other plugin
-        versions); return the records of the cells run now."""
+        versions); return the records of the cells run now. With ``announce``, cells run by other
+        processes (workers) print a line as they start."""
         if self.writes:
             self.store.init(self.recipe.text)
         kept = ("done", "stale") if keep_stale else ("done",)
         todo = [c for c, status in self.plan() if status not in kept]
+        self.estimates = {cid: e.as_record() for cid, e in
+                          estimate_cells(self.recipe, self.store, todo, self.registry, self.device).items()}
         ex_cls = self.registry.get("executor", self.recipe.executor.name)
         params = ex_cls.Params.model_validate(self.recipe.executor.params)
         records: list[CellRecord] = []
@@ -204,7 +222,7 @@ class Runner:
         gc.collect()
         gc.freeze()
         try:
-            ex_cls().run(todo, CellJob(self), params, done)
+            ex_cls().run(todo, CellJob(self, announce), params, done)
         finally:
             if not frozen_before:
                 gc.unfreeze()
@@ -222,9 +240,12 @@ class CellJob:
     outside ``job(cell)`` and ``status`` reads a cell's stored status.
     """
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner: Runner, announce: bool = False):
         self.recipe, self.run_dir = runner.recipe, runner.store.root.resolve()
         self.device, self.processes = runner.device, runner.processes
+        # how another process runs its cells: libraries' output into cell logs as here, and (when
+        # the driver writes to a log, not a live display) a line as each cell starts
+        self.cell_logs, self.announce, self.estimates = runner.cell_logs, announce, runner.estimates
         self._runner: Runner | None = runner
         self._owner = os.getpid()
 
@@ -241,7 +262,8 @@ class CellJob:
             # whose refresh thread held its lock at the fork deadlocks the worker's first bar
             self._runner, self._owner = None, os.getpid()
         if self._runner is None:
-            self._runner = Runner(self.recipe, RunStore(self.run_dir))
+            self._runner = Runner(self.recipe, RunStore(self.run_dir), cell_logs=self.cell_logs,
+                                  on_start=_announce if self.announce else None, estimates=self.estimates)
         return self._runner
 
     def start_process(self) -> None:
@@ -254,9 +276,13 @@ class CellJob:
     def __call__(self, cell: Cell) -> CellRecord:
         return self.runner.run_cell(cell)
 
-    def fail(self, cell: Cell, error: str) -> CellRecord:
-        return self.runner.store_failure(cell, error)
+    def fail(self, cell: Cell, error: str, rerun_helps: bool = True) -> CellRecord:
+        return self.runner.store_failure(cell, error, rerun_helps)
 
     def status(self, cell: Cell) -> str | None:
         stored = RunStore(self.run_dir).result(cell.id)
         return stored.status if stored else None
+
+
+def _announce(cell: Cell) -> None:
+    print(f"start {cell.label()}", file=sys.stderr, flush=True)

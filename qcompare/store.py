@@ -80,6 +80,8 @@ class CellFiles:
     train_log = property(lambda self: self.folder / "train_log.jsonl", doc="loss per logged step")
     cost = property(lambda self: self.folder / "cost.json", doc="wall time per phase, tokens, FLOPs, memory")
     traceback = property(lambda self: self.folder / "traceback.txt", doc="why the cell failed")
+    output_log = property(lambda self: self.folder / "output.log",
+                          doc="what libraries printed while the cell ran (progress bars, warnings, logs)")
     probe = property(lambda self: self.folder / "probe.safetensors",
                      doc="the converted model's probe logits (qcompare.checks.Fingerprint), for reload checks")
     model = property(lambda self: self.folder / "model", doc="the converted model (save_models = true)")

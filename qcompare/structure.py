@@ -54,11 +54,7 @@ def problems(recipe, registry: Registry) -> tuple[list[str], list[str]]:
     config is not available here (not checked)."""
     from qcompare.provenance import plugin_identity
 
-    cache_path = cache_file()
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
+    cache = _read_cache()
     found, notes, fresh = [], [], False
     for model_name in recipe.models:
         config = model_config(model_name, registry)
@@ -77,12 +73,34 @@ def problems(recipe, registry: Registry) -> tuple[list[str], list[str]]:
             if cache[key]:
                 found.append(f"{recipe.source}: quantizer {choice.label()} on {model_name}: {cache[key]}")
     if fresh:
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            cache_path.write_text(json.dumps(cache))
-        except OSError:  # a read-only home costs the speed-up, nothing else
-            pass
+        _write_cache(cache)
     return list(dict.fromkeys(found)), notes
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cache: dict) -> None:
+    try:
+        cache_file().parent.mkdir(parents=True, exist_ok=True)
+        cache_file().write_text(json.dumps(cache))
+    except OSError:  # a read-only home costs the speed-up, nothing else
+        pass
+
+
+def parameter_count_from_config(config: dict, name: str) -> int:
+    """The parameters of the model ``config`` describes (built on the meta device once, then cached)."""
+    key = "parameters:" + hashlib.sha256(json.dumps([VERSION, config], sort_keys=True).encode()).hexdigest()[:24]
+    cache = _read_cache()
+    if key not in cache:
+        model = _meta_model(config, name)
+        cache[key] = sum(p.numel() for p in model.parameters())
+        _write_cache(cache)
+    return cache[key]
 
 
 def _meta_model(config: dict, name: str):

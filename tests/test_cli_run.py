@@ -62,6 +62,10 @@ def test_failing_cell_is_stored_and_sweep_goes_on(test_plugins, write_recipe, tm
     records = [json.loads((c / "result.json").read_text()) for c in (out / "cells").iterdir()]
     failed = [r for r in records if r["status"] == "failed"]
     assert len(failed) == 2 * 2 and all("nudge was asked to fail" in r["error"] for r in failed)
+    # seeded and deterministic: the line and the record say that running again fails the same way
+    assert all(r["rerun_helps"] is False for r in failed)
+    assert res.output.count("a re-run fails the same way") == len(failed)
+    assert "4 fail the same way until the recipe or a plugin changes" in res.output
     assert all((out / "cells" / r["id"] / "traceback.txt").read_text().startswith("Traceback") for r in failed)
     assert sum(r["status"] == "done" for r in records) == 1 + 2 * (1 + 2)
 
@@ -128,3 +132,15 @@ def test_a_distiller_cannot_change_the_teacher_later_cells_use(test_plugins, wri
     # the cells after the meddling ones saw the same teacher: int8 stays at KL ~0
     int8 = [r for r in records if r.settings.quantizer and r.settings.quantizer.params["bits"] == 8]
     assert all(r.metrics["probe/kl"] < 1e-3 for r in int8)
+
+
+def test_which_failures_a_rerun_can_change():
+    import torch
+
+    from qcompare.checks import CheckFailed
+    from qcompare.errors import QcompareError, transient
+
+    assert transient(MemoryError()) and transient(torch.OutOfMemoryError("CUDA out of memory"))
+    assert transient(OSError(28, "No space left on device")) and transient(ConnectionError())
+    assert not transient(QcompareError("bad group size")) and not transient(ValueError("nan loss"))
+    assert not transient(CheckFailed("fake_vs_converted: 0.3 > 0", "fake_vs_converted", {"passed": False}))

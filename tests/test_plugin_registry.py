@@ -40,8 +40,13 @@ def test_two_plugins_with_one_name_is_an_error_naming_both(test_plugins):
     try:
         with pytest.raises(QcompareError, match=r"two plugins register the quantizer 'rtn': qcompare[-_]rtn and test_plugin_registry"):
             get_registry()
+        # the other commands stop at the clash; `plugins` still lists everything so it can be seen
+        res = CliRunner().invoke(app, ["validate", "nonexistent.toml"])
+        assert res.exit_code == 2 and "Traceback" not in res.output
         res = CliRunner().invoke(app, ["plugins"])
-        assert res.exit_code == 2 and "two plugins register" in res.output and "Traceback" not in res.output
+        assert res.exit_code == 2 and "Traceback" not in res.output and "quantizer rtn" in res.output
+        [line] = [ln for ln in res.output.splitlines() if "two plugins register" in ln]
+        assert line.startswith("error:") and "uninstall one" in line
     finally:
         remove_plugin(clash)
 
@@ -61,5 +66,16 @@ def test_plugins_command_lists_parameters_defaults_and_docs(test_plugins):
     res = CliRunner().invoke(app, ["plugins"])
     assert res.exit_code == 0, res.output
     for text in ("quantizer rtn", "Symmetric round-to-nearest", "group_size", "distiller nudge",
-                 "evaluator probe", "executor local", "['lm_head']"):
-        assert text in res.output
+                 "evaluator probe", "executor local", "['lm_head']", "entry point 'local'",
+                 "entry points loaded (what QCOMPARE_PLUGINS takes): local"):
+        assert text in res.output, text
+
+
+def test_plugins_shows_the_values_a_literal_allows():
+    from typing import Annotated, Literal, Optional
+
+    from qcompare.cli import type_text
+
+    assert type_text(Literal["nf4", "fp4"]) == "one of 'nf4', 'fp4'"
+    assert type_text(Annotated[Literal[2, 4], "meta"]) == "one of 2, 4"
+    assert type_text(Optional[int]) == "int | None" and type_text(list[str]) == "list[str]"

@@ -24,6 +24,31 @@ def test_missing_recipe_file(test_plugins, tmp_path):
     check(["validate", tmp_path / "nope.toml"], "recipe file not found", "nope.toml")
 
 
+@pytest.mark.parametrize("kind, expected", [
+    ("not utf-8", "is not UTF-8 text"),
+    ("binary", "holds NUL bytes"),
+    ("empty", "recipe file is empty"),
+    ("whitespace", "recipe file is empty"),
+    ("folder", "is a folder, not a TOML file"),
+    ("unreadable", "cannot read the recipe file"),
+])
+def test_a_file_that_is_no_recipe_is_one_line(test_plugins, tmp_path, monkeypatch, kind, expected):
+    path = tmp_path / "recipe.toml"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes({"not utf-8": b'name = "\xff\xfe"\n', "binary": b'name = "x"\x00\x01',
+                          "empty": b"", "whitespace": b"\n  \n", "unreadable": b'name = "x"\n'}[kind])
+    if kind == "unreadable":  # as root a chmod 000 file is still readable: fail the read itself
+        from pathlib import Path
+
+        real = Path.read_bytes
+        monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                            if self == path else real(self))
+    for command in ("validate", "plan", "run"):
+        check([command, path], expected, "recipe")
+
+
 def test_toml_syntax_error_names_the_line(test_plugins, write_recipe):
     check(["validate", write_recipe('name = "x"\nmodels = [1,,]\nseeds = [0]\n')], "TOML syntax error", "line 2")
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "trl", "peft", "torchao", "lm_eval", "datasets", "llmcompressor", "accelerate")
 
 
-def test_listing_plugins_and_validating_a_recipe_import_no_training_stack():
+def test_listing_plugins_validating_and_pricing_a_recipe_import_no_training_stack():
     code = f"""
 import sys
 from qcompare.plugins import get_registry
@@ -24,7 +24,13 @@ assert {{"none", "sft", "gkd"}} <= set(registry.names("distiller"))
 for name in registry.names("quantizer") + registry.names("distiller"):
     kind = "quantizer" if name in registry.names("quantizer") else "distiller"
     registry.get(kind, name).Params.model_json_schema()
-assert len(expand(load_recipe("{ROOT / 'recipes' / 'toy_int4.toml'}"))) == 22
+recipe = load_recipe("{ROOT / 'recipes' / 'toy_int4.toml'}")
+assert len(expand(recipe)) == 22
+# plan's price: parameter counts from safetensors headers, tokens from the distillers' parameters
+from qcompare.estimate import estimate_cells
+from qcompare.store import RunStore
+priced = estimate_cells(recipe, RunStore("/nonexistent/run"), expand(recipe), registry, "cpu")
+assert all(e.flops is not None for e in priced.values()), priced
 print(sorted(m for m in {HEAVY!r} if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -294,7 +294,7 @@ def test_toy_model_student_equals_converted_and_int2_hurts_more_than_int4(monkey
     from transformers import AutoModelForCausalLM
 
     if not (Path(qcompare_plugins.toy.__file__).parent / "model" / "config.json").exists():
-        pytest.skip("the toy model (plugins/toy/model) is not built yet")
+        pytest.skip("the toy model (qcompare_plugins/toy/model) is not built yet")
     monkeypatch.delenv("QCOMPARE_PLUGINS", raising=False)
     from qcompare.plugins import get_registry
 

@@ -3,7 +3,7 @@ distillation (forward KL from the teacher) versus SFT (cross-entropy on the labe
 
     python -m qcompare_plugins.toy.measure [--seeds 0 1 2] [--steps 300] [--bits 2] [--group 0]
 
-Seed 0 uses the shipped model (plugins/toy/model); other seeds build a world and
+Seed 0 uses the shipped model (qcompare_plugins/toy/model); other seeds build a world and
 teacher in a temporary folder first. Multiple-choice accuracy is scored here by summed
 log-likelihood of each choice, which is what lm-eval's ``acc`` computes (the tests check
 the shipped model through lm-eval itself).

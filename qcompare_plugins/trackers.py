@@ -38,7 +38,7 @@ def to_tensorboard(cell_dir: Path, record: dict, run_name: str, values: dict, st
     require(*TRACKERS["tensorboard"], "report_to 'tensorboard'")
     from torch.utils.tensorboard import SummaryWriter
 
-    # the trainer's TensorBoardCallback writes to this folder too (plugins/distillers/common.py)
+    # the trainer's TensorBoardCallback writes to this folder too (qcompare_plugins/distillers/common.py)
     writer = SummaryWriter(log_dir=str(CellFiles(cell_dir).tensorboard))
     try:
         for key, value in values.items():

@@ -22,6 +22,9 @@ class SFTDistiller(Distiller):
     def keeps_base_weights(self, params: SFTParams) -> bool:
         return params.lora_r > 0  # LoRA trains adapters only
 
+    def planned_tokens(self, params: SFTParams) -> dict[str, float]:
+        return {"student_tokens": params.planned_sequences * params.max_length}
+
     def distill(self, teacher, student, tokenizer, data, params: SFTParams, context: CellContext) -> DistillResult:
         from .common import as_before_training, check_data, check_tokenizer, fp32_master_weights, run_training
         from .cost import CostMeter

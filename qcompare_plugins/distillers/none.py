@@ -5,7 +5,6 @@ from __future__ import annotations
 from qcompare.api import CellContext, Distiller, DistillResult, Params
 
 
-
 class NoDistiller(Distiller):
     """No recovery training: evaluate the quantized model as is (post-training quantization)."""
 
@@ -15,6 +14,9 @@ class NoDistiller(Distiller):
 
     def keeps_base_weights(self, params) -> bool:
         return True  # nothing trains: the student may sit on the teacher's memory
+
+    def planned_tokens(self, params) -> dict[str, float]:
+        return {}
 
     def distill(self, teacher, student, tokenizer, data, params, context: CellContext) -> DistillResult:
         from .cost import zero_cost

@@ -41,6 +41,11 @@ class TrainParams(Params):
         50, ge=0, description="checkpoint every N steps so an interrupted cell resumes (0 = never)"
     )
 
+    @property
+    def planned_sequences(self) -> int:
+        """Sequences trained on in one process: steps × micro-batch × accumulation."""
+        return self.max_steps * self.per_device_train_batch_size * self.gradient_accumulation_steps
+
     @model_validator(mode="after")
     def _one_warmup(self):
         if self.warmup_ratio and self.warmup_steps:

@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
+from qcompare.estimate import logical_flops
 from qcompare.store import write_json
 
 # Counters that accumulate over a cell and survive a resume (saved next to each checkpoint).
@@ -126,8 +127,9 @@ class CostMeter:
         teacher_logical = t["teacher_tokens"] + t["teacher_cached_tokens"]
 
         def flops(teacher_tokens):
-            return (6 * student_params * t["student_tokens"] + 2 * teacher_params * teacher_tokens
-                    + 2 * student_params * t["student_rollout_tokens"] + 2 * teacher_params * teacher_rollout_tokens)
+            return logical_flops(student_params, teacher_params, {
+                "student_tokens": t["student_tokens"], "teacher_tokens": teacher_tokens,
+                "student_rollout_tokens": t["student_rollout_tokens"], "teacher_rollout_tokens": teacher_rollout_tokens})
 
         return {
             "train_seconds": round(t["train_seconds"], 4),

@@ -1,0 +1,58 @@
+"""`qcompare report RUN --format html`: one self-contained file with the tables and their
+intervals, the figures and a section per cell, as headless Chromium renders it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import BASIC
+from qcompare.cli import app
+
+cli = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "build" / "test-artifacts"  # the screenshot is kept here (build/ is not tracked)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def chromium(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (.ci/run installs Debian's chromium)")
+def test_the_html_report_renders_its_tables_figures_and_cells(test_plugins, write_recipe, tmp_path):
+    run = tmp_path / "run"
+    recipe = write_recipe(BASIC.replace("max_steps = 2", "max_steps = 2\nfail = [false, true]"))
+    assert cli.invoke(app, ["run", str(recipe), "-o", str(run)]).exit_code == 1  # some cells fail on purpose
+    res = cli.invoke(app, ["report", str(run), "--format", "html", "--out", str(tmp_path / "report.html")])
+    assert res.exit_code == 0, res.output
+    page = tmp_path / "report.html"
+    source = page.read_text()
+    assert "src=\"http" not in source and "<script" not in source  # self-contained: nothing fetched
+
+    dom = chromium("--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom.stdout))
+    for expected in ("accuracy", "size and cost", "± over", "2 seeds", "rtn(bits=2) · nudge(fail=False)",
+                     "bits/weight", "metric per configuration", "Cells (", "fake_vs_converted", "coverage",
+                     "passed", "failed", "nudge was asked to fail", "a re-run fails the same way", "settings",
+                     "provenance", "loss curve"):
+        assert expected in text, expected
+    cells = {p.name for p in (run / "cells").iterdir()}
+    assert cells == set(re.findall(r'id="cell-([0-9a-f]+)"', dom.stdout))  # a section per cell
+    assert dom.stdout.count("data:image/png;base64,") >= 3  # figures and loss curves, embedded
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "html-report.png"
+    made = chromium(f"--screenshot={shot}", "--window-size=1400,2000", page.as_uri())
+    assert made.returncode == 0 and shot.is_file(), made.stderr
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (2000, 1400) and pixels.std() > 0.05  # rendered, not a blank page
