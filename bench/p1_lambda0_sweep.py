@@ -10,6 +10,14 @@ Rows:
   qcompare, N workers    the same with `workers = N` (cores): N cells at once, one thread each
 Ratios: the spend (qcompare, 1 worker vs plain, 1 thread: the same CPU) and the machine's wall
 time (qcompare, N workers vs the faster plain row). Target: wall time <= 0.6x.
+
+    .venv/bin/python bench/p1_lambda0_sweep.py --cache-rows [--steps 12]
+
+The teacher cache at the study's proportions: a random-weight model shaped like Qwen3-4B in the
+ratios that matter (vocabulary 60x the hidden size, >= 85% of a teacher forward in the body:
+hidden 128, 32 layers, vocabulary 7,680), the same 4-cell sweep with teacher_cache = hidden,
+logits and off, each in a fresh process: wall time, spend (summed cell seconds), peak memory.
+Targets: hidden <= 0.85x the spend of off at <= 1.1x its peak memory.
 """
 
 from __future__ import annotations
@@ -88,11 +96,86 @@ def run_qcompare(steps: int, folder: Path, workers: int) -> tuple[float, list[di
     return seconds, records
 
 
+SHAPED = dict(hidden_size=128, num_hidden_layers=32, vocab_size=7680, intermediate_size=384, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32)
+
+
+def shaped_model(folder: Path) -> Path:
+    """The toy tokenizer on a random-weight Qwen3 shaped like Qwen3-4B's proportions (SHAPED)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from common import toy_paths
+
+    model_dir, _ = toy_paths()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = Qwen3Config(**SHAPED, max_position_embeddings=128, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    Qwen3ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+CACHE_RUN = """
+import json, resource, sys, time
+from qcompare.recipe import load_recipe
+from qcompare.runner import Runner
+from qcompare.store import RunStore
+t0 = time.perf_counter()
+records = Runner(load_recipe(sys.argv[1]), RunStore(sys.argv[2])).run()
+assert all(r.done for r in records), [r.error for r in records]
+print(json.dumps({"wall": time.perf_counter() - t0, "spend": sum(r.cost["total_seconds"] for r in records),
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "forwards": sum(r.cost["teacher_forwards"] for r in records),
+                  "flops_spent": sum(r.cost["flops_spent"] for r in records),
+                  "cache_bytes": max(r.cost.get("teacher_cache_bytes", 0) for r in records),
+                  "teacher_share": sum(r.cost["teacher_forward_seconds"] for r in records)
+                  / sum(r.cost["train_seconds"] for r in records),
+                  "cache": records[-1].cost.get("teacher_cache", "")}))
+"""
+
+
+def cache_rows(steps: int) -> None:
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = shaped_model(tmp / "shaped")
+        results = {}
+        for mode in ("off", "hidden", "logits"):
+            recipe = tmp / f"cache-{mode}.toml"
+            recipe.write_text(RECIPE.format(lrs=json.dumps(LRS), batch=BATCH, max_length=MAX_LENGTH, steps=steps,
+                                            workers=1).replace('"toy-qwen3"', json.dumps(str(model)))
+                              .replace("save_steps = 0", f'save_steps = 0\nteacher_cache = "{mode}"\nteacher_cache_max_gb = 20'))
+            out = subprocess.run([sys.executable, "-c", CACHE_RUN, str(recipe), str(tmp / f"run-{mode}")],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"teacher_cache = {mode}: {out.stderr[-2000:]}")
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    off = results["off"]
+    print(f"teacher cache at Qwen3-4B's proportions ({SHAPED}), 4-cell lambda=0 sweep, {steps} steps x batch "
+          f"{BATCH}, one process each\n")
+    table([(mode, f"{r['wall']:.1f}", f"{r['spend']:.1f}", f"{r['spend'] / off['spend']:.2f}",
+            f"{r['peak'] / 1e9:.2f}", f"{r['peak'] / off['peak']:.2f}", r["forwards"],
+            f"{r['flops_spent'] / 1e12:.3f}", f"{r['cache_bytes'] / 1e6:.1f}") for mode, r in results.items()],
+          ("teacher_cache", "wall_s", "spend_s", "spend/off", "peak_GB", "peak/off", "teacher_forwards",
+           "TFLOP_spent", "cache_MB"))
+    print(f"\nteacher forwards are {off['teacher_share']:.0%} of the training time without a cache: 4 cells can save "
+          f"at most {0.75 * off['teacher_share']:.0%} of it")
+    print("\ntargets: hidden spend/off <= 0.85 at peak/off <= 1.1")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="qcompare's parallel row")
+    parser.add_argument("--cache-rows", action="store_true", help="only the teacher-cache rows at Qwen3-4B's proportions")
     args = parser.parse_args()
+    if args.cache_rows:
+        cache_rows(args.steps)
+        return
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -74,6 +74,25 @@ class CellProgress:
 
 
 @dataclass(frozen=True)
+class ModelFacts:
+    """A model's sizes, read without loading it (``qcompare.estimate.model_facts``)."""
+
+    parameters: int
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    tied_embeddings: bool = False
+
+    @property
+    def head_parameters(self) -> int:
+        return (self.vocab_size or 0) * (self.hidden_size or 0)
+
+    @property
+    def body_parameters(self) -> int:
+        """Parameters that compute per token besides the embedding lookup and the output head."""
+        return max(self.parameters - self.head_parameters * (1 if self.tied_embeddings else 2), 0)
+
+
+@dataclass(frozen=True)
 class CellContext:
     """What the runner knows about the cell being run, handed to every plugin call.
 
@@ -95,6 +114,10 @@ class CellContext:
     # What a plugin wants the cell's record to say about how it ran (e.g. AWQ smoothing it
     # skipped): ``context.notes["awq"] = {...}``. Stored in result.json; the report shows it.
     notes: dict = field(default_factory=dict)
+    # The cells of the run (this one included) that train on the same batches as this one: same
+    # model, data, seed and ``Distiller.batch_key``; 1 when none shares them (what a cache of
+    # per-batch work can hope to be reused by)
+    peers: int = 1
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -190,6 +213,17 @@ class Distiller(Plugin):
         adapters train), so they may share the teacher's memory (see
         ``Quantizer.shares_teacher_weights``)."""
         return False
+
+    def batch_key(self, params) -> tuple | None:
+        """What, beyond the model, the data and the seed, decides the batches a cell trains on (batch
+        size, sequence length, ...): cells with equal keys see the same batches (the runner counts
+        them into ``CellContext.peers``). ``None`` (the default): batches are never shared."""
+        return None
+
+    def plan_note(self, params, model: "ModelFacts", peers: int) -> str | None:
+        """One line ``qcompare plan`` shows about how cells of this distiller will run on ``model``
+        with ``peers`` cells sharing their batches (a cache it will or will not use, and why)."""
+        return None
 
     def planned_tokens(self, params) -> dict[str, float] | None:
         """What a cell will put through the models, known from ``params`` before it runs (upper

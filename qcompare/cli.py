@@ -119,7 +119,7 @@ def plan(
     (FLOPs, wall time, GPU-hours), before running anything."""
     from rich.table import Table
 
-    from qcompare.estimate import estimate_cells, guess_device
+    from qcompare.estimate import estimate_cells, guess_device, plan_notes
     from qcompare.plugins import get_registry
     from qcompare.runner import plan as plan_cells
 
@@ -131,6 +131,7 @@ def plan(
         device = device or guess_device(r)
         todo = [cell for cell, status in rows if status not in ("done",)]
         estimates = estimate_cells(r, store, todo, get_registry(), device)
+        notes = plan_notes([cell for cell, _ in rows], get_registry())
     table = Table(title=f"{r.name}: {len(rows)} cells → {store.root}")
     for col in ("cell", "model", "quantizer", "distiller", "seed", "status", "TFLOP", "time"):
         table.add_column(col, justify="right" if col in ("TFLOP", "time") else "left")
@@ -156,6 +157,8 @@ def plan(
                       ". `qcompare report` sets these estimates against what the cells took.[/]", highlight=False)
     elif todo:
         console.print(f"to run: {len(todo)} cells, not priced: {'; '.join(bases)}", highlight=False)
+    for note in notes:
+        console.print(note, highlight=False)
     stale = sum(status == "stale" for _, status in rows)
     if stale:
         console.print(f"[yellow]{stale} cells are stale[/]: done by other versions of their plugins than the ones "

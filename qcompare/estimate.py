@@ -68,6 +68,55 @@ def parameter_count(model: str, registry) -> int | None:
     return parameter_count_from_config(config, model) if config is not None else None
 
 
+def model_facts(model: str, registry):
+    """The model's sizes (``qcompare.api.ModelFacts``) from its files, or None where unknown here."""
+    from qcompare.api import ModelFacts
+    from qcompare.structure import model_config
+
+    n = parameter_count(model, registry)
+    if n is None:
+        return None
+    config = model_config(model, registry) or {}
+    text = config.get("text_config") or config
+    return ModelFacts(n, text.get("vocab_size"), text.get("hidden_size"),
+                      bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))))
+
+
+def batch_peers(cells, registry) -> dict[str, int]:
+    """For each cell id, how many cells of ``cells`` (itself included) train on the same batches:
+    same model, data, seed, distiller and ``Distiller.batch_key``."""
+    keys = {}
+    for cell in cells:
+        if cell.distiller is None:
+            continue
+        cls = registry.get("distiller", cell.distiller.name)
+        key = cls().batch_key(cls.Params.model_validate(cell.distiller.params))
+        if key is not None:
+            keys[cell.id] = (cell.model, cell.shared[0], cell.seed, cell.distiller.name, key)
+    counts: dict = {}
+    for key in keys.values():
+        counts[key] = counts.get(key, 0) + 1
+    return {cid: counts[key] for cid, key in keys.items()}
+
+
+def plan_notes(cells, registry) -> list[str]:
+    """What each distiller says about how its cells will run (``Distiller.plan_note``), once per
+    distinct line, prefixed by the model."""
+    peers = batch_peers(cells, registry)
+    facts, notes = {}, []
+    for cell in cells:
+        if cell.distiller is None:
+            continue
+        if cell.model not in facts:
+            facts[cell.model] = model_facts(cell.model, registry)
+        cls = registry.get("distiller", cell.distiller.name)
+        note = cls().plan_note(cls.Params.model_validate(cell.distiller.params), facts[cell.model],
+                               peers.get(cell.id, 1))
+        if note:
+            notes.append(f"{cell.model}: {note}")
+    return list(dict.fromkeys(notes))
+
+
 # --- rates -------------------------------------------------------------------------------------
 
 

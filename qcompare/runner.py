@@ -20,7 +20,7 @@ from typing import Callable
 from qcompare.api import CellContext, CellProgress
 from qcompare.cells import Cell, expand
 from qcompare.errors import QcompareError, error_line, transient
-from qcompare.estimate import estimate_cells
+from qcompare.estimate import batch_peers, estimate_cells
 from qcompare.output import cell_output
 from qcompare.pipeline import CellPipeline, InputCache
 from qcompare.plugins import get_plugin_manager, get_registry
@@ -110,6 +110,7 @@ class Runner:
         # step); only the first writes the run folder and reports to trackers.
         rank, _, self.processes = launcher_ranks()
         self.writes = rank == 0
+        self.peers = batch_peers(expand(self.recipe), self.registry)  # cells that share training batches
 
     def _write(self, path: Path, obj) -> None:
         if self.writes:
@@ -130,7 +131,8 @@ class Runner:
         context = CellContext(cell_dir=cell_dir, seed=cell.seed, device=self.device, tokenizer=inputs.tokenizer,
                               teacher=inputs.teacher, data=inputs.data, task_folders=list(self.registry.task_folders),
                               progress=self.progress, report_to=list(self.recipe.report_to),
-                              run_name=self.run_name(cell), shared_dir=self.store.shared)
+                              run_name=self.run_name(cell), shared_dir=self.store.shared,
+                              peers=self.peers.get(cell.id, 1))
         return CellPipeline(cell, inputs, context, self.registry, self.recipe.evaluators)
 
     def run_cell(self, cell: Cell) -> CellRecord:

@@ -22,12 +22,13 @@ def world():
     return tokenizer, make_teacher(tokenizer), make_data()
 
 
-def run_cell(tmp_path, name, seed=0):
-    """A cell of a run folder, as the runner hands it to plugins."""
+def run_cell(tmp_path, name, seed=0, peers=4):
+    """A cell of a run folder, as the runner hands it to plugins: one of ``peers`` cells (a sweep)
+    that train on the same batches."""
     from qcompare.store import RunStore
 
     store = RunStore(tmp_path / "run")
-    return make_context(store.cell_dir(name), seed=seed, shared_dir=store.shared)
+    return make_context(store.cell_dir(name), seed=seed, shared_dir=store.shared, peers=peers)
 
 
 def distill(world, context, **params):
@@ -36,28 +37,71 @@ def distill(world, context, **params):
     return [(e["step"], e["loss"]) for e in result.log], result.cost
 
 
-def test_a_cached_lambda0_cell_has_the_same_loss_curve_and_no_teacher_forwards(world, tmp_path):
+@pytest.mark.parametrize("mode", ["hidden", "logits"])
+def test_a_cached_lambda0_cell_has_the_same_loss_curve_and_no_teacher_forwards(world, tmp_path, mode):
     clear_memory()
     reference, ref_cost = distill(world, run_cell(tmp_path, "plain"), lmbda=0.0, teacher_cache=False)
     assert ref_cost["teacher_forwards"] == 4 and ref_cost["teacher_cached_tokens"] == 0
-    first, cost = distill(world, run_cell(tmp_path, "first"), lmbda=0.0)  # fills the cache
-    assert first == reference and cost["teacher_forwards"] == 4
+    first, cost = distill(world, run_cell(tmp_path, "first"), lmbda=0.0, teacher_cache=mode)  # fills the cache
+    assert first == reference and cost["teacher_forwards"] == 4 and cost["teacher_cache"].startswith(mode)
     folder = tmp_path / "run" / "shared" / "teacher"
-    shards = list(folder.glob("*/shard-*.safetensors"))
-    assert len(shards) == 1 and not list(folder.glob("*/.tmp-*"))
+    shards = list(folder.glob(f"*/{mode}/shard-*.safetensors"))
+    assert len(shards) == 1 and not list(folder.glob("*/*/.tmp-*"))
     assert cost["teacher_cache_bytes"] == shards[0].stat().st_size > 0
 
     clear_memory()  # a fresh process (another Ray worker) reads the cache from the run folder
-    second, cost = distill(world, run_cell(tmp_path, "second"), lmbda=0.0, learning_rate=1e-3)
+    second, cost = distill(world, run_cell(tmp_path, "second"), lmbda=0.0, learning_rate=1e-3, teacher_cache=mode)
     assert second == reference  # bit-identical, not approximately
     assert cost["teacher_forwards"] == 0 and cost["teacher_forward_seconds"] == 0
     assert cost["teacher_cached_tokens"] == ref_cost["teacher_tokens"] and cost["teacher_tokens"] == 0
-    assert len(list(folder.glob("*/shard-*.safetensors"))) == 1  # nothing new to write
+    saved = cost["flops"] - cost["flops_spent"]  # a teacher forward per cached token, less the head recomputed
+    assert (saved < 2 * cost["teacher_params"] * cost["teacher_cached_tokens"]) == (mode == "hidden")
+    assert len(list(folder.glob(f"*/{mode}/shard-*.safetensors"))) == 1  # nothing new to write
+
+
+def test_the_hidden_state_cache_is_exact_at_a_large_vocabulary_and_far_smaller(tmp_path):
+    """Qwen3's 151,936-token vocabulary on a 64-wide model: the recomputed head gives the fresh
+    forward's logits bit for bit, and an entry is vocabulary / hidden times smaller than logits."""
+    tokenizer = make_tokenizer()
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    teacher = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)).eval()
+    big = (tokenizer, teacher, make_data())
+    clear_memory()
+    reference, _ = distill(big, run_cell(tmp_path, "plain"), lmbda=0.0, max_steps=2, teacher_cache=False)
+    distill(big, run_cell(tmp_path, "fill"), lmbda=0.0, max_steps=2, teacher_cache="hidden")
+    clear_memory()
+    served, cost = distill(big, run_cell(tmp_path, "served"), lmbda=0.0, max_steps=2, teacher_cache="hidden")
+    assert served == reference and cost["teacher_forwards"] == 0
+    hidden = sum(p.stat().st_size for p in (tmp_path / "run" / "shared").rglob("hidden/shard-*"))
+    distill(big, run_cell(tmp_path, "logits"), lmbda=0.0, max_steps=2, teacher_cache="logits")
+    logits = sum(p.stat().st_size for p in (tmp_path / "run" / "shared").rglob("logits/shard-*"))
+    assert logits > 100 * hidden  # answer rows × 151,936 against every position × 64
+
+
+def test_auto_caches_hidden_states_only_when_other_cells_share_the_batches_and_the_body_dominates():
+    from qcompare.api import ModelFacts
+    from qcompare_plugins.distillers.gkd import cache_choice
+
+    params = GKDParams(lmbda=0.0)
+    qwen3_4b = ModelFacts(4_022_468_096, 151_936, 2560, tied_embeddings=True)
+    assert cache_choice(params, qwen3_4b, peers=4)[0] == "hidden"
+    assert cache_choice(params, qwen3_4b, peers=1) == ("off", "no other cell of the run trains on the same batches")
+    # the toy model's weights under Qwen3's vocabulary: the head is almost all of the work
+    mode, why = cache_choice(params, ModelFacts(19_600_000, 151_936, 64), peers=4)
+    assert mode == "off" and "head is 9" in why
+    assert cache_choice(GKDParams(lmbda=1.0), qwen3_4b, 4)[0] == "off"
+    assert cache_choice(GKDParams(lmbda=0.0, teacher_cache="logits"), qwen3_4b, 1)[0] == "logits"
+    assert GKDParams(teacher_cache=True).teacher_cache == "auto" and GKDParams(teacher_cache=False).teacher_cache == "off"
 
 
 def test_a_different_learning_rate_reuses_the_cache_in_the_same_process(world, tmp_path):
     clear_memory()
-    distill(world, run_cell(tmp_path, "lr1"), lmbda=0.0, learning_rate=1e-3)
+    distill(world, run_cell(tmp_path, "lr1"), lmbda=0.0, learning_rate=1e-3)  # auto: other cells share batches
     reference, _ = distill(world, run_cell(tmp_path, "plain"), lmbda=0.0, learning_rate=3e-3, teacher_cache=False)
     curve, cost = distill(world, run_cell(tmp_path, "lr2"), lmbda=0.0, learning_rate=3e-3)
     assert curve == reference and cost["teacher_forwards"] == 0
@@ -161,14 +205,14 @@ def test_two_processes_filling_one_cache_write_separate_whole_shards(tmp_path):
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     inputs["labels"][:, :5] = -100
     logits = torch.randn(2, 8, 45, generator=g)
-    a, b = TeacherCache(tmp_path, 10**9), TeacherCache(tmp_path, 10**9)  # as two Ray workers
+    a, b = TeacherCache(tmp_path, 10**9, 10**9), TeacherCache(tmp_path, 10**9, 10**9)  # as two Ray workers
     key = a.key(inputs)
     a.store(inputs, key, logits)
     b.store(inputs, key, logits)
     a.save()
     b.save()
     assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2 and not list(tmp_path.glob(".tmp-*"))
-    fresh = TeacherCache(tmp_path, 10**9)
+    fresh = TeacherCache(tmp_path, 10**9, 10**9)
     fresh.refresh()
     served = fresh.lookup(inputs, key, 45)
     need = inputs["labels"][:, 1:] != -100
@@ -176,9 +220,28 @@ def test_two_processes_filling_one_cache_write_separate_whole_shards(tmp_path):
     # the same examples in another order or padding are another batch (other float sums)
     swapped = {k: v.flip(0) for k, v in inputs.items()}
     assert fresh.key(swapped) != key and fresh.lookup(swapped, fresh.key(swapped), 45) is None
-    tiny = TeacherCache(tmp_path, 1000)  # room for none of the 1,440-byte entries: not served
-    tiny.refresh()
-    assert not tiny.entries and tiny.full and tiny.lookup(inputs, key, 45) is None
+
+
+def test_past_its_memory_budget_the_cache_spills_to_disk_and_stops_at_the_disk_budget(tmp_path):
+    from qcompare_plugins.distillers.teacher_cache import TeacherCache
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(5, 40, (2, 9), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    hidden = [torch.randn(2, 9, 16, generator=g) for _ in batches]  # 1,152 bytes each
+    cache = TeacherCache(tmp_path, max_bytes=1200, max_disk_bytes=2000, mode="hidden")
+    for inputs, h in zip(batches, hidden):
+        cache.store(inputs, cache.key(inputs), h)
+    assert len(cache.entries) == 1 and len(cache.on_disk) == 1 and cache.full  # memory, disk, no room
+    assert torch.equal(cache.get(cache.key(batches[1])), hidden[1])  # served memory-mapped from its shard
+    assert cache.get(cache.key(batches[2])) is None
+    cache.save()  # the disk budget is spent: the in-memory entry stays this process's own
+    other = TeacherCache(tmp_path, max_bytes=0, max_disk_bytes=2000, mode="hidden")  # another worker
+    other.refresh()
+    assert not other.entries and torch.equal(other.get(other.key(batches[1])), hidden[1])
+    assert other.get(other.key(batches[0])) is None and len(list(tmp_path.glob("shard-*"))) == 1
 
 
 def test_cached_results_do_not_depend_on_which_cell_ran_first(world, tmp_path):
@@ -251,4 +314,4 @@ save_steps = 0
     assert forwards == [0, 3]
     logs = [(tmp_path / "run" / "cells" / r.id / "train_log.jsonl").read_text().splitlines() for r in records]
     assert json.loads(logs[0][0])["loss"] == json.loads(logs[1][0])["loss"]  # step 1: same student, same teacher
-    assert list((tmp_path / "run" / "shared" / "teacher").glob("*/shard-*.safetensors"))
+    assert list((tmp_path / "run" / "shared" / "teacher").glob("*/hidden/shard-*.safetensors"))

@@ -31,6 +31,8 @@ COUNTERS = (
     "teacher_forwards",  # teacher forward calls (a batch served from the teacher cache makes none)
     "teacher_cached_tokens",  # tokens whose teacher logits came from the run's teacher cache
     "teacher_cached_batches",  # batches served from the cache: teacher forwards not made
+    "teacher_head_seconds",  # recomputing the head's logits from cached hidden states
+    "teacher_head_flops",  # 2·vocab·hidden per token of those batches (spent, not logical)
     "student_tokens",  # tokens through the student's forward+backward
     "train_seconds",  # wall time of trainer.train(), summed over resumed runs
     "loop_seconds",  # the part of train_seconds spent in the step loop (after set-up)
@@ -40,7 +42,7 @@ SAVED_NAME = "qcompare_cost.json"
 # The counters each data-parallel process counts for its own shard of the batch (the rest are
 # wall times and steps, the same in every process).
 PER_PROCESS = ("tokens_generated", "rollout_tokens", "student_rollout_tokens", "teacher_tokens", "teacher_forwards",
-               "teacher_cached_tokens", "teacher_cached_batches", "student_tokens")
+               "teacher_cached_tokens", "teacher_cached_batches", "student_tokens", "teacher_head_flops")
 
 
 class CostMeter:
@@ -155,9 +157,11 @@ class CostMeter:
             "student_params": student_params,
             "teacher_params": teacher_params,
             "flops": float(flops(teacher_logical)),
-            "flops_spent": float(flops(t["teacher_tokens"])),
+            "flops_spent": float(flops(t["teacher_tokens"]) + t["teacher_head_flops"]),
+            "teacher_head_seconds": round(t["teacher_head_seconds"], 4),
             "flops_method": "logical estimate: 6*params*tokens for trained student tokens, 2*params*tokens for "
-            "teacher forwards (cached ones included; flops_spent leaves them out) and rollout tokens "
+            "teacher forwards (cached ones included; flops_spent leaves them out but counts the head recomputed "
+            "from cached hidden states) and rollout tokens "
             "(prompt+completion, KV cache assumed); attention ignored",
             **peak_memory(self.device),
         }

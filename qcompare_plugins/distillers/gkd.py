@@ -6,12 +6,18 @@ itself is ``gkd_trainer``, imported when a cell trains.
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated, Literal
 
-from qcompare.api import CellContext, Distiller, DistillResult, RuntimeField
+from pydantic import BeforeValidator, Field
+
+from qcompare.api import CellContext, Distiller, DistillResult, ModelFacts, RuntimeField
 from qcompare.errors import QcompareError
 
 from .params import TrainParams
+
+
+def _cache_mode(v):
+    return {True: "auto", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class GKDParams(TrainParams):
@@ -30,13 +36,16 @@ class GKDParams(TrainParams):
         False, description="on off-policy batches, train on teacher-generated answers instead of the data's"
     )
     max_new_tokens: int = Field(128, ge=1, description="rollout length: tokens generated per prompt")
-    teacher_cache: bool = RuntimeField(
-        True, description="reuse teacher logits on off-policy data batches across the run's cells (exact; "
-        "stored in <run>/shared/teacher/)"
-    )
+    teacher_cache: Annotated[Literal["auto", "hidden", "logits", "off"], BeforeValidator(_cache_mode)] = RuntimeField(
+        "auto", description="reuse the teacher's work on off-policy data batches across the run's cells, exactly: "
+        "'hidden' keeps the head's input and recomputes the logits, 'logits' keeps the logits; 'auto' uses "
+        "'hidden' when other cells share the batches and the body is most of the teacher's FLOPs (qcompare plan "
+        "says which); true/false mean auto/off")
     teacher_cache_max_gb: float = RuntimeField(
-        2.0, gt=0, description="most the teacher cache keeps per process and teacher (answer tokens x vocab x 4 B)"
-    )
+        2.0, gt=0, description="memory the teacher cache keeps per process and teacher; beyond it, entries go to "
+        "disk (<run>/shared/teacher/) and are read memory-mapped")
+    teacher_cache_disk_gb: float = RuntimeField(
+        20.0, ge=0, description="disk the teacher cache may fill in the run folder, per teacher")
     shared_teacher: bool = RuntimeField(
         True, description="with LoRA, the student with adapters and fake quantization off is the teacher "
         "(one copy of the weights)"
@@ -53,6 +62,15 @@ class GKDDistiller(Distiller):
     def keeps_base_weights(self, params: GKDParams) -> bool:
         # LoRA trains adapters only (a trainable shared weight is copied first: unshare_trainable)
         return params.lora_r > 0
+
+    def batch_key(self, params: GKDParams) -> tuple | None:
+        if params.seq_kd or params.lmbda == 1.0:  # no batch of the data's answers to share
+            return None
+        return params.per_device_train_batch_size, params.gradient_accumulation_steps, params.max_length
+
+    def plan_note(self, params: GKDParams, model: ModelFacts, peers: int) -> str | None:
+        mode, why = cache_choice(params, model, peers)
+        return f"gkd teacher cache: {mode} — {why}"
 
     def planned_tokens(self, params: GKDParams) -> dict[str, float]:
         """Every sequence through the student (trained) and the teacher; a share λ of the batches
@@ -88,9 +106,9 @@ class GKDDistiller(Distiller):
                     trainer.shared_teacher = True
                 else:  # the trainer cast or moved the student: its weights are no longer the teacher's
                     layout = "separate (the trainer copied the student's weights)"
-            cache = None
-            if params.teacher_cache and not (params.seq_kd or params.lmbda == 1.0):
-                cache = TeacherCache.for_run(teacher, context.shared_dir, params.teacher_cache_max_gb)
+            mode, why = cache_choice(params, facts_of(teacher), context.peers)
+            cache = None if mode == "off" else TeacherCache.for_run(
+                teacher, context.shared_dir, params.teacher_cache_max_gb, params.teacher_cache_disk_gb, mode)
             trainer.teacher_cache = cache
             try:
                 result = run_training(self.name, trainer, meter, teacher, params, context)
@@ -99,6 +117,9 @@ class GKDDistiller(Distiller):
                     cache.save()
         result.cost["teacher_layout"] = layout
         result.cost["master_weights"] = "fp32" if master else "as the model"
+        result.cost["teacher_cache"] = f"{mode if cache is not None else 'off'}: {why}"
+        if trainer.cache_fallback:
+            result.cost["teacher_cache"] = f"off: {trainer.cache_fallback}"
         if cache is not None:
             result.cost["teacher_cache_bytes"] = cache.disk_bytes()
         return result
@@ -122,3 +143,34 @@ def check_vllm(params: GKDParams) -> None:
         "gkd: use_vllm = true is not available: TRL 1.16's GKDTrainer generates with transformers' "
         "generate (KV cache on); only trl.DistillationTrainer has vLLM rollouts (see docs/scale.md)"
     )
+
+
+def facts_of(model) -> ModelFacts:
+    """A loaded model's sizes, as ``plan`` reads them from its files."""
+    config = getattr(model.config, "text_config", None) or model.config
+    return ModelFacts(sum(p.numel() for p in model.parameters()), getattr(config, "vocab_size", None),
+                      getattr(config, "hidden_size", None), bool(getattr(model.config, "tie_word_embeddings", False)))
+
+
+def cache_choice(params: GKDParams, model: ModelFacts | None, peers: int) -> tuple[str, str]:
+    """(mode, why): the teacher cache a cell uses ("hidden", "logits" or "off").
+
+    'auto' keeps the head's input when another cell of the run trains on the same batches and
+    reusing it pays: recomputing the head costs 2·vocab·hidden FLOPs per token of the teacher's
+    2·(body + head), so a model whose head is half its per-token work or more saves too little."""
+    if params.seq_kd or params.lmbda == 1.0:
+        return "off", "no batch of the data's answers to reuse (λ = 1 or seq_kd)"
+    if params.teacher_cache != "auto":
+        return params.teacher_cache, "as the recipe says"
+    if peers < 2:
+        return "off", "no other cell of the run trains on the same batches"
+    if model is None or not model.head_parameters:
+        return "hidden", f"{peers} cells train on the same batches"
+    body, head = model.body_parameters, model.head_parameters
+    saved = body / (body + head)
+    if saved < 0.5:
+        return "off", (f"the output head is {head / (body + head):.0%} of the teacher's work per token: recomputing it "
+                       "from cached hidden states would save under half of a teacher forward")
+    return "hidden", (f"{peers} cells train on the same batches; a cached batch saves {saved:.0%} of a teacher forward "
+                      f"and holds {model.hidden_size}-wide hidden states, {model.vocab_size / model.hidden_size:.0f}× "
+                      "smaller than logits")

@@ -47,6 +47,8 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
     distiller_name = "gkd"
     teacher_cache: TeacherCache | None = None
     shared_teacher: bool = False  # set by GKDDistiller.distill once the weights are shared
+    cache_fallback: str | None = None  # why a hidden-state cache was given up (not bitwise), if it was
+    _cache_checked = False
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._rollout_by = None
@@ -81,31 +83,72 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
 
     def teacher_logits(self, model, inputs, vocab: int):
         """The teacher's shifted logits: from the run's cache on an off-policy data batch that
-        an earlier cell computed, else from one teacher forward (stored for later cells)."""
+        an earlier cell computed, else from one teacher forward (kept for later cells)."""
         cache = self.teacher_cache if getattr(self, "_rollout_by", None) is None else None
         key = cache.key(inputs) if cache is not None else None
         if cache is not None:
-            cached = cache.lookup(inputs, key, vocab)
+            cached = cache.get(key)
             if cached is not None:
                 self.meter.add("teacher_cached_tokens", inputs["attention_mask"].sum().item())
                 self.meter.add("teacher_cached_batches", 1)
-                return cached
+                if cache.mode == "logits":
+                    return cache.lookup(inputs, key, vocab)
+                with self.meter.time("teacher_head_seconds"), torch.no_grad(), self._as_teacher(model) as teacher:
+                    head = teacher.get_output_embeddings()
+                    self.meter.add("teacher_head_flops", 2 * head.weight.numel() * cached.shape[0] * cached.shape[1])
+                    return head_logits(teacher, cached.to(inputs["input_ids"].device))[:, :-1, :]
         tokens = inputs["attention_mask"].sum().item()
-        with self.meter.time("teacher_forward_seconds"), torch.no_grad():
-            if self.shared_teacher:
-                student = self.accelerator.unwrap_model(model)
-                with teacher_mode(student):
-                    outputs = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            else:
-                self.teacher_model.eval()
-                outputs = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        captured = []
+        with self.meter.time("teacher_forward_seconds"), torch.no_grad(), self._as_teacher(model) as teacher:
+            hook = (teacher.get_output_embeddings().register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+                    if cache is not None and cache.mode == "hidden" else None)
+            try:
+                outputs = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            finally:
+                if hook is not None:
+                    hook.remove()
+            if captured and not self._cache_checked:  # once per cell: recomputing the head is exact here
+                self._cache_checked = True
+                again = head_logits(teacher, captured[0])
+                if again.shape != outputs.logits.shape or not torch.equal(again, outputs.logits):
+                    self.cache_fallback = (f"recomputing {type(teacher).__name__}'s output head from its input did "
+                                           "not give the same logits bit for bit; every batch ran the teacher")
+                    self.teacher_cache, cache = None, None
         self.meter.add("teacher_tokens", tokens)
         self.meter.add("teacher_forwards", 1)
         logits = outputs.logits[:, :-1, :]
         if cache is not None:
-            cache.store(inputs, key, logits)
+            cache.store(inputs, key, captured[0] if cache.mode == "hidden" else logits)
         return logits
 
+    @contextlib.contextmanager
+    def _as_teacher(self, model):
+        """The model that computes the teacher's outputs: the float teacher, or the LoRA student
+        with its adapters and fake quantizers off when they share weights."""
+        if self.shared_teacher:
+            student = self.accelerator.unwrap_model(model)
+            with teacher_mode(student):
+                yield student
+        else:
+            self.teacher_model.eval()
+            yield self.teacher_model
+
+
+def head_logits(model, hidden):
+    """The logits ``model`` computes from the input of its output head: the head, then what the
+    model applies after it (Gemma's soft-capping, Cohere's scale, Granite's scaling), in its order."""
+    logits = model.get_output_embeddings()(hidden)
+    config = getattr(model.config, "text_config", None) or model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = logits / cap
+        logits = torch.tanh(logits)
+        logits = logits * cap
+    if getattr(config, "logit_scale", None) is not None and config.model_type.startswith("cohere"):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    return logits
 
 
 @contextlib.contextmanager

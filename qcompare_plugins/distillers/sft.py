@@ -22,6 +22,9 @@ class SFTDistiller(Distiller):
     def keeps_base_weights(self, params: SFTParams) -> bool:
         return params.lora_r > 0  # LoRA trains adapters only
 
+    def batch_key(self, params: SFTParams) -> tuple:
+        return params.per_device_train_batch_size, params.gradient_accumulation_steps, params.max_length
+
     def planned_tokens(self, params: SFTParams) -> dict[str, float]:
         return {"student_tokens": params.planned_sequences * params.max_length}
 
