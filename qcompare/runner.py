@@ -186,7 +186,7 @@ class Runner:
     def _provenance(self) -> dict:
         from qcompare.provenance import provenance
 
-        return {**provenance(), "processes": self.processes}
+        return {**provenance(), "processes": self.processes, "pid": os.getpid()}
 
     def store_failure(self, cell: Cell, error: str, rerun_helps: bool = True) -> CellRecord:
         """Record a cell that died outside run_cell (its worker process killed, a lost machine):

@@ -27,3 +27,20 @@ def test_gpu_step_bench_runs_both_lambdas_on_cpu(tmp_path):
     assert on["rollout_share"] > 0 and on["generated_tokens_per_s"] > 0
     assert off["tflops"] > 0 and off["fraction_of_peak"] is None  # no peak known for a CPU
     assert "of bf16 peak" in proc.stdout
+
+
+def test_the_gpu_check_runs_end_to_end_at_a_tiny_shape_on_cpu(tmp_path):
+    # what a lent GPU machine runs first (bench/gpu_check.py): the step bench and a recipe end to
+    # end, one JSON; here the CPU rehearsal of the same code path
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {r["lambda"] for r in result["step_bench"]} == {0.0, 1.0}
+    cells = result["end_to_end"]["cells"]
+    assert len(cells) == 3 and all(c["status"] == "done" and not c["save_error"] for c in cells)
+    trained = [c for c in cells if "gkd" in c["label"]]
+    assert all(c["checks"]["reload"]["passed"] and c["checks"]["fake_vs_converted"]["passed"] for c in trained)
+    wheels = (ROOT / "bench" / "gpu_wheels.txt").read_text()
+    assert all(f"{name}==" in wheels for name in ("trl", "torchao", "lm_eval", "datasets"))

@@ -21,6 +21,7 @@ logging.getLogger("trl.experimental.gkd.gkd_trainer").setLevel(logging.ERROR)
 from .chat_tokens import ReusedChatCollator  # noqa: E402
 from .common import MeteredTrainerMixin, lora_config, training_kwargs  # noqa: E402
 from .shared_teacher import teacher_mode  # noqa: E402
+from .rollouts import weights_rounded_once  # noqa: E402
 from .teacher_cache import TeacherCache  # noqa: E402
 
 
@@ -61,7 +62,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
 
     def generate_on_policy_outputs(self, model, inputs, generation_config):
         # TRL calls this through self, so an instance method may wrap its staticmethod.
-        with self.meter.time("rollout_seconds"), no_router_loss(model):
+        with self.meter.time("rollout_seconds"), no_router_loss(model), weights_rounded_once(model):
             ids, mask, labels = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
         by_teacher = model is self.teacher_model or model is self.accelerator.unwrap_model(self.teacher_model)
         self._rollout_by = "teacher" if by_teacher else "student"
