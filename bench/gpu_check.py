@@ -9,6 +9,8 @@
    tokenizer, torchao INT4 through the CUDA kernel path (``packing = "tinygemm"``), GKD λ ∈ {0, 1}
    for a few steps, the toy lm-eval tasks, each cell's model saved and reloaded (the runner's
    reload check). Cell status, metrics, checks and cost go into the JSON.
+3. Rollouts on that model: the dynamic KV cache against the static one (compiled by transformers on
+   a GPU), tokens/s and whether greedy tokens agree.
 
 A GPU machine with no package registry needs the wheels bench/gpu_wheels.txt lists, fetched here by
 bench/fetch_gpu_wheels.sh and installed there before this script (see docs/scale.md).
@@ -94,6 +96,44 @@ def step_bench(args, out: Path) -> list[dict]:
     return json.loads(out.read_text())
 
 
+def rollouts(args, model_dir: Path) -> dict:
+    """Batched sampling from the shaped model: transformers' dynamic KV cache against its static
+    cache (which transformers compiles, CUDA graphs included, on a GPU) — tokens/s of each and
+    whether the greedy tokens agree (the exactness a faster rollout path must keep)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    device = args.device
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model.to(device).eval()
+    prompts = tokenizer([f"<|user|> what is {a} plus {b} <|end|> <|assistant|>" for a in range(4) for b in range(4)],
+                        return_tensors="pt", padding=True).to(device)
+    new = 8 if args.tiny else 64
+    out = {}
+    for name, extra in (("dynamic", {}), ("static", {"cache_implementation": "static"})):
+        config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, **extra)
+        try:
+            first = model.generate(**prompts, generation_config=config)  # compiles, for the static cache
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(3):
+                model.generate(**prompts, generation_config=config)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / 3
+            out[name] = {"tokens_per_s": prompts["input_ids"].shape[0] * new / seconds, "tokens": first.tolist()}
+        except Exception as e:  # noqa: BLE001 - a path that fails is a result too
+            out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    same = all("tokens" in v for v in out.values()) and out["dynamic"]["tokens"] == out["static"]["tokens"]
+    for v in out.values():
+        v.pop("tokens", None)
+    return {**out, "greedy_tokens_identical": same}
+
+
 def end_to_end(args, folder: Path) -> dict:
     cuda = args.device == "cuda"
     model = shaped_model(folder / "model", SHAPED["tiny" if args.tiny else "cuda"], "bfloat16" if cuda else "float32")
@@ -110,7 +150,7 @@ def end_to_end(args, folder: Path) -> dict:
         cells.append({k: r.get(k) for k in ("label", "status", "error", "metrics", "checks", "size", "save_error")}
                      | {"cost": {k: v for k, v in (r.get("cost") or {}).items() if not isinstance(v, (dict, list))}})
     return {"exit_code": done.returncode, "seconds": time.perf_counter() - start, "cells": cells,
-            "output_tail": (done.stdout + done.stderr)[-3000:]}
+            "output_tail": (done.stdout + done.stderr)[-3000:], "rollouts": rollouts(args, model)}
 
 
 def main() -> None:

@@ -42,5 +42,7 @@ def test_the_gpu_check_runs_end_to_end_at_a_tiny_shape_on_cpu(tmp_path):
     assert len(cells) == 3 and all(c["status"] == "done" and not c["save_error"] for c in cells)
     trained = [c for c in cells if "gkd" in c["label"]]
     assert all(c["checks"]["reload"]["passed"] and c["checks"]["fake_vs_converted"]["passed"] for c in trained)
+    rollouts = result["end_to_end"]["rollouts"]
+    assert rollouts["dynamic"]["tokens_per_s"] > 0 and "greedy_tokens_identical" in rollouts
     wheels = (ROOT / "bench" / "gpu_wheels.txt").read_text()
     assert all(f"{name}==" in wheels for name in ("trl", "torchao", "lm_eval", "datasets"))
