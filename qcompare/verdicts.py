@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-Z95, Z90 = 1.959963984540054, 1.6448536269514722
-
 
 @dataclass
 class Side:
@@ -101,20 +99,29 @@ class Comparison:
     def seeds_needed(self) -> int | None:
         """Seeds per side at which, at the variances seen (SE² = seed_sd²/n + item_se², paired), the
         95% interval would exclude 0 at this difference or, with a margin, the 90% interval would
-        fit inside it; None when the items alone are too few for either (more seeds cannot help)."""
+        fit inside it — with the interval's own quantile at n seeds (Student's t with n − 1 degrees of
+        freedom for the seed part, as ``compare`` builds it); None when the items alone are too few
+        for either (more seeds cannot help)."""
         d = abs(self.difference)
-        wanted = []
-        if d > 0:
-            wanted.append(d / Z95)
-        if self.margin is not None and d < self.margin:
-            wanted.append((self.margin - d) / Z90)
-        best = None
-        for se in wanted:
-            room = se ** 2 - self.item_se ** 2
-            if room > 0 and self.seed_sd > 0:
-                n = max(2, math.ceil(self.seed_sd ** 2 / room))
-                best = n if best is None else min(best, n)
-        return best
+        if self.seed_sd <= 0:
+            return None
+        items_df = max(1, self.items - 1)
+
+        def half(n: int, p: float) -> float:
+            seed_var, item_var = self.seed_sd ** 2 / n, self.item_se ** 2
+            q = (stats.t.ppf(p, n - 1) * seed_var + stats.t.ppf(p, items_df) * item_var) / (seed_var + item_var)
+            return float(q * math.sqrt(seed_var + item_var))
+
+        def settled(n: int) -> bool:
+            return (d > 0 and half(n, 0.975) < d) or (self.margin is not None and d + half(n, 0.95) < self.margin)
+
+        if not settled(100_000):
+            return None
+        low, high = 2, 100_000  # settled(n) grows true with n: the smallest n that settles it
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if settled(mid) else (mid + 1, high)
+        return low
 
 
 def _statistic(side_scores, side_weights, structure: Structure, item_idx) -> np.ndarray:

@@ -52,6 +52,15 @@ def test_verdicts_on_built_cases():
     noisy = compare(*simulate(rng, 2, 400, 0.05, 0.05, 0.02, 0.02), Structure(["t"]), margin=0.01)
     assert noisy.verdict.startswith("inconclusive — about ") and "seeds per side would settle it" in noisy.verdict
     assert noisy.seeds_needed() > 2
+    # the hint uses the interval's own t quantile at n seeds: a run inconclusive at its seeds never
+    # hears that as many would settle it (a normal quantile said "about 2" to a 2-seed run)
+    hinted = []
+    for r in range(20):
+        c = compare(*simulate(np.random.default_rng(100 + r), 2, 400, 0.01, 0.05, 0.02, 0.03), Structure(["t"]),
+                    margin=0.02, draws=200)
+        if c.verdict.startswith("inconclusive") and c.seeds_needed() is not None:
+            hinted.append(c.seeds_needed())
+    assert len(hinted) >= 5 and min(hinted) > 2, hinted
     # one trained run per side: items alone never make a difference claim
     a, b = simulate(rng, 1, 400, 0.0, 0.05, 0.02, 0.2)
     lone = compare(a, b, Structure(["t"]))
