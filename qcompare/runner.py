@@ -64,10 +64,15 @@ _identities: dict = {}
 
 
 def plugin_identities(cell: Cell, registry) -> dict:
-    """The identity (package, version, source hash) of every plugin the cell's result depends on."""
-    from qcompare.provenance import plugin_identity
+    """The identity (package, version, source hash) of every plugin the cell's result depends on,
+    and of the model's files where it is a local folder (``model:<name>``)."""
+    from qcompare.data import resolve_model
+    from qcompare.provenance import model_identity, plugin_identity
 
     out = {}
+    model = model_identity(resolve_model(cell.model, registry))
+    if model is not None:
+        out[f"model:{cell.model}"] = model
     for kind, name in cell.plugins():
         entry = registry.plugins[kind][name]
         key = (kind, name, id(entry.obj))
@@ -79,7 +84,7 @@ def plugin_identities(cell: Cell, registry) -> dict:
 
 def plan(recipe: Recipe, store: RunStore) -> list[tuple[Cell, str]]:
     """Each cell with its stored status: done, stale (done by other plugin versions than the ones
-    installed now), failed, running (interrupted) or pending."""
+    installed now, or by other files of a local model folder), failed, running (interrupted) or pending."""
     registry = get_registry()
     out = []
     for cell in expand(recipe):

@@ -100,6 +100,35 @@ def test_a_fixed_plugin_makes_its_cells_stale_and_the_report_never_pools_them(to
     assert "stale" not in plan
 
 
+def test_a_rebuilt_local_model_makes_its_cells_stale(test_plugins, tiny_model_dir, tmp_path):
+    """Same name, other weights (a rebuilt toy teacher, a re-exported checkpoint): the finished
+    cells were made by another model, so the run does them again instead of mixing the two."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(BASIC.replace("{model}", str(model)).replace("seeds = [0, 1]", "seeds = [0]"))
+    out = tmp_path / "run"
+    assert cli.invoke(app, ["run", str(recipe), "-o", str(out)]).exit_code == 0
+    record = json.loads(next(out.glob("cells/*/result.json")).read_text())
+    assert record["plugins"][f"model:{model}"]["sha256"]
+    assert "stale" not in cli.invoke(app, ["plan", str(recipe), "-o", str(out)]).output
+
+    weights = load_file(model / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] * 1.01
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    res = cli.invoke(app, ["plan", str(recipe), "-o", str(out)])
+    cells = len(list(out.glob("cells/*/result.json")))
+    assert res.exit_code == 0 and f"{cells} cells are stale" in res.output, res.output
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(out)])
+    assert res.exit_code == 0 and "running them again" in res.output
+    assert "stale" not in cli.invoke(app, ["plan", str(recipe), "-o", str(out)]).output
+
+
 # --- logical cost --------------------------------------------------------------------------------
 
 
