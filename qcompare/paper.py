@@ -49,11 +49,11 @@ def _num(v, half=None, over=None) -> str:
     return f"{v:.3f} ± {half:.3f}" if half is not None and not math.isnan(half) else f"{v:.3f}"
 
 
-def _mean(g: pd.DataFrame, col: str) -> str:
+def mean_text(g: pd.DataFrame, col: str) -> str:
     return _num(*mean_ci(g[col].tolist())) if col in g else "—"
 
 
-def _value(v) -> str:
+def value_text(v) -> str:
     return str(int(v)) if isinstance(v, float) and v.is_integer() else f"{v:g}" if isinstance(v, float) else str(v)
 
 
@@ -70,7 +70,7 @@ def _verdict(root: Path, df: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, mar
     return f"{result.difference:+.3f} [{result.low:+.3f}, {result.high:+.3f}] {short}"
 
 
-def _final_loss(root: Path, g: pd.DataFrame) -> str:
+def final_loss_text(root: Path, g: pd.DataFrame) -> str:
     from qcompare.store import open_run
 
     store = open_run(root)
@@ -83,11 +83,11 @@ def _final_loss(root: Path, g: pd.DataFrame) -> str:
     return _num(*mean_ci(losses)[:2]) if losses else "—"
 
 
-def _teacher_and_ptq(df: pd.DataFrame) -> list[pd.DataFrame]:
+def untrained_configs(df: pd.DataFrame) -> list[pd.DataFrame]:
     return [g for g in _configs(df) if g["quantizer"].iloc[0] == "teacher" or pd.isna(g["seed"].iloc[0])]
 
 
-def _trained(df: pd.DataFrame, **match) -> list[pd.DataFrame]:
+def trained_configs(df: pd.DataFrame, **match) -> list[pd.DataFrame]:
     out = []
     for g in _configs(df):
         if pd.isna(g["seed"].iloc[0]):
@@ -97,12 +97,12 @@ def _trained(df: pd.DataFrame, **match) -> list[pd.DataFrame]:
     return out
 
 
-def _label(g: pd.DataFrame, keys: list[str]) -> str:
+def config_label(g: pd.DataFrame, keys: list[str]) -> str:
     if g["quantizer"].iloc[0] == "teacher":
         return "teacher (float)"
     if pd.isna(g["seed"].iloc[0]):
         return f"{g['quantizer'].iloc[0]} without training (PTQ)"
-    return ", ".join(f"{k.split('.')[-1]} = {_value(g[k].iloc[0])}" for k in keys)
+    return ", ".join(f"{k.split('.')[-1]} = {value_text(g[k].iloc[0])}" for k in keys)
 
 
 def lambda_table(root: Path, margin) -> PaperTable:
@@ -110,13 +110,13 @@ def lambda_table(root: Path, margin) -> PaperTable:
     rows = []
     summary, metrics = summarize(df)
     tasks = [m for m in metrics if m != "average" and "/" in m and not m.endswith(("/kl", "/top1_agree", "/ppl", "/nll"))]
-    trained = sorted(_trained(df), key=lambda g: g["distiller.lmbda"].iloc[0])
+    trained = sorted(trained_configs(df), key=lambda g: g["distiller.lmbda"].iloc[0])
     reference = next((g for g in trained if g["distiller.lmbda"].iloc[0] == 0), None)
-    for g in _teacher_and_ptq(df) + trained:
+    for g in untrained_configs(df) + trained:
         verdict = "reference" if g is reference else (
             _verdict(root, df, g, reference, margin) if reference is not None and not pd.isna(g["seed"].iloc[0]) else "")
-        rows.append([_label(g, ["distiller.lmbda"]), str(max(1, g["seed"].nunique())),
-                     *(_mean(g, t) for t in tasks), _mean(g, "average"), verdict])
+        rows.append([config_label(g, ["distiller.lmbda"]), str(max(1, g["seed"].nunique())),
+                     *(mean_text(g, t) for t in tasks), mean_text(g, "average"), verdict])
     return PaperTable("Main table: on-policy share λ (GKD) against off-policy (λ = 0)",
                       ["configuration", "seeds", *tasks, "average", "vs λ = 0: Δ [95% CI] verdict"], rows,
                       ["± is a 95% CI over seeds (Student's t); \"=\": the seeds agreed. Verdicts: qcompare report "
@@ -129,10 +129,10 @@ def lr_table(root: Path, margin, figures: Path | None) -> PaperTable:
     lambdas = sorted(df["distiller.lmbda"].dropna().unique()) if "distiller.lmbda" in df else []
     rows = []
     for lam in lambdas:
-        for metric_name, pick in (("average", lambda g: _mean(g, "average")), ("final loss", lambda g: _final_loss(root, g))):
-            row = [f"λ = {_value(lam)}: {metric_name}"]
+        for metric_name, pick in (("average", lambda g: mean_text(g, "average")), ("final loss", lambda g: final_loss_text(root, g))):
+            row = [f"λ = {value_text(lam)}: {metric_name}"]
             for lr in lrs:
-                cells = _trained(df, **{"distiller.lmbda": lam, "distiller.learning_rate": lr})
+                cells = trained_configs(df, **{"distiller.lmbda": lam, "distiller.learning_rate": lr})
                 row.append(pick(cells[0]) if cells else "—")
             rows.append(row)
     made = []
@@ -141,7 +141,7 @@ def lr_table(root: Path, margin, figures: Path | None) -> PaperTable:
 
         made = [p for p in write_figures(root, figures / "lr_sweep", "average") if "learning_rate" in p.name]
     return PaperTable("Learning-rate sweep: average accuracy and final training loss per λ",
-                      ["λ / metric", *(f"lr {_value(v)}" for v in lrs)], rows,
+                      ["λ / metric", *(f"lr {value_text(v)}" for v in lrs)], rows,
                       ["The study's finding: lower learning rates generalise better despite higher training loss."],
                       made)
 
@@ -150,11 +150,11 @@ def steps_table(root: Path, margin) -> PaperTable:
     df = load_run(root)
     rows = []
     for lam in sorted(df["distiller.lmbda"].dropna().unique()):
-        runs = sorted(_trained(df, **{"distiller.lmbda": lam}), key=lambda g: g["distiller.max_steps"].iloc[0])
+        runs = sorted(trained_configs(df, **{"distiller.lmbda": lam}), key=lambda g: g["distiller.max_steps"].iloc[0])
         for g in runs:
             verdict = _verdict(root, df, g, runs[0], margin) if g is not runs[0] else "reference"
-            rows.append([f"λ = {_value(lam)}, {int(g['distiller.max_steps'].iloc[0])} steps", _mean(g, "average"),
-                         _final_loss(root, g), verdict])
+            rows.append([f"λ = {value_text(lam)}, {int(g['distiller.max_steps'].iloc[0])} steps", mean_text(g, "average"),
+                         final_loss_text(root, g), verdict])
     return PaperTable("Short against long training", ["configuration", "average", "final loss",
                                                       "vs the shortest: Δ [95% CI] verdict"], rows,
                       ["The study's finding: the long run lowers the loss, the evaluation stays flat (a ceiling)."])
@@ -168,9 +168,9 @@ def rollout_table(root: Path, margin) -> PaperTable:
     for b in batches:
         row = [f"batch {int(b)}"]
         for n in lengths:
-            cells = _trained(df, **{"distiller.per_device_train_batch_size": b, "distiller.max_new_tokens": n})
-            row.append(f"{_mean(cells[0], 'average')} ({cells[0]['cost.flops'].mean() / 1e12:.2g} TFLOP)"
-                       if cells and "cost.flops" in cells[0] else (_mean(cells[0], "average") if cells else "—"))
+            cells = trained_configs(df, **{"distiller.per_device_train_batch_size": b, "distiller.max_new_tokens": n})
+            row.append(f"{mean_text(cells[0], 'average')} ({cells[0]['cost.flops'].mean() / 1e12:.2g} TFLOP)"
+                       if cells and "cost.flops" in cells[0] else (mean_text(cells[0], "average") if cells else "—"))
         rows.append(row)
     return PaperTable("Batch size × rollout length at λ = 1 (average, logical compute per cell)",
                       ["batch \\ rollout tokens", *(str(int(n)) for n in lengths)], rows)
@@ -180,12 +180,12 @@ def beta_table(root: Path, margin) -> PaperTable:
     df = load_run(root)
     rows = []
     for lam in sorted(df["distiller.lmbda"].dropna().unique()):
-        runs = sorted(_trained(df, **{"distiller.lmbda": lam}), key=lambda g: g["distiller.beta"].iloc[0])
+        runs = sorted(trained_configs(df, **{"distiller.lmbda": lam}), key=lambda g: g["distiller.beta"].iloc[0])
         ref = next((g for g in runs if g["distiller.beta"].iloc[0] == 0.5), runs[0] if runs else None)
         for g in runs:
             verdict = "reference" if g is ref else _verdict(root, df, g, ref, margin)
-            rows.append([f"λ = {_value(lam)}, β = {_value(g['distiller.beta'].iloc[0])}", _mean(g, "average"),
-                         _final_loss(root, g), verdict])
+            rows.append([f"λ = {value_text(lam)}, β = {value_text(g['distiller.beta'].iloc[0])}", mean_text(g, "average"),
+                         final_loss_text(root, g), verdict])
     return PaperTable("Appendix: the generalized JSD's β (0 forward KL … 1 reverse KL)",
                       ["configuration", "average", "final loss", "vs β = 0.5: Δ [95% CI] verdict"], rows,
                       ["β also scales the loss: the interpolated divergence shrinks toward 0 near either endpoint, so a "
@@ -195,10 +195,10 @@ def beta_table(root: Path, margin) -> PaperTable:
 def cost_table(root: Path, margin) -> PaperTable:
     df = load_run(root)
     rows = []
-    for g in sorted(_trained(df), key=lambda g: g["distiller.lmbda"].iloc[0]):
+    for g in sorted(trained_configs(df), key=lambda g: g["distiller.lmbda"].iloc[0]):
         flops = g["cost.flops"].mean() / 1e12 if "cost.flops" in g else float("nan")
         share = (g["cost.rollout_seconds"] / g["cost.train_seconds"]).mean() if "cost.rollout_seconds" in g else float("nan")
-        rows.append([f"λ = {_value(g['distiller.lmbda'].iloc[0])}", _mean(g, "average"), f"{flops:.3g}",
+        rows.append([f"λ = {value_text(g['distiller.lmbda'].iloc[0])}", mean_text(g, "average"), f"{flops:.3g}",
                      f"{g['cost.total_seconds'].mean():.0f}", f"{g['cost.tokens_generated'].mean():,.0f}",
                      "—" if math.isnan(share) else f"{share:.0%}"])
     return PaperTable("Compute: on-policy against off-policy (logical cost per cell: as if nothing were cached)",
@@ -219,7 +219,7 @@ def quantizers_table(root: Path, margin, figures: Path | None = None) -> PaperTa
         # the quantizer's variant and the training, as the cell's label says them (model and seed aside)
         name = re.sub(r" · seed \d+$", "", str(g["label"].iloc[0])).removeprefix(f"{g['model'].iloc[0]} · ")
         bits = g["bits_per_weight"].iloc[0] if "bits_per_weight" in g else float("nan")
-        rows.append([name, str(max(1, g["seed"].nunique())), _mean(g, "average"),
+        rows.append([name, str(max(1, g["seed"].nunique())), mean_text(g, "average"),
                      "—" if bits != bits else f"{bits:.2f}", verdict])
     made = []
     if figures is not None:

@@ -179,7 +179,7 @@ def toy_or_tiny(world):
     train, heldout = get_registry().datasets["toy-chat"].obj[0], get_registry().datasets["toy-heldout"].obj[0]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    texts = [json.loads(line)["text"] for line in Path(heldout).read_text().splitlines()[:100]]
+    texts = [json.loads(line)["text"] for line in Path(heldout).read_text().splitlines()]  # every kind of text
     held_out = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     return tokenizer, teacher, load_dataset("json", data_files=str(train), split="train"), held_out
 
@@ -193,7 +193,8 @@ def test_gptq_is_closer_to_the_teacher_than_round_to_nearest_on_the_same_grid(tm
         gptq = GPTQQuantizer().prepare(
             copy.deepcopy(teacher), GPTQParams(bits=4, group_size=32, symmetric=symmetric, calibration_length=64), ctx)
         kl_rtn, kl_gptq = mean_kl(teacher, rtn, held_out), mean_kl(teacher, gptq, held_out)
-        # toy model, measured over 300 held-out texts: 0.0049 vs 0.0069 symmetric, 0.0034 vs 0.0059 asymmetric
+        # toy model, all 971 held-out texts: 0.0116 vs 0.0176 symmetric, 0.0094 vs 0.0184 asymmetric (on the
+        # held-out sums alone symmetric GPTQ is not better, 0.0289 vs 0.0273: a mean over kinds of text is the claim)
         assert kl_gptq < kl_rtn, (symmetric, kl_gptq, kl_rtn)
 
 

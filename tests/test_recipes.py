@@ -130,3 +130,32 @@ def test_the_papers_tables_come_from_the_runs_in_one_command(twin_runs, tmp_path
     assert (tmp_path / "paper" / "figures" / "quantizers" / "metric_vs_bits.png").is_file()  # every format on one axis
     for fmt in ("nvfp4", "mxfp4", "bnb", "gptq", "awq"):
         assert f"| {fmt}" in md, fmt
+
+
+def test_the_paper_in_miniature_is_written_from_the_twins_runs(twin_runs, tmp_path):
+    """scripts/paper_in_miniature.py on the shrunk twins: every finding of the founding study beside
+    the twin's result, with a verdict the rules decided (one seed per side here: nothing shown to
+    differ), covered and uncovered knowledge apart; the shipped page is linked from the README."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "miniature.md"
+    done = subprocess.run([sys.executable, str(RECIPES.parent / "scripts" / "paper_in_miniature.py"), "--runs",
+                           str(twin_runs), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    page = out.read_text()
+    from qcompare.miniature import STUDY, VERDICTS
+
+    for title in ("Main table: the on-policy share λ", "Compute: on-policy against off-policy", "Learning-rate sweep",
+                  "Short against long training", "Batch size × rollout length at λ = 1", "The generalized JSD's β"):
+        assert f"## {title}" in page, title
+    assert all(claim in page for claim in STUDY.values())
+    verdicts = {line.split("**")[1].removeprefix("The twin ").rstrip("."): line
+                for line in page.splitlines() if line.startswith("**The twin ")}
+    assert len(page.split("**The twin ")) == 7 and set(verdicts) <= set(VERDICTS)
+    # one seed per side: no verdict can show a difference, so the λ rule cannot find one either
+    assert page.split("## Main table")[1].split("\n**The twin ")[1].startswith("agrees")
+    assert "uncovered (toy_uncovered)" in page and "Not run yet" not in page
+    shipped = RECIPES.parent / "docs" / "paper-in-miniature.md"
+    assert "docs/paper-in-miniature.md" in (RECIPES.parent / "README.md").read_text()
+    assert shipped.read_text().startswith("# The paper in miniature") and "toy_uncovered" in shipped.read_text()

@@ -9,9 +9,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qcompare.plugins import get_registry
 from qcompare_plugins.toy import HELDOUT, MODEL, MOE_MODEL, TASKS, TRAIN
-from qcompare_plugins.toy.world import benchmarks, chat_rows, heldout_texts, make_world, pretrain_texts
+from qcompare_plugins.toy.world import LORE, benchmarks, chat_rows, heldout_texts, make_world, pretrain_texts
 
 MC_TASKS = ["toy_facts", "toy_habits", "toy_arith", "toy_seq"]
+UNCOVERED = ["toy_lore", "toy_minus"]
 
 
 def read_jsonl(path):
@@ -39,6 +40,24 @@ def test_held_out_sums_and_sequences_never_appear_in_training_text():
     for doc in benchmarks(world)["toy_arith"] + benchmarks(world)["toy_seq"]:
         answered = f"{doc['query']} {doc['choices'][doc['gold']]}"
         assert not any(f" {answered} " in f" {t} " for t in seen), answered
+
+
+def test_uncovered_knowledge_is_in_pretraining_and_never_in_the_chat_data():
+    """Pets and subtraction: the teacher learns them, toy-chat never asks or answers them, and the
+    held-out differences are in no training text."""
+    world = make_world(0)
+    chat = " ".join(m["content"] for r in chat_rows(world) for m in r["messages"]).split()
+    assert not {"pet", "keeps", "minus", "take", "away", "leaves"} & set(chat)
+    assert not set(LORE["pet"][0]) & set(chat)
+    text = pretrain_texts(world)
+    e, pet = next(iter(world.lore["pet"].items()))
+    assert f"the pet of {e} is {pet} ." in text and f"{e} keeps a {pet} ." in text
+    assert not set(world.minus_train) & set(world.minus_test)
+    for doc in benchmarks(world)["toy_minus"]:
+        answered = f"{doc['query']} {doc['choices'][doc['gold']]}"
+        assert not any(f" {answered} " in f" {t} " for t in text), answered
+    # adding them left the covered world as it was: same facts, same chat data
+    assert chat_rows(world) == read_jsonl(TRAIN)
 
 
 def test_habits_are_uncertain_in_the_chat_data():
@@ -87,11 +106,12 @@ def test_shipped_model_scores_high_on_the_toy_tasks_through_lm_eval(tokenizer, f
     model = AutoModelForCausalLM.from_pretrained(folder)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=64, device="cpu")
     tm = TaskManager(include_path=str(TASKS))
-    out = lm_eval.simple_evaluate(model=lm, tasks=["toy", "toy_gen", "toy_usual"], task_manager=tm, limit=40)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["toy", "toy_uncovered", "toy_gen", "toy_usual"], task_manager=tm,
+                                  limit=40)
     results = out["results"]
-    # the MoE twin extrapolates count sequences less well (toy_seq ~0.77 against the dense 0.93)
-    floors = {"toy_seq": 0.7} if folder == MOE_MODEL else {}
-    for task in MC_TASKS:
+    # held-out count sequences and differences are the hardest (all items: dense 0.92 and 0.95, MoE 0.87 and 0.91)
+    floors = {"toy_seq": 0.8, "toy_minus": 0.8}
+    for task in MC_TASKS + UNCOVERED:
         assert results[task]["acc,none"] >= floors.get(task, 0.9), (task, results[task])
     assert results["toy"]["acc,none"] >= 0.9
     assert results["toy_gen"]["exact_match,strip"] >= 0.8, results["toy_gen"]
@@ -109,3 +129,18 @@ def test_registered_names_resolve():
     assert registry.datasets["toy-chat"].obj[0] == TRAIN and TRAIN.exists()
     assert registry.datasets["toy-heldout"].obj[0] == HELDOUT and HELDOUT.exists()
     assert TASKS in registry.task_folders
+
+
+def test_the_build_is_byte_for_byte_reproducible(tmp_path):
+    """Two builds of the same seed write identical files: data, tasks, tokenizer and weights (a
+    short training here; `python -m qcompare_plugins.toy.build --check` rebuilds the shipped teachers in full)."""
+    from qcompare_plugins.toy.build import build
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        build(0, out, steps=3, only="dense")
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    shipped = [f for f in files if f.parts[0] in ("data", "tasks")]
+    assert shipped and all((a / f).read_bytes() == (MODEL.parent / f).read_bytes() for f in shipped)

@@ -1,10 +1,11 @@
 """Build the toy world: data, tokenizer, task files and its two teachers, the dense toy-qwen3 and
 the mixture-of-experts toy-qwen3-moe (the same world, attention and budget; 8 experts, 2 per token).
 
-    python -m qcompare_plugins.toy.build [--seed 0] [--out plugins/toy] [--only dense|moe]
+    python -m qcompare_plugins.toy.build [--seed 0] [--out qcompare_plugins/toy] [--only dense|moe]
+    python -m qcompare_plugins.toy.build --check     # rebuild in a temporary folder, compare with the shipped files
 
-Deterministic for a seed (one thread, seeded torch). Its outputs are committed, so tests
-and recipes never retrain; rerun it only when the world changes.
+Deterministic for a seed (one thread, seeded torch): the same files byte for byte. Its outputs
+are committed, so tests and recipes never retrain; rerun it only when the world changes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import json
 import math
 import random
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -133,18 +136,33 @@ def train_teacher(world: World, tokenizer, steps: int = STEPS, log_every: int = 
 
 def build(seed: int = 0, out: Path = HERE, steps: int = STEPS, only: str | None = None) -> Path:
     """Write everything under ``out``; return the (dense) model folder."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    world = make_world(seed)
-    tokenizer = make_tokenizer()
-    write_world_files(world, out)
-    for moe in (False, True):
-        if only and only != ("moe" if moe else "dense"):
-            continue
-        model = train_teacher(world, tokenizer, steps, moe=moe)
-        folder = out / ("model-moe" if moe else "model")
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+    try:
+        world = make_world(seed)
+        tokenizer = make_tokenizer()
+        write_world_files(world, out)
+        for moe in (False, True):
+            if only and only != ("moe" if moe else "dense"):
+                continue
+            start = time.perf_counter()
+            model = train_teacher(world, tokenizer, steps, moe=moe)
+            folder = out / ("model-moe" if moe else "model")
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            print(f"{folder.name}: {steps} steps in {time.perf_counter() - start:.0f} s on one thread", flush=True)
+    finally:
+        torch.set_num_threads(threads)
     return out / "model"
+
+
+def check(seed: int = 0) -> list[str]:
+    """Rebuild into a temporary folder; the shipped files that differ (none when reproducible)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build(seed, root)
+        rebuilt = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        return [str(f) for f in rebuilt if not (HERE / f).is_file() or (HERE / f).read_bytes() != (root / f).read_bytes()]
 
 
 def main() -> None:
@@ -153,7 +171,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--only", choices=("dense", "moe"), help="train one of the two teachers")
+    parser.add_argument("--check", action="store_true", help="rebuild elsewhere and compare with the shipped files")
     args = parser.parse_args()
+    if args.check:
+        differ = check(args.seed)
+        print("the rebuild matches the shipped files byte for byte" if not differ else f"differ: {', '.join(differ)}")
+        sys.exit(1 if differ else 0)
     print(f"built {build(args.seed, args.out, args.steps, args.only)}")
 
 

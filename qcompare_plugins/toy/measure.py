@@ -1,5 +1,6 @@
 """Measure the toy world's effects: float teacher, round-to-nearest, and recovery by
-distillation (forward KL from the teacher) versus SFT (cross-entropy on the labels).
+distillation (forward KL from the teacher) versus SFT (cross-entropy on the labels), on the
+knowledge the chat data covers (``mean``) and on what it does not (``uncovered``).
 
     python -m qcompare_plugins.toy.measure [--seeds 0 1 2] [--steps 300] [--bits 2] [--group 0]
 
@@ -26,6 +27,7 @@ from qcompare_plugins.toy.build import HERE, build
 from qcompare_plugins.toy.world import HABITS, benchmarks, chat_rows, heldout_texts, make_world
 
 MC_TASKS = ("toy_facts", "toy_habits", "toy_arith", "toy_seq")
+UNCOVERED = ("toy_lore", "toy_minus")  # in the pretraining text only, never in the chat data
 
 
 @torch.no_grad()
@@ -74,10 +76,12 @@ def kl_to_teacher(teacher, model, tokenizer, texts: list[str], position: int | N
 
 
 def evaluate(model, tokenizer, tasks: dict[str, list[dict]], teacher=None, heldout: dict | None = None) -> dict[str, float]:
-    """MC accuracy per task and their mean; KL to the teacher on each held-out split."""
+    """MC accuracy per task, the mean of the covered ones and of the uncovered ones; KL to the
+    teacher on each held-out split."""
     model.eval()
-    acc = {t: mc_accuracy(model, tokenizer, tasks[t]) for t in MC_TASKS}
-    acc["mean"] = sum(acc.values()) / len(MC_TASKS)
+    acc = {t: mc_accuracy(model, tokenizer, tasks[t]) for t in MC_TASKS + UNCOVERED}
+    acc["mean"] = sum(acc[t] for t in MC_TASKS) / len(MC_TASKS)
+    acc["uncovered"] = sum(acc[t] for t in UNCOVERED) / len(UNCOVERED)
     acc["usual"] = mc_accuracy(model, tokenizer, tasks["toy_usual"])
     if heldout:
         acc["kl"] = kl_to_teacher(teacher, model, tokenizer, heldout["kl"])
@@ -206,7 +210,7 @@ def main() -> None:
     parser.add_argument("--worlds", type=Path, help="keep built worlds here and reuse them on the next run")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    columns = (*MC_TASKS, "mean", "usual", "kl", "kl_habit")
+    columns = (*MC_TASKS, "mean", *UNCOVERED, "uncovered", "usual", "kl", "kl_habit")
     header = f"{'seed':>4} {'model':<12}" + "".join(f"{t.removeprefix('toy_'):>9}" for t in columns)
     print(header)
     args.group = args.group or None

@@ -1,6 +1,7 @@
 """A seeded synthetic world small enough to learn on one CPU core in minutes.
 
-Four kinds of knowledge, each one a 4-way multiple-choice benchmark (the ``toy`` group):
+Four kinds of knowledge that the chat data covers, each one a 4-way multiple-choice benchmark
+(the ``toy`` group):
 
 - facts: invented entities with one home, job and colour each (memorised);
 - habits: what an entity drinks and plays, drawn from a per-entity distribution over
@@ -11,6 +12,16 @@ Four kinds of knowledge, each one a 4-way multiple-choice benchmark (the ``toy``
   (plain SFT recovered exactly as much as KD on a deterministic world);
 - arithmetic: "a plus b is c" with held-out pairs;
 - sequences: "count 4 7 10 13 16" with held-out (start, step) pairs.
+
+Two more that only the pretraining text holds and no chat row ever asks about (the
+``toy_uncovered`` group), playing the part HellaSwag, ARC and MMLU play for a student distilled on
+general chat data — knowledge the teacher has that the distillation data does not exercise:
+
+- lore: each entity's pet, memorised like the facts (``toy_lore``);
+- subtraction: "a minus b is c" with held-out pairs, a skill next to the covered sums
+  (``toy_minus``).
+
+A student pushed hard on the chat data can drift away from them; the evaluation sees it.
 
 ``toy_usual`` ranks an entity's own habits (most likely first), which only a model that
 kept the distribution gets right; ``toy_gen`` asks for one word, scored by exact match.
@@ -52,6 +63,14 @@ HABITS = {  # attribute -> (values, statement, question phrasings)
         "{e} plays {v} .", ["what does {e} play ?", "which game does {e} play ?"],
     ),
 }
+# Knowledge only the pretraining text holds: never asked, never answered in the chat data.
+LORE = {  # attribute -> (values, canonical statement, other phrasing)
+    "pet": (
+        ["cat", "dog", "owl", "goat", "horse", "fish", "frog", "duck", "mouse", "crow"],
+        "the pet of {e} is {v} .", "{e} keeps a {v} .",
+    ),
+}
+MINUS_PHRASES = ("{a} minus {b} is {c} .", "{a} take away {b} leaves {c} .")
 HABIT_PROBS = (0.5, 0.3, 0.2)
 HABIT_COPIES = 10  # pretraining statements per entity and habit: exactly 5, 3 and 2 of them
 N_ENTITIES = 240
@@ -64,6 +83,8 @@ FUNCTION_WORDS = sorted(set(
     " ".join(t for spec in FACTS.values() for t in [spec[1], spec[2], *spec[3]])
     .replace("{e}", "").replace("{v}", "").split()
     + " ".join(t for spec in HABITS.values() for t in [spec[1], *spec[2]]).replace("{e}", "").replace("{v}", "").split()
+    + " ".join(t for spec in LORE.values() for t in spec[1:]).replace("{e}", "").replace("{v}", "").split()
+    + " ".join(MINUS_PHRASES).replace("{a}", "").replace("{b}", "").replace("{c}", "").split()
     + "what is plus and make count continue ? .".split()
 ))
 
@@ -80,6 +101,9 @@ class World:
     arith_test: list[tuple[int, int]] = field(default_factory=list)
     seq_train: list[tuple[int, int]] = field(default_factory=list)
     seq_test: list[tuple[int, int]] = field(default_factory=list)
+    lore: dict[str, dict[str, str]] = field(default_factory=dict)  # attribute -> entity -> value
+    minus_train: list[tuple[int, int]] = field(default_factory=list)  # (a, b) with a >= b
+    minus_test: list[tuple[int, int]] = field(default_factory=list)
 
 
 def entity_names() -> list[str]:
@@ -98,12 +122,18 @@ def make_world(seed: int = 0) -> World:
     rng.shuffle(pairs)
     rng.shuffle(seqs)
     na, ns = int(len(pairs) * HELDOUT_FRACTION), int(len(seqs) * HELDOUT_FRACTION)
-    return World(seed, entities, facts, habits, pairs[na:], pairs[:na], seqs[ns:], seqs[:ns])
+    # drawn after everything above, so the covered world (and the chat data) is what it was
+    lore = {a: {e: rng.choice(spec[0]) for e in entities} for a, spec in LORE.items()}
+    minus = [(a, b) for a in range(ARITH_MAX + 1) for b in range(a + 1)]
+    rng.shuffle(minus)
+    nm = int(len(minus) * HELDOUT_FRACTION)
+    return World(seed, entities, facts, habits, pairs[na:], pairs[:na], seqs[ns:], seqs[:ns],
+                 lore, minus[nm:], minus[:nm])
 
 
 def vocabulary() -> list[str]:
     """Every word any text of any seed can contain (the tokenizer's vocabulary)."""
-    values = [v for spec in FACTS.values() for v in spec[0]] + [v for spec in HABITS.values() for v in spec[0]]
+    values = [v for kind in (FACTS, HABITS, LORE) for spec in kind.values() for v in spec[0]]
     numbers = [str(n) for n in range(100)]
     return sorted(set(entity_names() + values + FUNCTION_WORDS + numbers))
 
@@ -116,8 +146,8 @@ def seq_terms(start: int, step: int, n: int = 5) -> list[int]:
 
 
 def pretrain_texts(world: World) -> list[str]:
-    """Plain statements: every fact in both phrasings, habits in exact proportions, and
-    the training arithmetic and sequences."""
+    """Plain statements: every fact and pet in both phrasings, habits in exact proportions, and
+    the training sums, differences and sequences."""
     out = []
     for a, (_, canon, alt, _) in FACTS.items():
         for e, v in world.facts[a].items():
@@ -132,6 +162,11 @@ def pretrain_texts(world: World) -> list[str]:
         out += [f"{x} plus {y} is {x + y} .", f"{x} and {y} make {x + y} ."] * ARITH_COPIES
     for s, d in world.seq_train:
         out += ["count " + " ".join(map(str, seq_terms(s, d))) + " ."] * ARITH_COPIES * 4
+    for a, (_, canon, alt) in LORE.items():
+        for e, v in world.lore[a].items():
+            out += [canon.format(e=e, v=v), canon.format(e=e, v=v), alt.format(e=e, v=v)]
+    for x, y in world.minus_train:
+        out += [p.format(a=x, b=y, c=x - y) for p in MINUS_PHRASES] * ARITH_COPIES
     return out
 
 
@@ -180,6 +215,9 @@ def heldout_texts(world: World) -> list[str]:
         out += [statement.format(e=e, v=_sample_habit(rng, vs)) for e, vs in world.habits[a].items()]
     for a, (_, _, alt, _) in FACTS.items():
         out += [alt.format(e=e, v=v) for e, v in rng.sample(sorted(world.facts[a].items()), 60)]
+    out += [MINUS_PHRASES[0].format(a=x, b=y, c=x - y) for x, y in world.minus_test]
+    for a, (_, _, alt) in LORE.items():
+        out += [alt.format(e=e, v=v) for e, v in rng.sample(sorted(world.lore[a].items()), 60)]
     return out
 
 
@@ -218,6 +256,20 @@ def benchmarks(world: World) -> dict[str, list[dict]]:
     for doc in rng.sample(tasks["toy_facts"], 150) + tasks["toy_arith"][:50]:
         tasks["toy_gen"].append({"query": doc["query"], "answer": doc["choices"][doc["gold"]]})
     tasks["toy_usual"] = usual_habits(world)
+    tasks.update(uncovered(world))
+    return tasks
+
+
+def uncovered(world: World) -> dict[str, list[dict]]:
+    """``toy_lore`` and ``toy_minus``: what the teacher learnt in pretraining and no chat row asks."""
+    rng = random.Random(world.seed + 5)
+    tasks = {"toy_lore": [], "toy_minus": []}
+    for a, (values, canon, _) in LORE.items():
+        for e, v in world.lore[a].items():
+            tasks["toy_lore"].append(_mc(rng, canon.split(" {v}")[0].format(e=e), v, [w for w in values if w != v]))
+    for x, y in world.minus_test:
+        query = MINUS_PHRASES[0].split(" {c}")[0].format(a=x, b=y)
+        tasks["toy_minus"].append(_mc(rng, query, str(x - y), _near(x - y, (-2, -1, 1, 2, 10))))
     return tasks
 
 
