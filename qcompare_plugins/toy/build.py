@@ -29,9 +29,9 @@ HERE = Path(__file__).parent
 STEPS, BATCH, LR = 4000, 64, 3e-3
 
 
-def model_config(tokenizer) -> Qwen3Config:
-    """~180k parameters: big enough to learn the world, small enough that int2 hurts."""
-    return Qwen3Config(
+def _shape(tokenizer) -> dict:
+    """What the dense and the mixture-of-experts teacher share: width, attention, vocabulary."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=256,
@@ -45,31 +45,18 @@ def model_config(tokenizer) -> Qwen3Config:
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
+
+
+def model_config(tokenizer) -> Qwen3Config:
+    """~180k parameters: big enough to learn the world, small enough that int2 hurts."""
+    return Qwen3Config(**_shape(tokenizer))
 
 
 def moe_config(tokenizer) -> Qwen3MoeConfig:
     """toy-qwen3's attention and width with its MLP as 8 experts of width 64, 2 routed per token:
     half the dense model's active MLP width per token, ~1.5× its parameters."""
-    return Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        moe_intermediate_size=64,
-        num_experts=8,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    return Qwen3MoeConfig(**_shape(tokenizer), moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -33,6 +33,7 @@ covers it with no unknown token.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 SYLLABLES = ["ba", "do", "fi", "gu", "ka", "lo", "mi", "nu", "pe", "ro", "sa", "ti", "vo", "ze", "qua", "xe"]
@@ -79,14 +80,11 @@ SEQ_STARTS, SEQ_STEPS = range(0, 51), range(1, 7)
 HELDOUT_FRACTION = 0.2
 ARITH_COPIES = 3
 # Words the templates use besides entities, values and numbers.
-FUNCTION_WORDS = sorted(set(
-    " ".join(t for spec in FACTS.values() for t in [spec[1], spec[2], *spec[3]])
-    .replace("{e}", "").replace("{v}", "").split()
-    + " ".join(t for spec in HABITS.values() for t in [spec[1], *spec[2]]).replace("{e}", "").replace("{v}", "").split()
-    + " ".join(t for spec in LORE.values() for t in spec[1:]).replace("{e}", "").replace("{v}", "").split()
-    + " ".join(MINUS_PHRASES).replace("{a}", "").replace("{b}", "").replace("{c}", "").split()
-    + "what is plus and make count continue ? .".split()
-))
+TEMPLATES = ([t for spec in FACTS.values() for t in [spec[1], spec[2], *spec[3]]]
+             + [t for spec in HABITS.values() for t in [spec[1], *spec[2]]]
+             + [t for spec in LORE.values() for t in spec[1:]] + list(MINUS_PHRASES))
+FUNCTION_WORDS = sorted(set(re.sub(r"\{\w+\}", "", " ".join(TEMPLATES)).split()
+                            + "what is plus and make count continue ? .".split()))
 
 
 @dataclass
