@@ -11,19 +11,20 @@ agrees, disagrees or cannot tell, with the mechanism that explains it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from qcompare.compare import compare_cells
 from qcompare.errors import QcompareError
-from qcompare.paper import (PaperTable, beta_table, config_label, cost_table, final_loss_text, find_run, lambda_table,
-                            lr_table, mean_text, rollout_table, steps_table, trained_configs, untrained_configs,
-                            value_text)
+from qcompare.paper import (PaperTable, beta_table, config_label, cost_table, final_losses, find_run, lambda_table,
+                            lr_table, mean_text, rollout_table, steps_table, table_lines, trained_configs,
+                            untrained_configs, value_text, verdict_text)
 from qcompare.results import load_run
 from qcompare.stats import mean_ci
 
+STUDIES = ("lambda", "lr_sweep", "steps", "rollout", "beta")  # the twins of recipes/toy/paper/ the page reads
 COVERED, UNCOVERED, GENERATION = "toy/acc", "toy_uncovered/acc", "toy_gen/exact_match"
 PARTS = {COVERED: "covered (toy)", UNCOVERED: "uncovered (toy_uncovered)", GENERATION: "generation (toy_gen)",
          "average": "average"}
@@ -57,11 +58,11 @@ class Finding:
     verdict: str  # one of VERDICTS
     evidence: str  # the numbers the verdict rests on, and the rule
     why: str  # the mechanism
-    claim: str = ""
-    notes: list[str] = field(default_factory=list)
 
-    def __post_init__(self):
-        self.claim = self.claim or STUDY[self.key]
+    @property
+    def claim(self) -> str:
+        """What the founding study found."""
+        return STUDY[self.key]
 
 
 # --- numbers ---------------------------------------------------------------------------
@@ -76,8 +77,9 @@ def mean_of(g: pd.DataFrame, col: str) -> tuple[float, float]:
 
 
 def loss_of(root: Path, g: pd.DataFrame) -> float:
-    text = final_loss_text(root, g)
-    return float(text.split()[0].rstrip("=")) if text != "—" else math.nan
+    """The configuration's final training loss, mean over its seeds."""
+    losses = final_losses(root, g)
+    return sum(losses) / len(losses) if losses else math.nan
 
 
 def compare(root: Path, df: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, metric: str, margin: float | None):
@@ -93,10 +95,7 @@ def differs(c) -> bool:
 
 
 def said(c) -> str:
-    if c is None:
-        return "n/a"
-    short = c.verdict.split(";")[0].split(" — ")[0]
-    return f"{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] {short}"
+    return "n/a" if c is None else verdict_text(c, hint=False)
 
 
 def parts_table(title: str, groups: list[tuple[str, pd.DataFrame]]) -> PaperTable:
@@ -136,8 +135,7 @@ def overall(verdicts: list[str]) -> str:
 # --- findings --------------------------------------------------------------------------
 
 
-def lambda_finding(root: Path, margin: float | None) -> Finding:
-    df = load_run(root)
+def lambda_finding(root: Path, df: pd.DataFrame, margin: float | None) -> Finding:
     trained = sorted(trained_configs(df), key=lambda g: g["distiller.lmbda"].iloc[0])
     ref = next((g for g in trained if g["distiller.lmbda"].iloc[0] == 0), None)
     others = [g for g in trained if g is not ref]
@@ -163,8 +161,7 @@ def lambda_finding(root: Path, margin: float | None) -> Finding:
                    verdict, f"{evidence}. Rule: {rule}.", why)
 
 
-def lr_finding(root: Path, margin: float | None) -> Finding:
-    df = load_run(root)
+def lr_finding(root: Path, df: pd.DataFrame, margin: float | None) -> Finding:
     lines, verdicts, drift, parts = [], [], [], []
     for lam, runs in sweep_per_lambda(df, "distiller.learning_rate"):
         low, high = runs[0], runs[-1]
@@ -201,8 +198,7 @@ def lr_finding(root: Path, margin: float | None) -> Finding:
                    "lowest.", why)
 
 
-def steps_finding(root: Path, margin: float | None) -> Finding:
-    df = load_run(root)
+def steps_finding(root: Path, df: pd.DataFrame, margin: float | None) -> Finding:
     lines, verdicts, parts = [], [], []
     for lam, runs in sweep_per_lambda(df, "distiller.max_steps"):
         short, long = runs[0], runs[-1]
@@ -223,8 +219,7 @@ def steps_finding(root: Path, margin: float | None) -> Finding:
                    "difference in the average.", why)
 
 
-def rollout_finding(root: Path, margin: float | None, lambda_root: Path | None) -> Finding:
-    df = load_run(root)
+def rollout_finding(root: Path, df: pd.DataFrame, margin: float | None, lambda_run: tuple | None) -> Finding:
     cells = trained_configs(df)
     ranked = sorted(cells, key=lambda g: mean_of(g, "average")[0])
     evidence, verdict = [], "cannot tell"
@@ -234,9 +229,9 @@ def rollout_finding(root: Path, margin: float | None, lambda_root: Path | None) 
         knobs = ["distiller.per_device_train_batch_size", "distiller.max_new_tokens"]
         name = lambda g: config_label(g, knobs)  # noqa: E731
         evidence.append(f"best ({name(best)}) − worst ({name(worst)}): {said(c)}")
-        if lambda_root is not None:
-            ldf = load_run(lambda_root)
-            zero = trained_configs(ldf, **{"distiller.lmbda": 0.0})
+        if lambda_run is not None:
+            lambda_root, lambda_df = lambda_run
+            zero = trained_configs(lambda_df, **{"distiller.lmbda": 0.0})
             if zero:
                 (b, bh), (z, zh) = mean_of(best, "average"), mean_of(zero[0], "average")
                 half = math.hypot(bh, zh)
@@ -253,8 +248,7 @@ def rollout_finding(root: Path, margin: float | None, lambda_root: Path | None) 
                    "than the combined seed intervals.", why)
 
 
-def beta_finding(root: Path, margin: float | None) -> Finding:
-    df = load_run(root)
+def beta_finding(root: Path, df: pd.DataFrame, margin: float | None) -> Finding:
     lines = []
     for lam in sorted(df["distiller.lmbda"].dropna().unique()):
         runs = sorted(trained_configs(df, **{"distiller.lmbda": lam}), key=lambda g: mean_of(g, "average")[0])
@@ -268,8 +262,7 @@ def beta_finding(root: Path, margin: float | None) -> Finding:
                    "effective step: a β that looks better may only be a better-scaled learning rate.")
 
 
-def cost_finding(root: Path, margin: float | None) -> Finding:
-    df = load_run(root)
+def cost_finding(root: Path, df: pd.DataFrame, margin: float | None) -> Finding:
     zero, one = trained_configs(df, **{"distiller.lmbda": 0.0}), trained_configs(df, **{"distiller.lmbda": 1.0})
     if not zero or not one:
         return Finding("cost", "Compute: on-policy against off-policy", [cost_table(root, margin)], "cannot tell",
@@ -291,28 +284,15 @@ def cost_finding(root: Path, margin: float | None) -> Finding:
 
 def findings(runs: Path, margin: float | None = 0.005) -> tuple[list[Finding], list[str]]:
     """Every finding whose twin has a run folder under ``runs``; the studies not run yet."""
-    runs = Path(runs)
-    roots = {s: find_run(runs, s) for s in ("lambda", "lr_sweep", "steps", "rollout", "beta")}
-    roots = {s: r for s, r in roots.items() if r is not None and not load_run(r).empty}
-    out = []
-    if "lambda" in roots:
-        out += [lambda_finding(roots["lambda"], margin), cost_finding(roots["lambda"], margin)]
-    if "lr_sweep" in roots:
-        out.append(lr_finding(roots["lr_sweep"], margin))
-    if "steps" in roots:
-        out.append(steps_finding(roots["steps"], margin))
-    if "rollout" in roots:
-        out.append(rollout_finding(roots["rollout"], margin, roots.get("lambda")))
-    if "beta" in roots:
-        out.append(beta_finding(roots["beta"], margin))
-    missing = [s for s in ("lambda", "lr_sweep", "steps", "rollout", "beta") if s not in roots]
-    return out, missing
-
-
-def _table(t: PaperTable) -> list[str]:
-    out = [f"**{t.title}**", "", "| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
-    out += ["| " + " | ".join(r) + " |" for r in t.rows]
-    return out + [""] + [f"*{n}*" for n in t.notes] + [""]
+    loaded = {s: (root, load_run(root)) for s in STUDIES if (root := find_run(Path(runs), s)) is not None}
+    loaded = {s: (root, df) for s, (root, df) in loaded.items() if not df.empty}
+    makers = {"lambda": lambda r, df: [lambda_finding(r, df, margin), cost_finding(r, df, margin)],
+              "lr_sweep": lambda r, df: [lr_finding(r, df, margin)],
+              "steps": lambda r, df: [steps_finding(r, df, margin)],
+              "rollout": lambda r, df: [rollout_finding(r, df, margin, loaded.get("lambda"))],
+              "beta": lambda r, df: [beta_finding(r, df, margin)]}
+    out = [f for s in STUDIES if s in loaded for f in makers[s](*loaded[s])]
+    return out, [s for s in STUDIES if s not in loaded]
 
 
 def markdown(found: list[Finding], missing: list[str], header: list[str] | None = None) -> str:
@@ -327,7 +307,7 @@ def markdown(found: list[Finding], missing: list[str], header: list[str] | None 
         out += [f"## {f.title}", "", f"**The study.** {f.claim}", "",
                 f"**The twin {f.verdict}.** {f.evidence}", "", f"**Why.** {f.why}", ""]
         for t in f.tables:
-            out += _table(t)
+            out += [f"**{t.title}**", ""] + table_lines(t)
     if missing:
         out += [f"Not run yet: {', '.join(f'toy_paper_{s}' for s in missing)}.", ""]
     return "\n".join(out)

@@ -66,11 +66,17 @@ def _verdict(root: Path, df: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, mar
         result, _, _ = compare_cells(root, df, a, b, "average", margin)
     except QcompareError as e:
         return f"n/a ({str(e).split(': ', 1)[-1][:60]})"
+    return verdict_text(result)
+
+
+def verdict_text(result, hint: bool = True) -> str:
+    """"Δ [95% CI] verdict" of a comparison; without ``hint``, the verdict without what would settle it."""
     short = result.verdict.split(";")[0].replace("inconclusive — one seed per side", "inconclusive (1 seed)")
-    return f"{result.difference:+.3f} [{result.low:+.3f}, {result.high:+.3f}] {short}"
+    return f"{result.difference:+.3f} [{result.low:+.3f}, {result.high:+.3f}] {short if hint else short.split(' — ')[0]}"
 
 
-def final_loss_text(root: Path, g: pd.DataFrame) -> str:
+def final_losses(root: Path, g: pd.DataFrame) -> list[float]:
+    """Each run's final training loss: the mean of its last ten logged losses."""
     from qcompare.store import open_run
 
     store = open_run(root)
@@ -80,6 +86,11 @@ def final_loss_text(root: Path, g: pd.DataFrame) -> str:
         if log:
             tail = [r["loss"] for r in log[-10:] if "loss" in r]
             losses.append(sum(tail) / len(tail))
+    return losses
+
+
+def final_loss_text(root: Path, g: pd.DataFrame) -> str:
+    losses = final_losses(root, g)
     return _num(*mean_ci(losses)[:2]) if losses else "—"
 
 
@@ -253,12 +264,17 @@ def build(runs: Path, figures: Path | None = None, margin: float | None = None) 
 def markdown(tables: list[PaperTable], missing: list[str]) -> str:
     out = ["# The founding study's tables", ""]
     for t in tables:
-        out += [f"## {t.title}", "", "| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
-        out += ["| " + " | ".join(r) + " |" for r in t.rows]
-        out += [""] + [f"*{n}*" for n in t.notes] + [f"![{p.stem}]({p})" for p in t.figures] + [""]
+        out += [f"## {t.title}", ""] + table_lines(t)
     if missing:
         out += [f"Not run yet: {', '.join(f'paper_{s} (or toy_paper_{s})' for s in missing)}.", ""]
     return "\n".join(out)
+
+
+def table_lines(t: PaperTable) -> list[str]:
+    """A table as markdown, its notes and figures after it."""
+    out = ["| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+    out += ["| " + " | ".join(r) + " |" for r in t.rows]
+    return out + [""] + [f"*{n}*" for n in t.notes] + [f"![{p.stem}]({p})" for p in t.figures] + [""]
 
 
 def latex(tables: list[PaperTable]) -> str:

@@ -16,10 +16,9 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from qcompare.miniature import findings, markdown
+from qcompare.miniature import STUDIES, findings, markdown
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDIES = ("lambda", "lr_sweep", "steps", "rollout", "beta")
 
 
 def run_twins(runs: Path, workers: int) -> None:
