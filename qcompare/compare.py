@@ -3,7 +3,7 @@ table's own statistic, and a verdict (qcompare.verdicts) a null result can rest 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +11,14 @@ import pandas as pd
 
 from qcompare.errors import QcompareError
 from qcompare.results import (LOWER_IS_BETTER, group_columns, leaf_tasks, load_run, metric_column, primary_metrics,
-                              setting_column)
+                              setting_column, setting_text)
 from qcompare.store import open_run
 from qcompare.verdicts import Comparison, Side, Structure, compare as bootstrap
 
 
-def _value(v) -> str:
-    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-
-
 def _same(stored, wanted: str) -> bool:
     """Whether a stored setting equals a value typed on the command line (8 matches 8.0)."""
-    if str(stored) == wanted or _value(stored) == wanted:
+    if str(stored) == wanted or setting_text(stored) == wanted:
         return True
     try:
         return float(stored) == float(wanted)
@@ -50,7 +46,7 @@ def select(df: pd.DataFrame, spec: str, pool: bool = False, what: str = "--compa
         hit = df[mask]
         if hit.empty:
             raise QcompareError(f"{what}: no finished cell matches {spec!r}")
-    differing = {c: sorted({_value(v) for v in hit[c]}) for c in group_columns(hit)
+    differing = {c: sorted({setting_text(v) for v in hit[c]}) for c in group_columns(hit)
                  if hit[c].astype(str).nunique() > 1}
     if differing and not pool:
         listed = "; ".join(f"{c} ({', '.join(vs)})" for c, vs in differing.items())
@@ -67,7 +63,6 @@ class Plan:
     structure: Structure
     metric: dict[str, str]  # leaf task -> the metric name its items carry for this statistic
     label: str
-    notes: list[str] = field(default_factory=list)
 
 
 def plan_statistic(df: pd.DataFrame, metric: str) -> Plan:
@@ -174,12 +169,12 @@ def compare_cells(root: Path, df: pd.DataFrame, cells_a: pd.DataFrame, cells_b: 
         raise QcompareError("--compare: A and B select some of the same cells; make the selectors disjoint")
     plan = plan_statistic(df, metric)
     side_a, side_b, notes = sides(Path(root), cells_a, cells_b, plan)
-    return bootstrap(side_a, side_b, plan.structure, margin), plan, plan.notes + notes
+    return bootstrap(side_a, side_b, plan.structure, margin), plan, notes
 
 
 def describe_side(name: str, spec: str, cells: pd.DataFrame) -> str:
     labels = sorted({str(lbl).rsplit(" · seed ", 1)[0] for lbl in cells["label"]})
-    seeds = [_value(s) for s in cells["seed"] if not pd.isna(s)]
+    seeds = [setting_text(s) for s in cells["seed"] if not pd.isna(s)]
     runs = f"{len(cells)} runs (seeds {', '.join(seeds)})" if seeds else "1 run (no training: no seed)"
     pooled = f" — {len(labels)} configurations pooled (--pool)" if len(labels) > 1 else ""
     return f"{name} = {spec}: {'; '.join(labels)} — {runs}{pooled}"

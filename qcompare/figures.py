@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from qcompare.report import _value, _varying, summarize  # noqa: E402
+from qcompare.report import _varying, summarize  # noqa: E402
+from qcompare.results import setting_text  # noqa: E402
 from qcompare.results import group_columns, load_run  # noqa: E402
 from qcompare.stats import mean_ci  # noqa: E402
 from qcompare.store import open_run  # noqa: E402
@@ -42,7 +43,7 @@ def _metric_vs(df: pd.DataFrame, x: str, metric: str, path: Path, xlabel: str, l
         xs, ms, hs = zip(*pts)
         # a tuple, not np.atleast_1d: that turns mixed keys ("nudge", 2.0) into strings ("2.0", "nan")
         key = key if isinstance(key, tuple) else (key,)
-        label = ", ".join(f"{k.split('.')[-1]}={_value(v)}" for k, v in zip(series_keys, key) if pd.notna(v))
+        label = ", ".join(f"{k.split('.')[-1]}={setting_text(v)}" for k, v in zip(series_keys, key) if pd.notna(v))
         ax.errorbar(xs, ms, yerr=[h or 0 for h in hs], marker="o", capsize=3,
                     label=label or ", ".join(sorted(part["distiller"].astype(str).unique())))
     teacher = df[df["quantizer"] == "teacher"]

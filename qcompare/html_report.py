@@ -130,12 +130,13 @@ def write_html(root: Path, out: Path, metric: str = "average") -> Path:
     from qcompare.store import RunStore
 
     store = RunStore(root)
+    records = list(store.records())
     every = load_run(root, include_failed=True)
     df = every[every["status"] == "done"].reset_index(drop=True) if not every.empty else every
     body = [f"<h1>qcompare report: {_e(root.name)}</h1>",
             f"<p class='note'>{_e(root.resolve())} · written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by qcompare "
             f"{_e(__version__)} · {len(df)} finished cells of {len(every)}</p>"]
-    failed = [r for r in RunStore(root).records() if not r.done]
+    failed = [r for r in records if not r.done]
     if failed:
         body.append(f"<p class='failed'>{len(failed)} cells did not finish: "
                     + "; ".join(f"<a href='#cell-{_e(r.id)}'>{_e(r.label)}</a> ({_e(r.error or r.status)})"
@@ -154,7 +155,6 @@ def write_html(root: Path, out: Path, metric: str = "average") -> Path:
             if figures:
                 body.append("<h2>Figures</h2>")
                 body += [f"<h3>{_e(p.stem.replace('_', ' '))}</h3>" + _png(p) for p in figures]
-    records = list(store.records())
     body.append(f"<h2>Cells ({len(records)})</h2>")
     body += [_cell_section(store, r) for r in records]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>qcompare: {_e(root.name)}</title>"

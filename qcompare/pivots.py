@@ -10,14 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from qcompare.errors import QcompareError
-from qcompare.results import LOWER_IS_BETTER, group_columns, load_run, metric_column, setting_column
+from qcompare.results import LOWER_IS_BETTER, group_columns, load_run, metric_column, setting_column, setting_text
 from qcompare.stats import mean_ci
 
 FOLDS = ("best", "mean")
-
-
-def _value(v) -> str:
-    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
 def _fmt(mean, half, over) -> str:
@@ -59,7 +55,7 @@ def pivot(root: Path, rows: str, cols: str, metric: str, fold: str = "best",
     df = df[df["quantizer"] != "teacher"]
     keys = [k for k in group_columns(df) if k not in (r, c)]
     # what differs within the cells (plugin versions and set-ups follow the settings; named only alone)
-    folded = {k: sorted({_value(v) for v in df[k] if v == v}) for k in keys if df[k].astype(str).nunique() > 1}
+    folded = {k: sorted({setting_text(v) for v in df[k] if v == v}) for k in keys if df[k].astype(str).nunique() > 1}
     if any(k not in ("versions", "setup") for k in folded):
         folded = {k: v for k, v in folded.items() if k not in ("versions", "setup")}
     table, several = {}, 0
@@ -74,7 +70,7 @@ def pivot(root: Path, rows: str, cols: str, metric: str, fold: str = "best",
                 cell = f"{sum(means) / len(means):.3f} (mean of {len(means)})"
         else:
             cell = _fmt(*mean_ci(g[metric].tolist()))
-        table.setdefault(_value(rv), {})[_value(cv)] = cell
+        table.setdefault(setting_text(rv), {})[setting_text(cv)] = cell
     frame = pd.DataFrame(table).T.sort_index().rename_axis(f"{rows} \\ {cols}")
     notes = []
     if several:

@@ -17,18 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from qcompare.errors import QcompareError
-from qcompare.results import (group_columns, is_accuracy, leaf_tasks, load_run, metric_column, primary_metrics,
-                               setting_column)
+from qcompare.results import group_columns, is_accuracy, load_run, primary_metrics, setting_text
 from qcompare.stats import mean_ci
-from qcompare.store import RunStore, open_run
+from qcompare.store import RunStore
 
 FORMATS = ("table", "markdown", "latex", "csv", "json")
 MIN_GAP = 0.01  # the teacher − PTQ gap (on the average) below which "recovered" is not computed
-
-
-def _value(v) -> str:
-    # pandas stores an int column with gaps (the teacher row) as float: show 4, not 4.0
-    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
 def _describe(row: pd.Series, params: list[str]) -> str:
@@ -36,7 +30,7 @@ def _describe(row: pd.Series, params: list[str]) -> str:
         return "teacher"
     described = []
     for kind in ("quantizer", "distiller"):
-        parts = [f"{c.split('.', 1)[1]}={_value(row[c])}" for c in params if c.startswith(f"{kind}.") and _present(row[c])]
+        parts = [f"{c.split('.', 1)[1]}={setting_text(row[c])}" for c in params if c.startswith(f"{kind}.") and _present(row[c])]
         described.append(f"{row[kind]}({','.join(parts)})" if parts else row[kind])
     return " · ".join(described)
 

@@ -54,6 +54,12 @@ def is_accuracy(metric: str) -> bool:
     return metric.partition(",")[0] in ACCURACY_METRICS
 
 
+def setting_text(v) -> str:
+    """A setting as the recipe wrote it: pandas stores an int column with gaps (the teacher row) as
+    float, so 4.0 shows as 4."""
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
 def record_row(record: CellRecord) -> dict:
     s = record.settings
     # Cells of one configuration pool as seeds only if they saw the same data and evaluations.
