@@ -93,7 +93,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
                 self.meter.add("teacher_cached_tokens", inputs["attention_mask"].sum().item())
                 self.meter.add("teacher_cached_batches", 1)
                 if cache.mode == "logits":
-                    return cache.lookup(inputs, key, vocab)
+                    return cache.expand(inputs, cached, vocab)
                 with self.meter.time("teacher_head_seconds"), torch.no_grad(), self._as_teacher(model) as teacher:
                     head = teacher.get_output_embeddings()
                     self.meter.add("teacher_head_flops", 2 * head.weight.numel() * cached.shape[0] * cached.shape[1])

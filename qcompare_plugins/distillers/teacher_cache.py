@@ -120,7 +120,7 @@ class TeacherCache:
             self.loaded_shards.add(shard.name)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.entries or key in self.on_disk or key in self.new
+        return key in self.entries or key in self.on_disk
 
     def key(self, inputs) -> str:
         return _batch_key(inputs)
@@ -142,8 +142,12 @@ class TeacherCache:
         """(logits mode) The batch's shifted teacher logits (B, T-1, V) if cached, else None.
         Positions the loss does not read stay zero; the loss masks them out."""
         rows = self.get(key)
-        if rows is None:
-            return None
+        return None if rows is None else self.expand(inputs, rows, vocab)
+
+    @staticmethod
+    def expand(inputs, rows: torch.Tensor, vocab: int) -> torch.Tensor:
+        """(logits mode) Stored answer rows back in place: (B, T-1, V), zero where the loss does
+        not read."""
         ids = inputs["input_ids"]
         need = inputs["labels"][:, 1:] != -100
         out = torch.zeros(ids.shape[0], ids.shape[1] - 1, vocab, dtype=rows.dtype, device=ids.device)
@@ -172,14 +176,13 @@ class TeacherCache:
 
     def save(self) -> None:
         """Write this process's new in-memory entries as one shard."""
-        fresh = {k: v for k, v in self.new.items() if k not in self.on_disk}
-        self.new = {}
+        fresh, self.new = self.new, {}
         if fresh and self.disk_bytes() + sum(v.numel() * v.element_size() for v in fresh.values()) \
                 <= self.max_disk_bytes:
-            self._write(fresh, keep_in_memory=True)
+            self._write(fresh)
 
-    def _write(self, tensors: dict, keep_in_memory: bool = False) -> None:
-        """One shard: a temporary file, then a rename."""
+    def _write(self, tensors: dict) -> None:
+        """One shard: a temporary file, then a rename (what memory holds stays there)."""
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -196,8 +199,6 @@ class TeacherCache:
         for key in tensors:
             self.on_disk[key] = name
             self.new.pop(key, None)
-            if not keep_in_memory and key in self.entries:
-                self.bytes -= self.entries.pop(key).numel() * tensors[key].element_size()
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("shard-*.safetensors")) if self.folder.is_dir() else 0
