@@ -142,18 +142,27 @@ _model_digests: dict[tuple, dict] = {}
 def model_identity(where: str) -> dict | None:
     """A local model folder by the content of its files (config, weights, tokenizer): a rebuilt or
     replaced model under the same name makes a run's finished cells stale instead of mixing
-    results of two models. None for a hub id (its revision is the hub's business)."""
+    results of two models. None for a hub id (its revision is the hub's business). The digest is
+    kept per file listing (names, sizes, modification times) in this process and in qcompare's
+    cache, so workers and later commands do not read the weights again."""
+    from qcompare.cache import read_cache, write_cache
+
     folder = Path(where)
     if not folder.is_dir():
         return None
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     key = (str(folder.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
     if key not in _model_digests:
-        h = hashlib.sha256()
-        for p in files:
-            h.update(p.name.encode() + b"\0")
-            with p.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        _model_digests[key] = {"files": len(files), "sha256": h.hexdigest()[:16]}
+        cache_key = "model-files:" + hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+        cache = read_cache()
+        if cache_key not in cache:
+            h = hashlib.sha256()
+            for p in files:
+                h.update(p.name.encode() + b"\0")
+                with p.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            cache[cache_key] = {"files": len(files), "sha256": h.hexdigest()[:16]}
+            write_cache(cache)
+        _model_digests[key] = cache[cache_key]
     return _model_digests[key]

@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from qcompare.data import resolve_model
+from qcompare.cache import read_cache, write_cache
 from qcompare.errors import QcompareError
 from qcompare.plugins import Registry
 
 VERSION = 1  # of the cache's entries
-
-
-def cache_file() -> Path:
-    base = os.environ.get("QCOMPARE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "qcompare")
-    return Path(base).expanduser() / "structure.json"
 
 
 def model_config(name: str, registry: Registry) -> dict | None:
@@ -54,7 +49,7 @@ def problems(recipe, registry: Registry) -> tuple[list[str], list[str]]:
     config is not available here (not checked)."""
     from qcompare.provenance import plugin_identity
 
-    cache = _read_cache()
+    cache = read_cache()
     found, notes, fresh = [], [], False
     for model_name in recipe.models:
         config = model_config(model_name, registry)
@@ -73,33 +68,18 @@ def problems(recipe, registry: Registry) -> tuple[list[str], list[str]]:
             if cache[key]:
                 found.append(f"{recipe.source}: quantizer {choice.label()} on {model_name}: {cache[key]}")
     if fresh:
-        _write_cache(cache)
+        write_cache(cache)
     return list(dict.fromkeys(found)), notes
-
-
-def _read_cache() -> dict:
-    try:
-        return json.loads(cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(cache: dict) -> None:
-    try:
-        cache_file().parent.mkdir(parents=True, exist_ok=True)
-        cache_file().write_text(json.dumps(cache))
-    except OSError:  # a read-only home costs the speed-up, nothing else
-        pass
 
 
 def parameter_count_from_config(config: dict, name: str) -> int:
     """The parameters of the model ``config`` describes (built on the meta device once, then cached)."""
     key = "parameters:" + hashlib.sha256(json.dumps([VERSION, config], sort_keys=True).encode()).hexdigest()[:24]
-    cache = _read_cache()
+    cache = read_cache()
     if key not in cache:
         model = _meta_model(config, name)
         cache[key] = sum(p.numel() for p in model.parameters())
-        _write_cache(cache)
+        write_cache(cache)
     return cache[key]
 
 
