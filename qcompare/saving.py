@@ -150,17 +150,20 @@ def load_code(folder: Path, path: str = "path/to/this/folder") -> list[str]:
                     f"model = AutoModelForCausalLM.from_pretrained({path!r}){adapter}"]
 
 
-def apply_int_grid(model, grids: dict, bits: int, group_size: int, symmetric: bool = True) -> None:
+def apply_int_grid(model, grids: dict, bits: int, group_size: int, symmetric: bool = True,
+                   actorder: str | None = None) -> None:
     """Attach compressed-tensors' quantization scheme to ``model``'s Linear layers named in ``grids``
     (``name -> (scale, zero_point)``, each (out_features, in_features / group_size)), the rest
-    ignored: what ``save_int_grid`` and the built-in quantizers' compressed-tensors writers share."""
+    ignored: what ``save_int_grid`` and the built-in quantizers' compressed-tensors writers share.
+    ``actorder`` is recorded as given (GPTQ's "static": groups over consecutive columns)."""
     import torch
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  QuantizationStatus, apply_quantization_config)
     from torch import nn
 
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
-                            strategy="group" if group_size else "channel", group_size=group_size or None)
+                            strategy="group" if group_size else "channel", group_size=group_size or None,
+                            actorder=actorder)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in grids]
     config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
                                 ignore=ignore, quantization_status=QuantizationStatus.FROZEN)

@@ -168,10 +168,11 @@ def has_linear_experts(model: nn.Module) -> bool:
 # --- the checkpoint --------------------------------------------------------------------------------
 
 
-def save_compressed(model: nn.Module, folder, bits: int, group_size: int, symmetric: bool) -> None:
+def save_compressed(model: nn.Module, folder, bits: int, group_size: int, symmetric: bool,
+                    actorder: str | None = None) -> None:
     """Write a converted model whose quantized Linear layers hold ``IntxUnpackedToInt8Tensor``
     weights (``bits`` per code, groups of ``group_size`` along the input, 0 = per channel) as a
-    compressed-tensors checkpoint (packed ints)."""
+    compressed-tensors checkpoint (packed ints); ``actorder`` as the calibration recorded it."""
     from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
 
     from qcompare.saving import apply_int_grid
@@ -191,7 +192,7 @@ def save_compressed(model: nn.Module, folder, bits: int, group_size: int, symmet
             if isinstance(m, nn.Linear) and type(w).__name__ == "IntxUnpackedToInt8Tensor":
                 grids[name] = (w.scale.detach(), w.zero_point.detach())
                 m.weight = nn.Parameter(w.dequantize(), requires_grad=False)  # the same values, on the grid
-    apply_int_grid(plain, grids, bits, group_size, symmetric)
+    apply_int_grid(plain, grids, bits, group_size, symmetric, actorder)
     set_save_conversions(plain)
     with llmcompressor_workarounds(plain), warnings.catch_warnings():
         # llm-compressor wraps modules for accelerate while saving, and transformers then warns

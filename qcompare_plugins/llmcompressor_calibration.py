@@ -215,7 +215,7 @@ def save_compressed(model: nn.Module, params: LlmCompressorParams, folder) -> No
     checkpoint (packed ints), the format llm-compressor itself writes and vLLM serves."""
     from qcompare_plugins.compressed import save_compressed as save
 
-    save(model, folder, params.bits, params.group_size, params.symmetric)
+    save(model, folder, params.bits, params.group_size, params.symmetric, _scheme(params).weights.actorder)
 
 
 def calibrate(model, params, context, quantizer: str):

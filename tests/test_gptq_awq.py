@@ -103,6 +103,8 @@ def test_trained_student_keeps_its_grid_converts_exactly_and_reloads_from_compre
     quantizer.save(real, params, folder, ctx)
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["quant_method"] == "compressed-tensors"
+    # GPTQ's groups stay over consecutive columns, and the checkpoint says so (as llm-compressor writes it)
+    assert config["config_groups"]["group_0"]["weights"]["actorder"] == ("static" if method == "gptq" else None)
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert "model.layers.0.mlp.down_proj.weight_packed" in f.keys()
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
