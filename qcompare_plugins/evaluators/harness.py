@@ -18,7 +18,7 @@ from qcompare_plugins.evaluators.quiet import kept_rng_state, progress_through, 
 # "auto" makes lm-eval try ever larger batches until one fails to fit: worth it on a GPU,
 # pointless on a CPU, where a fixed size is as fast and starts at once.
 CPU_BATCH_SIZE = 8
-OFFLINE_HINT = "to run offline, put a task YAML over local JSONL in a folder and name it in include_path (see plugins/toy/tasks)"
+OFFLINE_HINT = "to run offline, put a task YAML over local JSONL in a folder and name it in include_path (see qcompare_plugins/toy/tasks)"
 
 _task_managers: dict = {}
 
