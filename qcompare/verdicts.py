@@ -71,6 +71,7 @@ class Comparison:
     two_level: tuple[float, float] = (math.nan, math.nan)  # the plain two-level percentile interval
     trained_a: bool = True
     trained_b: bool = True
+    lower_is_better: bool = False  # the metric's direction (KL, perplexity): "A better" is then A − B < 0
 
     @property
     def one_seed(self) -> bool:
@@ -82,7 +83,7 @@ class Comparison:
         if self.margin is not None and -self.margin < self.low90 and self.high90 < self.margin and not self.one_seed:
             return f"equivalent within ±{self.margin:g}"
         if not self.one_seed and (self.low > 0 or self.high < 0):
-            return "A better" if self.low > 0 else "B better"
+            return "A better" if (self.low > 0) != self.lower_is_better else "B better"
         if self.one_seed:
             return ("inconclusive — one seed per side: training variance is unknown, so no difference is claimed "
                     f"from items alone; {self._seeds_hint()}")
@@ -190,8 +191,6 @@ def compare(a: Side, b: Side, structure: Structure, margin: float | None = None,
     boot, item_only = np.concatenate(boot), np.concatenate(item_only)
     full = {t: np.arange(n_items[t])[None, :] for t in leaves}
     diff = float(_statistic(*mean_a, structure, full)[0] - _statistic(*mean_b, structure, full)[0])
-    if structure.lower_is_better:
-        diff, boot = -diff, -boot
     seed_sd, seed_var, seed_df = _seed_level(a, b, structure, order_b, full)
     item_var = float(np.var(item_only, ddof=1))
     se = math.sqrt(seed_var + item_var)
@@ -211,7 +210,7 @@ def compare(a: Side, b: Side, structure: Structure, margin: float | None = None,
     return Comparison(diff, se, df, diff - t95 * se, diff + t95 * se, diff - t90 * se, diff + t90 * se,
                       len(a.seeds), len(b.seeds), paired, sum(n_items.values()), list(structure.top), seed_sd,
                       math.sqrt(item_var), margin, tuple(float(x) for x in np.percentile(boot, [2.5, 97.5])),
-                      a.trained, b.trained)
+                      a.trained, b.trained, structure.lower_is_better)
 
 
 def _tile(mix, n):

@@ -68,6 +68,10 @@ def test_verdicts_on_built_cases():
     # nothing trained on either side (post-training quantization): no training variance to know
     a.trained = b.trained = False
     assert compare(a, b, Structure(["t"])).verdict == "A better"
+    # a metric where lower is better (KL, perplexity): the difference stays A − B, as printed;
+    # the verdict reads it the metric's way
+    higher_kl = compare(*simulate(rng, 5, 400, 0.002, 0.05, 0.02, 0.08), Structure(["t"], lower_is_better=True))
+    assert higher_kl.difference > 0 and higher_kl.low > 0 and higher_kl.verdict == "B better"
 
 
 def test_a_group_is_weighted_as_lm_eval_weights_it_and_ratio_metrics_by_their_weights():
