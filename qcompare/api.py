@@ -263,6 +263,10 @@ class EvalResult:
 class Evaluator(Plugin):
     """Base class of evaluators."""
 
+    # True where evaluate() reads the registered task folders (``context.task_folders``): their
+    # files then count in each cell's identity, so a changed task file makes its cells stale
+    reads_task_folders: bool = False
+
     def evaluate(self, model, tokenizer, params, context: CellContext) -> EvalResult:
         """Score ``model`` and return an EvalResult. ``context.teacher`` is the float model."""
         raise NotImplementedError

@@ -162,7 +162,7 @@ def plan(
     stale = sum(status == "stale" for _, status in rows)
     if stale:
         console.print(f"[yellow]{stale} cells are stale[/]: done by other versions of their plugins (or other files "
-                      "of a local model) than the ones installed now; `qcompare run` runs them again (--keep-stale "
+                      "of a local model or data file) than the ones installed now; `qcompare run` runs them again (--keep-stale "
                       "keeps them, reported as rows of their own)", highlight=False)
 
 
@@ -173,7 +173,7 @@ def run(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default runs/<recipe name>).")] = None,
     executor: Annotated[Optional[str], typer.Option(help="Executor plugin (default: the recipe's, else local).")] = None,
     keep_stale: Annotated[bool, typer.Option(
-        "--keep-stale", help="Keep cells done by other plugin versions (or model files) instead of running them again "
+        "--keep-stale", help="Keep cells done by other plugin versions (or model or data files) instead of running them again "
                              "(the report shows them as rows of their own).")] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Show what the libraries print (progress bars, warnings, logs) here; by default "
@@ -203,7 +203,7 @@ def run(
         if skipped and first:
             say.print(f"{skipped} cells already done in {store.root}; running {len(todo)}", highlight=False)
         if stale and first:
-            say.print(f"{stale} cells were done by other plugin versions or model files: "
+            say.print(f"{stale} cells were done by other plugin versions or model or data files: "
                       + ("kept as they are (--keep-stale)" if keep_stale else "running them again"), highlight=False)
         in_process = r.executor.name == "local" and r.executor.params.get("workers", 1) == 1
         with RunDisplay(say, len(todo), in_process, quiet=not first) as display:

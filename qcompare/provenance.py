@@ -136,33 +136,41 @@ def plugin_identity(entry) -> dict:
     return identity
 
 
-_model_digests: dict[tuple, dict] = {}
+_file_digests: dict[tuple, dict] = {}
 
 
 def model_identity(where: str) -> dict | None:
     """A local model folder by the content of its files (config, weights, tokenizer): a rebuilt or
     replaced model under the same name makes a run's finished cells stale instead of mixing
-    results of two models. None for a hub id (its revision is the hub's business). The digest is
+    results of two models. None for a hub id (its revision is the hub's business)."""
+    folder = Path(where)
+    return files_identity(folder) if folder.is_dir() else None
+
+
+def files_identity(where: Path, recursive: bool = False) -> dict:
+    """A file, or a folder's files (its subfolders too if ``recursive``), by content. The digest is
     kept per file listing (names, sizes, modification times) in this process and in qcompare's
-    cache, so workers and later commands do not read the weights again."""
+    cache, so workers and later commands do not read the files again."""
     from qcompare.cache import read_cache, write_cache
 
-    folder = Path(where)
-    if not folder.is_dir():
-        return None
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    key = (str(folder.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
-    if key not in _model_digests:
+    if where.is_file():
+        files, root = [where], where.parent
+    else:
+        found = where.rglob("*") if recursive else where.iterdir()
+        files, root = sorted(p for p in found if p.is_file() and not p.name.startswith(".")), where
+    names = [str(p.relative_to(root)) for p in files]
+    key = (str(where.resolve()), tuple((n, p.stat().st_size, p.stat().st_mtime_ns) for n, p in zip(names, files)))
+    if key not in _file_digests:
         cache_key = "model-files:" + hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
         cache = read_cache()
         if cache_key not in cache:
             h = hashlib.sha256()
-            for p in files:
-                h.update(p.name.encode() + b"\0")
+            for name, p in zip(names, files):
+                h.update(name.encode() + b"\0")
                 with p.open("rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
                         h.update(block)
             cache[cache_key] = {"files": len(files), "sha256": h.hexdigest()[:16]}
             write_cache(cache)
-        _model_digests[key] = cache[cache_key]
-    return _model_digests[key]
+        _file_digests[key] = cache[cache_key]
+    return _file_digests[key]

@@ -65,9 +65,12 @@ _identities: dict = {}
 
 def plugin_identities(cell: Cell, registry) -> dict:
     """The identity (package, version, source hash) of every plugin the cell's result depends on,
-    and of the model's files where it is a local folder (``model:<name>``)."""
+    and, by content, the local files it reads by name: the model's folder (``model:<name>``),
+    every registered dataset or local data file its settings name (``data:<name>``: training,
+    calibration and evaluation data) and the registered task folders where an evaluator reads them
+    (``tasks:<folder>``). A file rebuilt under the same name makes finished cells stale."""
     from qcompare.data import resolve_model
-    from qcompare.provenance import model_identity, plugin_identity
+    from qcompare.provenance import files_identity, model_identity, plugin_identity
 
     out = {}
     model = model_identity(resolve_model(cell.model, registry))
@@ -79,7 +82,43 @@ def plugin_identities(cell: Cell, registry) -> dict:
         if key not in _identities:
             _identities[key] = plugin_identity(entry)
         out[f"{kind}:{name}"] = _identities[key]
+    for name, path in data_files(cell, registry):
+        out[f"data:{name}"] = files_identity(path, recursive=True)
+    if any(getattr(registry.plugins["evaluator"][name].obj, "reads_task_folders", False)
+           for kind, name in cell.plugins() if kind == "evaluator"):
+        for folder in registry.task_folders:
+            out[f"tasks:{folder.parent.name}/{folder.name}"] = files_identity(folder, recursive=True)
     return out
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+
+
+def data_files(cell: Cell, registry) -> list[tuple[str, Path]]:
+    """Every string in the cell's settings that names a registered dataset or an existing local
+    data file (by suffix), with its path; hub ids are the hub's business, as for models. A local
+    training file is left out: the cell's id holds it by name and content (cells.data_identity)."""
+    found: dict[str, Path] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list):
+            for v in value:
+                visit(v)
+        elif isinstance(value, str):
+            if value in registry.datasets:
+                found[value] = Path(registry.datasets[value].obj[0])
+            elif value.endswith(DATA_SUFFIXES) and Path(value).is_file():
+                found[value] = Path(value)
+
+    settings = cell.settings()
+    data = settings["data"] or {}
+    if "train_sha256" not in data:  # a local training file is in the cell's id already (by content)
+        visit(data)
+    visit([settings["quantizer"], settings["distiller"], settings["evaluators"]])
+    return sorted(found.items())
 
 
 def plan(recipe: Recipe, store: RunStore) -> list[tuple[Cell, str]]:

@@ -4,6 +4,7 @@ logical cost that does not depend on which cell ran first, fp32 master weights, 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import textwrap
 
 import pytest
@@ -127,6 +128,50 @@ def test_a_rebuilt_local_model_makes_its_cells_stale(test_plugins, tiny_model_di
     res = cli.invoke(app, ["run", str(recipe), "-o", str(out)])
     assert res.exit_code == 0 and "running them again" in res.output
     assert "stale" not in cli.invoke(app, ["plan", str(recipe), "-o", str(out)]).output
+
+
+def test_the_data_files_a_cell_reads_by_name_count_in_its_identity(tmp_path):
+    """The toy world's files are rebuilt under the same names, and an evaluator's local file can be
+    rewritten in place: a cell's identity holds every file it reads by name (registered training
+    data, an evaluator's texts, lm-eval's task folders), so such a rebuild makes its cells stale
+    instead of mixing old and new results."""
+    from qcompare.cells import expand
+    from qcompare.plugins import get_registry
+    from qcompare.recipe import load_recipe
+    from qcompare.runner import plugin_identities
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "bado drinks tea ."}\n')
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(textwrap.dedent(f"""
+        name = "identity"
+        models = ["toy-qwen3"]
+        [data]
+        train = "toy-chat"
+        [[quantizers]]
+        name = "torchao"
+        bits = 8
+        [[distillers]]
+        name = "none"
+        [[evaluators]]
+        name = "lm_eval"
+        tasks = ["toy"]
+        [[evaluators]]
+        name = "perplexity"
+        dataset = "{texts}"
+        [[evaluators]]
+        name = "kl_to_teacher"
+        dataset = "toy-heldout"
+    """))
+    registry = get_registry()
+    teacher, cell = expand(load_recipe(recipe))
+    keys = plugin_identities(cell, registry)
+    assert {"data:toy-chat", "data:toy-heldout", f"data:{texts}", "tasks:toy/tasks", "model:toy-qwen3"} <= set(keys)
+    assert keys["data:toy-heldout"]["files"] == 1 and keys["tasks:toy/tasks"]["files"] > 10
+    assert "data:toy-chat" not in plugin_identities(teacher, registry)  # the teacher row trains on nothing
+
+    texts.write_text('{"text": "bado drinks milk ."}\n')
+    assert plugin_identities(cell, registry)[f"data:{texts}"] != keys[f"data:{texts}"]
 
 
 # --- logical cost --------------------------------------------------------------------------------

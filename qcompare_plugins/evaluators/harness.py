@@ -36,6 +36,7 @@ class LmEvalEvaluator(Evaluator):
     """lm-evaluation-harness tasks (accuracy with stderr, per-item correctness)."""
 
     name = "lm_eval"
+    reads_task_folders = True  # toy tasks and plugins' task folders: their files count in a cell's identity
     Params = LmEvalParams
 
     def evaluate(self, model, tokenizer, params, context):
