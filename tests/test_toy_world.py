@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qcompare.plugins import get_registry
 from qcompare_plugins.toy import HELDOUT, MODEL, MOE_MODEL, TASKS, TRAIN
-from qcompare_plugins.toy.world import LORE, benchmarks, chat_rows, heldout_texts, make_world, pretrain_texts
+from qcompare_plugins.toy.world import (FUNCTION_WORDS, LORE, benchmarks, chat_rows, heldout_texts, make_world,
+                                        next_words, pretrain_texts, seq_terms)
 
 MC_TASKS = ["toy_facts", "toy_habits", "toy_arith", "toy_seq"]
 UNCOVERED = ["toy_lore", "toy_minus"]
@@ -70,6 +71,28 @@ def test_habits_are_uncertain_in_the_chat_data():
     assert 0.3 < not_mode / len(drinks) < 0.7
 
 
+def test_next_word_items_are_the_worlds_answers_at_every_knowledge_position():
+    world = make_world(0)
+    items = {d["context"]: d["word"] for d in next_words(world)}
+    assert len(items) == len(next_words(world))  # one item per position
+    assert not set(items.values()) & set(FUNCTION_WORDS)
+    for e in world.entities:
+        for attr, values in world.facts.items():
+            assert items[f"the {attr} of {e} is"] == values[e]
+        assert items[f"{e} lives in"] == world.facts["home"][e]
+        assert items[f"{e} keeps a"] == world.lore["pet"][e]
+        assert items[f"{e} drinks"] == world.habits["drinks"][e][0]  # the usual one, not a sample
+    for x, y in world.arith_test:  # held-out sums count too, in both phrasings
+        assert items[f"{x} plus {y} is"] == items[f"{x} and {y} make"] == str(x + y)
+    for x, y in world.minus_test:
+        assert items[f"{x} minus {y} is"] == items[f"{x} take away {y} leaves"] == str(x - y)
+    for s, d in world.seq_test:  # two terms decide the rest
+        terms = list(map(str, seq_terms(s, d)))
+        assert items["count " + " ".join(terms[:2])] == terms[2] and items["count " + " ".join(terms[:4])] == terms[4]
+    # what the world leaves open is no item: which entity, which operand
+    assert "the home of" not in items and "3 plus" not in items and "count 4" not in items
+
+
 def test_shipped_files_are_the_seed_0_world():
     world = make_world(0)
     assert read_jsonl(TRAIN) == chat_rows(world)
@@ -106,7 +129,8 @@ def test_shipped_model_scores_high_on_the_toy_tasks_through_lm_eval(tokenizer, f
     model = AutoModelForCausalLM.from_pretrained(folder)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=64, device="cpu")
     tm = TaskManager(include_path=str(TASKS))
-    out = lm_eval.simple_evaluate(model=lm, tasks=["toy", "toy_uncovered", "toy_gen", "toy_usual"], task_manager=tm,
+    out = lm_eval.simple_evaluate(model=lm, tasks=["toy", "toy_uncovered", "toy_gen", "toy_usual", "toy_next"],
+                                  task_manager=tm,
                                   limit=40)
     results = out["results"]
     # held-out count sequences and differences are the hardest (all items: dense 0.92 and 0.95, MoE 0.87 and 0.91)
@@ -117,6 +141,8 @@ def test_shipped_model_scores_high_on_the_toy_tasks_through_lm_eval(tokenizer, f
     assert results["toy_gen"]["exact_match,strip"] >= 0.8, results["toy_gen"]
     # Ranking an entity's own habits is harder (chance 0.25, the teacher ~0.87).
     assert results["toy_usual"]["acc,none"] >= 0.7, results["toy_usual"]
+    # the next word over the whole vocabulary (all items: dense 0.983)
+    assert results["toy_next"]["acc,none"] >= 0.9, results["toy_next"]
 
 
 def test_registered_names_resolve():

@@ -19,7 +19,7 @@ from qcompare_plugins.evaluators.heldout import (dataset_label, doc_id, load_doc
 
 class KLParams(Params):
     dataset: str = Field(description="registered dataset name, local .jsonl/.txt file, or hub id (wikitext)")
-    max_samples: Annotated[int, Field(ge=1)] | None = None
+    max_samples: Annotated[int, Field(ge=1)] | None = Field(None, description="the first N documents, in the file's order (default: all)")
     max_length: Annotated[int, Field(ge=1)] | None = Field(None, description="tokens kept of each document (default: the model's, at most 2048)")
     split: str = "test"
 

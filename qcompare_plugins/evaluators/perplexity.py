@@ -22,7 +22,7 @@ from qcompare_plugins.evaluators.heldout import (dataset_label, doc_id, load_doc
 
 class PerplexityParams(Params):
     dataset: str = Field(description="registered dataset name, local .jsonl/.txt file, or hub id (wikitext)")
-    max_samples: Annotated[int, Field(ge=1)] | None = None
+    max_samples: Annotated[int, Field(ge=1)] | None = Field(None, description="the first N documents, in the file's order (default: all)")
     max_length: Annotated[int, Field(ge=2)] | None = Field(None, description="window in tokens (default: the model's, at most 2048)")
     stride: Annotated[int, Field(ge=1)] | None = Field(None, description="tokens the window moves (default: half the window)")
     split: str = "test"

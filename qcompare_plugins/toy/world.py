@@ -25,6 +25,10 @@ A student pushed hard on the chat data can drift away from them; the evaluation 
 
 ``toy_usual`` ranks an entity's own habits (most likely first), which only a model that
 kept the distribution gets right; ``toy_gen`` asks for one word, scored by exact match.
+``toy_next`` asks for the next word wherever the world decides it and the word carries
+knowledge (a value, a pet, a result, a term), covered and uncovered alike: ~5,000 items
+over the whole vocabulary instead of four choices, the resolution that a comparison of
+quantizers which all keep the knowledge needs.
 Chat answers also come in several phrasings, so the first answer token is uncertain too.
 Every text is lower-case words separated by single spaces, so a word-level tokenizer
 covers it with no unknown token.
@@ -205,7 +209,8 @@ def chat_rows(world: World) -> list[dict]:
 
 def heldout_texts(world: World) -> list[str]:
     """Text no training row holds verbatim: held-out sums and sequences, fresh habit
-    samples, and facts in their other phrasing, for perplexity and KL-to-teacher."""
+    samples, and facts in their other phrasing, for perplexity and KL-to-teacher. Shuffled, so
+    that the first N texts (an evaluator's ``max_samples``) are a fair sample of every kind."""
     rng = random.Random(world.seed + 2)
     out = [f"{x} plus {y} is {x + y} ." for x, y in world.arith_test]
     out += ["count " + " ".join(map(str, seq_terms(s, d))) + " ." for s, d in world.seq_test]
@@ -216,6 +221,7 @@ def heldout_texts(world: World) -> list[str]:
     out += [MINUS_PHRASES[0].format(a=x, b=y, c=x - y) for x, y in world.minus_test]
     for a, (_, _, alt) in LORE.items():
         out += [alt.format(e=e, v=v) for e, v in rng.sample(sorted(world.lore[a].items()), 60)]
+    random.Random(world.seed + 6).shuffle(out)  # its own generator: the texts are what they were
     return out
 
 
@@ -255,6 +261,7 @@ def benchmarks(world: World) -> dict[str, list[dict]]:
         tasks["toy_gen"].append({"query": doc["query"], "answer": doc["choices"][doc["gold"]]})
     tasks["toy_usual"] = usual_habits(world)
     tasks.update(uncovered(world))
+    tasks["toy_next"] = next_words(world)
     return tasks
 
 
@@ -283,4 +290,32 @@ def usual_habits(world: World) -> list[dict]:
         for e, vs in world.habits[a].items():
             query = statement.split(" {v}")[0].format(e=e)
             docs.append(_mc(rng, query, vs[0], vs[1:] + [rng.choice([w for w in values if w not in vs])]))
+    return docs
+
+
+def next_words(world: World) -> list[dict]:
+    """Every knowledge position of the world's statements as a next-word item: a prefix of a
+    statement (pretraining's, plus the held-out sums, differences and sequences in each
+    phrasing) and the word the world makes most likely after it, when that word holds at least
+    half of the world's mass there, beats every other, and is not a function word. So "the home
+    of bado is" → its home, "bado drinks" → its usual drink (0.5 against 0.3 and 0.2), "count
+    4 7" → 10, "3 take away 1 leaves" → 2; "the home of" (any entity) and "3 plus 4" ("is") are
+    not items. Scored by greedy match over the whole vocabulary (lm-eval's loglikelihood ``acc``)."""
+    from collections import Counter, defaultdict
+
+    held_out = [p.format(x=x, y=y, z=x + y) for x, y in world.arith_test
+                for p in ("{x} plus {y} is {z} .", "{x} and {y} make {z} .")]
+    held_out += ["count " + " ".join(map(str, seq_terms(s, d))) + " ." for s, d in world.seq_test]
+    held_out += [p.format(a=x, b=y, c=x - y) for x, y in world.minus_test for p in MINUS_PHRASES]
+    following: dict[tuple, Counter] = defaultdict(Counter)  # prefix -> next words, in first-seen order
+    for text in pretrain_texts(world) + held_out:
+        words = text.split()
+        for i in range(1, len(words)):
+            following[tuple(words[:i])][words[i]] += 1
+    function_words = set(FUNCTION_WORDS)
+    docs = []
+    for prefix, counts in following.items():
+        (word, n), *rest = counts.most_common(2)
+        if 2 * n >= sum(counts.values()) and (not rest or n > rest[0][1]) and word not in function_words:
+            docs.append({"context": " ".join(prefix), "word": word})
     return docs
