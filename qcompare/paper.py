@@ -61,9 +61,10 @@ def _configs(df: pd.DataFrame) -> list[pd.DataFrame]:
     return [g for _, g in df.groupby(group_columns(df), dropna=False, sort=False)]
 
 
-def _verdict(root: Path, df: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, margin: float | None) -> str:
+def _verdict(root: Path, df: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame, margin: float | None,
+             metric: str = "average") -> str:
     try:
-        result, _, _ = compare_cells(root, df, a, b, "average", margin)
+        result, _, _ = compare_cells(root, df, a, b, metric, margin)
     except QcompareError as e:
         return f"n/a ({str(e).split(': ', 1)[-1][:60]})"
     return verdict_text(result)
@@ -217,31 +218,43 @@ def cost_table(root: Path, margin) -> PaperTable:
 
 
 def quantizers_table(root: Path, margin, figures: Path | None = None) -> PaperTable:
+    """Each quantizer and training against torchao's with the same training, on the average and,
+    where the run measured it, on KL to the teacher: weight-only 4-bit formats that all keep the
+    knowledge part on the KL first."""
     df = load_run(root)
+    kl = next((c for c in df.columns if c.endswith("-vs-teacher/kl")), None)
     rows = []
-    for g in _configs(df):
+    configs = _configs(df)
+
+    def training(g: pd.DataFrame) -> tuple:
+        lmbda = g["distiller.lmbda"].iloc[0] if "distiller.lmbda" in g else None
+        return g["distiller"].iloc[0], None if pd.isna(lmbda) else lmbda
+
+    for g in configs:
         if g["quantizer"].iloc[0] == "teacher":
             continue
-        ref = next((h for h in _configs(df) if h["quantizer"].iloc[0] == "torchao"
-                    and h["distiller"].iloc[0] == g["distiller"].iloc[0]
-                    and h.get("distiller.lmbda", pd.Series([None])).iloc[0] == g.get("distiller.lmbda", pd.Series([None])).iloc[0]),
-                   None)
-        verdict = "reference" if ref is g else (_verdict(root, df, g, ref, margin) if ref is not None else "")
+        ref = next((h for h in configs if h["quantizer"].iloc[0] == "torchao" and training(h) == training(g)), None)
+        verdicts = ["reference" if ref is g else (_verdict(root, df, g, ref, margin, metric) if ref is not None else "")
+                    for metric in ["average"] + ([kl] if kl else [])]
         # the quantizer's variant and the training, as the cell's label says them (model and seed aside)
         name = re.sub(r" · seed \d+$", "", str(g["label"].iloc[0])).removeprefix(f"{g['model'].iloc[0]} · ")
         bits = g["bits_per_weight"].iloc[0] if "bits_per_weight" in g else float("nan")
-        rows.append([name, str(max(1, g["seed"].nunique())), mean_text(g, "average"),
-                     "—" if bits != bits else f"{bits:.2f}", verdict])
+        row = [name, str(max(1, g["seed"].nunique())), mean_text(g, "average"), "—" if bits != bits else f"{bits:.2f}",
+               verdicts[0]]
+        rows.append(row + ([mean_text(g, kl), verdicts[1]] if kl else []))
     made = []
     if figures is not None:
         from qcompare.figures import write_figures
 
         made = [p for p in write_figures(root, figures / "quantizers", "average") if p.name == "metric_vs_bits.png"]
+    columns = ["configuration", "seeds", "average", "true bits/weight", "vs torchao, same training: Δ [95% CI] verdict"]
+    notes = ["true bits/weight: codes and block scales as the converted model stores them; the figure puts every "
+             "configuration on that axis."]
+    if kl:
+        columns += [f"KL to the teacher ({kl.split('-vs-teacher')[0]})", "vs torchao: Δ KL [95% CI] verdict"]
+        notes.append("KL: mean per-token KL(teacher ‖ model), lower is better; its verdict compares texts paired by id.")
     return PaperTable("Quantizers and formats at ~4 bits: integer grids (torchao, GPTQ, AWQ) and float formats "
-                      "(NVFP4, MXFP4, NF4)",
-                      ["configuration", "seeds", "average", "true bits/weight", "vs torchao, same training: Δ [95% CI] verdict"],
-                      rows, ["true bits/weight: codes and block scales as the converted model stores them; the figure "
-                             "puts every configuration on that axis."], made)
+                      "(NVFP4, MXFP4, NF4)", columns, rows, notes, made)
 
 
 def build(runs: Path, figures: Path | None = None, margin: float | None = None) -> tuple[list[PaperTable], list[str]]:
