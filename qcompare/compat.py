@@ -16,6 +16,12 @@
   quantized model computed when it was trained and evaluated (measured: 3e-3 logits on a tiny
   model; and it fails outright when a block spans more than one row). Off here, so a reloaded
   NF4/FP4 model keeps bitsandbytes' portable dequantize → matmul path.
+- bitsandbytes' CPU ``dequantize_4bit`` kernel (0.50.2) gives each row its own blocks, while its
+  ``quantize_4bit`` (and the CUDA kernels, and the saved format) cut blocks from the flattened
+  tensor: wherever a block spans rows (in_features not a multiple of blocksize) the weights come
+  back wrong — 0.2–0.8 relative error where NF4 makes 0.09–0.11 (measured) — and the student, the
+  converted model and a reload all agree on the wrong weights, so no check sees it. bitsandbytes'
+  own portable implementation, the one its quantize matches, is registered for CPU instead.
 
 All belong upstream (torchao, transformers, bitsandbytes); until then this module is what the card imports.
 """
@@ -102,6 +108,28 @@ def keep_bitsandbytes_portable() -> None:
     modules.has_avx512bf16 = lambda: False  # what Linear4bit.__init__ reads for its CPU fast path
 
 
+@functools.cache
+def dequantize_bitsandbytes_blocks_flat() -> None:
+    try:
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+        from bitsandbytes.backends.utils import _get_4bit_code
+    except ImportError:
+        return
+    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # not torch.compile'd
+
+    def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+        if A.dtype != torch.uint8:
+            A = A.view(torch.uint8)
+        return compute(A.reshape(-1), absmax, _get_4bit_code(quant_type, A.device), blocksize, shape, dtype)
+
+    import warnings
+
+    with warnings.catch_warnings():  # torch says it replaces bitsandbytes' CPU kernel: that is the point
+        warnings.simplefilter("ignore")
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
+
+
 register_torchao_transposes()
 patch_falcon_init()
 keep_bitsandbytes_portable()
+dequantize_bitsandbytes_blocks_flat()

@@ -333,6 +333,9 @@ class Bnb(Format):
     def __init__(self, params):
         super().__init__(params)
         self.label = params.quant_type.upper()
+        # bitsandbytes' CPU dequantize as its quantize cuts blocks (and its portable path): the student,
+        # the converted layers and a reload (whose card imports it too) all compute with it
+        import qcompare.compat  # noqa: F401
 
     def subclass_problem(self, target):
         # transformers' bitsandbytes integration makes Linear4bit of plain nn.Linear and Conv1D only

@@ -97,6 +97,29 @@ def test_the_student_rounds_onto_the_converted_grid(name, params):
     assert not torch.equal(seen, layer.weight.float())  # it did round
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(32, 32), (16, 48), (24, 96)], ids=str)
+def test_blocks_that_span_rows_come_back_as_they_were_quantized(quant_type, shape):
+    """bitsandbytes cuts its blocks from the flattened weight; its CPU dequantize kernel read a block
+    per row, so a layer narrower than a block (or not a multiple of it) came back 0.2–0.8 off, and
+    student, converted model and reload agreed on the wrong weights. Each block must come back as
+    its absmax times its codes."""
+    import bitsandbytes.functional as bf
+
+    import qcompare.compat  # noqa: F401  (what converted layers and reloads run with)
+
+    torch.manual_seed(0)
+    w = torch.randn(shape) * torch.rand(shape[0], 1) * 3  # rows of different scales
+    packed, state = bf.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+    got = bf.dequantize_4bit(packed, state)
+    codes = torch.stack([packed.flatten() >> 4, packed.flatten() & 0xF], 1).flatten().long()[: w.numel()]
+    table = bf.get_4bit_type(quant_type, device="cpu")
+    blocks = torch.nn.functional.pad(table[codes], (0, -w.numel() % 64)).reshape(-1, 64)
+    want = (blocks * state.absmax[:, None]).flatten()[: w.numel()].reshape(shape)
+    assert torch.equal(got, want)
+    assert (got - w).norm() / w.norm() < 0.15  # what 4 bits with a scale per 64 weights make
+
+
 def test_gradients_pass_straight_through_to_the_exact_rounded_weight():
     import bitsandbytes.functional as bf
 
