@@ -9,8 +9,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ("qcompare_plugins/toy/model", "qcompare_plugins/toy/model-moe", "qcompare_plugins/toy/data",
-           "qcompare_plugins/toy/tasks")
+SHIPPED = ("qcompare_plugins/toy/model", "qcompare_plugins/toy/model-moe", "qcompare_plugins/toy/model-narrow",
+           "qcompare_plugins/toy/data", "qcompare_plugins/toy/tasks")
 
 
 def test_the_wheel_ships_the_toy_world_and_the_build_prints_no_warning(tmp_path):

@@ -1,7 +1,8 @@
-"""Build the toy world: data, tokenizer, task files and its two teachers, the dense toy-qwen3 and
-the mixture-of-experts toy-qwen3-moe (the same world, attention and budget; 8 experts, 2 per token).
+"""Build the toy world: data, tokenizer, task files and its three teachers, the dense toy-qwen3,
+the mixture-of-experts toy-qwen3-moe (the same world, attention and budget; 8 experts, 2 per token)
+and toy-qwen3-narrow (half the width: at its capacity, so 4-bit formats cost it accuracy).
 
-    python -m qcompare_plugins.toy.build [--seed 0] [--out qcompare_plugins/toy] [--only dense|moe]
+    python -m qcompare_plugins.toy.build [--seed 0] [--out qcompare_plugins/toy] [--only dense|moe|narrow]
     python -m qcompare_plugins.toy.build --check     # rebuild in a temporary folder, compare with the shipped files
 
 Deterministic for a seed (one thread, seeded torch): the same files byte for byte. Its outputs
@@ -52,6 +53,13 @@ def model_config(tokenizer) -> Qwen3Config:
     return Qwen3Config(**_shape(tokenizer))
 
 
+def narrow_config(tokenizer) -> Qwen3Config:
+    """toy-qwen3 at half the width (~59k parameters): the world fills it, so its knowledge sits close
+    to the decision boundary and 4-bit formats cost it accuracy (1.5–3 points), as they cost a 4B model
+    — where toy-qwen3 keeps everything at 4 bits and the formats tie."""
+    return Qwen3Config(**{**_shape(tokenizer), "hidden_size": 32, "intermediate_size": 128, "head_dim": 8})
+
+
 def moe_config(tokenizer) -> Qwen3MoeConfig:
     """toy-qwen3's attention and width with its MLP as 8 experts of width 64, 2 routed per token:
     half the dense model's active MLP width per token, ~1.5× its parameters."""
@@ -93,10 +101,15 @@ def batches(ids: list[list[int]], pad_id: int, batch: int, rng: random.Random):
         yield x, (x != pad_id).long(), labels
 
 
-def train_teacher(world: World, tokenizer, steps: int = STEPS, log_every: int = 500, moe: bool = False):
+TEACHERS = {"dense": "model", "moe": "model-moe", "narrow": "model-narrow"}  # variant -> folder
+
+
+def train_teacher(world: World, tokenizer, steps: int = STEPS, log_every: int = 500, variant: str = "dense"):
     """Train from scratch with AdamW, warmup then cosine decay."""
     torch.manual_seed(world.seed)
-    model = Qwen3MoeForCausalLM(moe_config(tokenizer)) if moe else Qwen3ForCausalLM(model_config(tokenizer))
+    model = {"dense": lambda: Qwen3ForCausalLM(model_config(tokenizer)),
+             "moe": lambda: Qwen3MoeForCausalLM(moe_config(tokenizer)),
+             "narrow": lambda: Qwen3ForCausalLM(narrow_config(tokenizer))}[variant]()
     texts = training_texts(world, tokenizer)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
@@ -129,12 +142,12 @@ def build(seed: int = 0, out: Path = HERE, steps: int = STEPS, only: str | None 
         world = make_world(seed)
         tokenizer = make_tokenizer()
         write_world_files(world, out)
-        for moe in (False, True):
-            if only and only != ("moe" if moe else "dense"):
+        for variant, folder in TEACHERS.items():
+            if only and only != variant:
                 continue
             start = time.perf_counter()
-            model = train_teacher(world, tokenizer, steps, moe=moe)
-            folder = out / ("model-moe" if moe else "model")
+            model = train_teacher(world, tokenizer, steps, variant=variant)
+            folder = out / folder
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             print(f"{folder.name}: {steps} steps in {time.perf_counter() - start:.0f} s on one thread", flush=True)
@@ -157,7 +170,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--only", choices=("dense", "moe"), help="train one of the two teachers")
+    parser.add_argument("--only", choices=tuple(TEACHERS), help="train one of the teachers")
     parser.add_argument("--check", action="store_true", help="rebuild elsewhere and compare with the shipped files")
     args = parser.parse_args()
     if args.check:
