@@ -42,7 +42,7 @@ def test_every_study_has_a_toy_twin_with_the_same_axes(study):
     assert twin.is_file(), f"{study} has no toy twin at {twin}"
     real, toy = tomllib.loads(study.read_text()), tomllib.loads(twin.read_text())
     assert sweep_axes(real) == sweep_axes(toy)
-    assert real.get("models") and toy["models"][0] == "toy-qwen3"
+    assert real.get("models") and toy["models"][0].startswith("toy-qwen3")  # a toy teacher
 
 
 def shrink(raw: dict) -> dict:
