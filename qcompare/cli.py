@@ -161,8 +161,8 @@ def plan(
         console.print(note, highlight=False)
     stale = sum(status == "stale" for _, status in rows)
     if stale:
-        console.print(f"[yellow]{stale} cells are stale[/]: done by other versions of their plugins (or other files "
-                      "of a local model or data file) than the ones installed now; `qcompare run` runs them again (--keep-stale "
+        console.print(f"[yellow]{stale} cells are stale[/]: done by other versions of their plugins (or from other "
+                      "model or data files) than the ones installed now; `qcompare run` runs them again (--keep-stale "
                       "keeps them, reported as rows of their own)", highlight=False)
 
 

@@ -29,6 +29,7 @@ All belong upstream (torchao, transformers, bitsandbytes); until then this modul
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +122,6 @@ def dequantize_bitsandbytes_blocks_flat() -> None:
         if A.dtype != torch.uint8:
             A = A.view(torch.uint8)
         return compute(A.reshape(-1), absmax, _get_4bit_code(quant_type, A.device), blocksize, shape, dtype)
-
-    import warnings
 
     with warnings.catch_warnings():  # torch says it replaces bitsandbytes' CPU kernel: that is the point
         warnings.simplefilter("ignore")

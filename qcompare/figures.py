@@ -13,8 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from qcompare.report import _varying, summarize  # noqa: E402
-from qcompare.results import setting_text  # noqa: E402
-from qcompare.results import group_columns, load_run  # noqa: E402
+from qcompare.results import group_columns, load_run, setting_text  # noqa: E402
 from qcompare.stats import mean_ci  # noqa: E402
 from qcompare.store import open_run  # noqa: E402
 

@@ -19,7 +19,7 @@ import pandas as pd
 from qcompare.compare import compare_cells
 from qcompare.errors import QcompareError
 from qcompare.report import summarize
-from qcompare.results import group_columns, load_run
+from qcompare.results import group_columns, load_run, setting_text
 from qcompare.stats import mean_ci
 
 STUDIES = ("lambda", "lr_sweep", "steps", "rollout", "beta", "quantizers")
@@ -54,7 +54,8 @@ def mean_text(g: pd.DataFrame, col: str) -> str:
 
 
 def value_text(v) -> str:
-    return str(int(v)) if isinstance(v, float) and v.is_integer() else f"{v:g}" if isinstance(v, float) else str(v)
+    """``setting_text``, with a fractional float in ``:g`` form (0.1 + 0.2 shows as 0.3)."""
+    return f"{v:g}" if isinstance(v, float) and not v.is_integer() else setting_text(v)
 
 
 def _configs(df: pd.DataFrame) -> list[pd.DataFrame]:

@@ -123,7 +123,8 @@ def data_files(cell: Cell, registry) -> list[tuple[str, Path]]:
 
 def plan(recipe: Recipe, store: RunStore) -> list[tuple[Cell, str]]:
     """Each cell with its stored status: done, stale (done by other plugin versions than the ones
-    installed now, or by other files of a local model folder), failed, running (interrupted) or pending."""
+    installed now, or from other contents of a local model or data file: ``plugin_identities``),
+    failed, running (interrupted) or pending."""
     registry = get_registry()
     out = []
     for cell in expand(recipe):

@@ -75,6 +75,7 @@ LORE = {  # attribute -> (values, canonical statement, other phrasing)
         "the pet of {e} is {v} .", "{e} keeps a {v} .",
     ),
 }
+SUM_PHRASES = ("{a} plus {b} is {c} .", "{a} and {b} make {c} .")
 MINUS_PHRASES = ("{a} minus {b} is {c} .", "{a} take away {b} leaves {c} .")
 HABIT_PROBS = (0.5, 0.3, 0.2)
 HABIT_COPIES = 10  # pretraining statements per entity and habit: exactly 5, 3 and 2 of them
@@ -144,6 +145,10 @@ def seq_terms(start: int, step: int, n: int = 5) -> list[int]:
     return [start + i * step for i in range(n)]
 
 
+def seq_text(start: int, step: int) -> str:
+    return "count " + " ".join(map(str, seq_terms(start, step))) + " ."
+
+
 # --- texts ------------------------------------------------------------------------
 
 
@@ -161,9 +166,9 @@ def pretrain_texts(world: World) -> list[str]:
     # Arithmetic and sequences must generalise to held-out items, not be memorised:
     # they get more repetitions than one fact.
     for x, y in world.arith_train:
-        out += [f"{x} plus {y} is {x + y} .", f"{x} and {y} make {x + y} ."] * ARITH_COPIES
+        out += [p.format(a=x, b=y, c=x + y) for p in SUM_PHRASES] * ARITH_COPIES
     for s, d in world.seq_train:
-        out += ["count " + " ".join(map(str, seq_terms(s, d))) + " ."] * ARITH_COPIES * 4
+        out += [seq_text(s, d)] * ARITH_COPIES * 4
     for a, (_, canon, alt) in LORE.items():
         for e, v in world.lore[a].items():
             out += [canon.format(e=e, v=v), canon.format(e=e, v=v), alt.format(e=e, v=v)]
@@ -198,7 +203,7 @@ def chat_rows(world: World) -> list[dict]:
             v = _sample_habit(rng, values)
             add(rng.choice(questions).format(e=e), rng.choices([statement.format(e=e, v=v), f"{v} ."], weights=(0.8, 0.2))[0])
     for x, y in world.arith_train:
-        add(f"what is {x} plus {y} ?", phrase(f"{x} plus {y} is {x + y} .", f"{x} and {y} make {x + y} .", str(x + y)))
+        add(f"what is {x} plus {y} ?", phrase(*(p.format(a=x, b=y, c=x + y) for p in SUM_PHRASES), str(x + y)))
     for s, d in world.seq_train:
         t = seq_terms(s, d)
         head = " ".join(map(str, t[:4]))
@@ -212,8 +217,8 @@ def heldout_texts(world: World) -> list[str]:
     samples, and facts in their other phrasing, for perplexity and KL-to-teacher. Shuffled, so
     that the first N texts (an evaluator's ``max_samples``) are a fair sample of every kind."""
     rng = random.Random(world.seed + 2)
-    out = [f"{x} plus {y} is {x + y} ." for x, y in world.arith_test]
-    out += ["count " + " ".join(map(str, seq_terms(s, d))) + " ." for s, d in world.seq_test]
+    out = [SUM_PHRASES[0].format(a=x, b=y, c=x + y) for x, y in world.arith_test]
+    out += [seq_text(s, d) for s, d in world.seq_test]
     for a, (_, statement, _) in HABITS.items():
         out += [statement.format(e=e, v=_sample_habit(rng, vs)) for e, vs in world.habits[a].items()]
     for a, (_, _, alt, _) in FACTS.items():
@@ -303,9 +308,8 @@ def next_words(world: World) -> list[dict]:
     not items. Scored by greedy match over the whole vocabulary (lm-eval's loglikelihood ``acc``)."""
     from collections import Counter, defaultdict
 
-    held_out = [p.format(x=x, y=y, z=x + y) for x, y in world.arith_test
-                for p in ("{x} plus {y} is {z} .", "{x} and {y} make {z} .")]
-    held_out += ["count " + " ".join(map(str, seq_terms(s, d))) + " ." for s, d in world.seq_test]
+    held_out = [p.format(a=x, b=y, c=x + y) for x, y in world.arith_test for p in SUM_PHRASES]
+    held_out += [seq_text(s, d) for s, d in world.seq_test]
     held_out += [p.format(a=x, b=y, c=x - y) for x, y in world.minus_test for p in MINUS_PHRASES]
     following: dict[tuple, Counter] = defaultdict(Counter)  # prefix -> next words, in first-seen order
     for text in pretrain_texts(world) + held_out:
