@@ -48,7 +48,7 @@ def make_teacher(tokenizer, seed: int = 0) -> Qwen3ForCausalLM:
     return model.eval()
 
 
-def make_student(teacher, fake_quant: bool = True):
+def make_student(teacher, fake_quant: bool = True, skip_head: bool = False):
     """A trainable copy; with fake_quant its Linear layers are torchao int4 QAT (group 32)."""
     student = copy.deepcopy(teacher).train()
     if fake_quant:
@@ -57,7 +57,8 @@ def make_student(teacher, fake_quant: bool = True):
         from torchao.quantization.qat import QATConfig
 
         base = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
-        quantize_(student, QATConfig(base, step="prepare"))
+        keep = (lambda m, fqn: fqn != "lm_head" and isinstance(m, torch.nn.Linear)) if skip_head else None
+        quantize_(student, QATConfig(base, step="prepare"), filter_fn=keep)
     return student
 
 

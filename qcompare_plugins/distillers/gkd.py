@@ -50,6 +50,10 @@ class GKDParams(TrainParams):
         True, description="with LoRA, the student with adapters and fake quantization off is the teacher "
         "(one copy of the weights)"
     )
+    loss_kernel: Literal["chunked", "full"] = RuntimeField(
+        "chunked", description="'chunked' computes the divergence from the final hidden states a tile of tokens × "
+        "vocabulary at a time (TRL's kernel; no [batch, length, vocab] tensor); 'full' builds both models' logits. "
+        "Equal within fp32 rounding; a fake-quantized or adapted output head always takes 'full'")
     use_vllm: bool = Field(False, description="vLLM rollouts; not offered by TRL 1.16's GKDTrainer (see docs/scale.md)")
 
 
@@ -118,6 +122,7 @@ class GKDDistiller(Distiller):
         result.cost["teacher_layout"] = layout
         result.cost["master_weights"] = "fp32" if master else "as the model"
         result.cost["teacher_cache"] = f"{mode if cache is not None else 'off'}: {why}"
+        result.cost["loss"] = f"{trainer.loss_path}: {trainer.loss_why}"
         if trainer.cache_fallback:
             result.cost["teacher_cache"] = f"off: {trainer.cache_fallback}"
         if cache is not None:

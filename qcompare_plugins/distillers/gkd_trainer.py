@@ -18,7 +18,10 @@ with warnings.catch_warnings():
 # that advice is noise in every on-policy cell.
 logging.getLogger("trl.experimental.gkd.gkd_trainer").setLevel(logging.ERROR)
 
+from trl.models.utils import _ForwardRedirection  # noqa: E402
+
 from .chat_tokens import ReusedChatCollator  # noqa: E402
+from .chunked_loss import backbone_hidden, generalized_jsd, plain_head  # noqa: E402
 from .common import MeteredTrainerMixin, lora_config, training_kwargs  # noqa: E402
 from .shared_teacher import teacher_mode  # noqa: E402
 from .rollouts import weights_rounded_once  # noqa: E402
@@ -50,6 +53,10 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
     shared_teacher: bool = False  # set by GKDDistiller.distill once the weights are shared
     cache_fallback: str | None = None  # why a hidden-state cache was given up (not bitwise), if it was
     _cache_checked = False
+    loss_kernel: str = "chunked"  # set from GKDParams.loss_kernel by make_trainer
+    loss_path: str | None = None  # "chunked" or "full", chosen on the first batch
+    loss_why: str = ""
+    _redirect = _ForwardRedirection()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._rollout_by = None
@@ -76,11 +83,65 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         tokens = inputs["attention_mask"].sum().item()
         self.meter.add("student_tokens", tokens)
+        if self.loss_path is None:
+            self.loss_path, self.loss_why = self.choose_loss(model)
+        if self.loss_path == "chunked":
+            return (self.chunked_loss(model, inputs), None) if return_outputs else self.chunked_loss(model, inputs)
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         teacher_logits = self.teacher_logits(model, inputs, student_outputs.logits.shape[-1])
         # logits at i predict token i+1; labels are -100 on prompt and padding
         loss = jsd_loss(student_outputs.logits[:, :-1, :], teacher_logits, inputs["labels"][:, 1:], self.beta)
         return (loss, student_outputs) if return_outputs else loss
+
+    def choose_loss(self, model) -> tuple[str, str]:
+        """("chunked" | "full", why): the tiled loss whenever both heads are plain Linear layers and
+        no logits cache feeds the teacher side; once per cell."""
+        if self.loss_kernel == "full":
+            return "full", "as the recipe says (loss_kernel = 'full')"
+        if self.teacher_cache is not None and self.teacher_cache.mode == "logits":
+            return "full", "the teacher cache keeps logits (teacher_cache = 'hidden' serves the tiled loss)"
+        with self._as_teacher(model) as teacher:
+            for who, m in (("student", self.accelerator.unwrap_model(model)), ("teacher", teacher)):
+                why = plain_head(m)
+                if why is not None:
+                    return "full", f"the {who}'s {why}"
+        return "chunked", "tiled over tokens and vocabulary from the final hidden states (no [batch, length, vocab] tensor)"
+
+    def chunked_loss(self, model, inputs):
+        """The generalized JSD from both models' final hidden states: the logits exist a tile at a time.
+        The whole loss runs inside the DDP wrapper's forward, as in TRL's DistillationTrainer: DDP
+        then sees the head's weight in the graph of what its forward returned (else it marks the
+        head unused, then ready a second time when its gradient arrives)."""
+        student = self.accelerator.unwrap_model(model)
+
+        def loss(inputs):
+            hidden = backbone_hidden(student, inputs["input_ids"], inputs["attention_mask"])
+            teacher_hidden = self.teacher_hidden(model, inputs)
+            with self._as_teacher(model) as teacher:
+                return generalized_jsd(hidden[:, :-1], student, teacher_hidden[:, :-1], teacher,
+                                       inputs["labels"][:, 1:], self.beta)
+
+        return self._redirect(model, student, loss, inputs)
+
+    def teacher_hidden(self, model, inputs):
+        """The input of the teacher's head at every position: from the run's hidden-state cache on an
+        off-policy data batch that an earlier cell computed, else from one teacher backbone forward
+        (kept for later cells). The tiled loss projects it, so a served batch is exactly a fresh one."""
+        cache = self.teacher_cache if getattr(self, "_rollout_by", None) is None else None
+        key = cache.key(inputs) if cache is not None else None
+        cached = cache.get(key) if cache is not None else None
+        tokens = inputs["attention_mask"].sum().item()
+        if cached is not None:
+            self.meter.add("teacher_cached_tokens", tokens)
+            self.meter.add("teacher_cached_batches", 1)
+            return cached.to(inputs["input_ids"].device)
+        with self.meter.time("teacher_forward_seconds"), torch.no_grad(), self._as_teacher(model) as teacher:
+            hidden = backbone_hidden(teacher, inputs["input_ids"], inputs["attention_mask"])
+        self.meter.add("teacher_tokens", tokens)
+        self.meter.add("teacher_forwards", 1)
+        if cache is not None:
+            cache.store(inputs, key, hidden)
+        return hidden
 
     def teacher_logits(self, model, inputs, vocab: int):
         """The teacher's shifted logits: from the run's cache on an off-policy data batch that
@@ -194,6 +255,7 @@ def make_trainer(teacher, student, tokenizer, data, params, context, meter, call
         callbacks=callbacks,
     )
     trainer._init_meter(meter)
+    trainer.loss_kernel = params.loss_kernel
     # TRL turns the rollouts' KV cache off whenever gradient checkpointing is on, yet
     # unwrap_model_for_generation switches checkpointing off around generate(): keep the
     # cache (same tokens, generation linear instead of quadratic in length).

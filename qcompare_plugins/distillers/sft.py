@@ -44,6 +44,7 @@ class SFTDistiller(Distiller):
             # the teacher is not used; its parameter count is left out of the FLOPs
             result = run_training(self.name, trainer, meter, None, params, context)
         result.cost["master_weights"] = "fp32" if master else "as the model"
+        result.cost["loss"] = trainer.loss_path
         return result
 
     def make_trainer(self, student, tokenizer, data, params, context, meter):

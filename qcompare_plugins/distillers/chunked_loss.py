@@ -1,0 +1,73 @@
+"""The distillation losses without the vocabulary: from the final hidden states, the output heads
+applied a tile of tokens × a tile of the vocabulary at a time, recomputed in backward.
+
+A full-vocabulary loss holds several fp32 [batch, length, vocab] tensors: at Qwen3-4B's vocabulary
+(151,936) and batch 8 × 384 tokens each is 1.7 GiB, and the generalized JSD keeps five or more
+for backward. TRL 1.16 ships the tiled computation this needs (``trl.kernels.chunked_divergence``:
+Triton kernels on CUDA, torch tiles elsewhere; its ``DistillationTrainer`` and, for the
+cross-entropy, ``SFTTrainer``'s fused LM head use it). This module feeds it from qcompare's GKD
+trainer: the student's backbone output at the answer positions, the teacher's (from a forward, the
+run's hidden-state cache, or the shared LoRA base), and both heads' weights.
+
+The kernel reads the head's ``weight`` and ``bias`` directly, so it serves only a head that is a
+plain ``nn.Linear`` (the default: every quantizer skips ``lm_head``); a fake-quantized head or one
+with a LoRA adapter computes something else in its forward and takes the full-vocabulary path
+(``plain_head`` says why).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def plain_head(model) -> str | None:
+    """None when ``model``'s output head computes exactly ``x @ weight.T + bias`` (what the tiled
+    kernel assumes), else why not."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return f"{type(model).__name__} has no output head"
+    if type(head) is not nn.Linear:  # FakeQuantizedLinear and peft's layers subclass or wrap Linear
+        return f"output head is a {type(head).__name__}, not a plain Linear (fake-quantized or adapted)"
+    return None
+
+
+def logit_transform(model) -> tuple[float, float | None]:
+    """(scale, softcap) that ``model`` applies to its head's output, as TRL's kernels take them:
+    Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, Falcon-H1's ``lm_head_multiplier``,
+    Gemma's ``final_logit_softcapping``."""
+    config = model.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+    return (1.0 if scale is None else scale), getattr(config, "final_logit_softcapping", None)
+
+
+def backbone_hidden(model, input_ids, attention_mask) -> torch.Tensor:
+    """The input of ``model``'s output head for every position: its backbone's last hidden state
+    (peft's wrapper unwrapped; adapters live inside the backbone's layers)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def generalized_jsd(student_hidden, student, teacher_hidden, teacher, labels, beta: float) -> torch.Tensor:
+    """TRL's generalized JSD (``GKDTrainer.generalized_jsd_loss`` at temperature 1) averaged over the
+    positions whose next-token label is not -100, from hidden states of shape (batch, length, hidden)
+    that predict ``labels`` (batch, length) — already shifted. Only those positions are projected."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    mask = labels != -100
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    s_scale, s_cap = logit_transform(student)
+    t_scale, t_cap = logit_transform(teacher)
+    h_s = student_hidden[mask].to(s_head.weight.device)
+    h_t = teacher_hidden[mask].to(t_head.weight.device)
+    per_token, _entropy = ChunkedDivergenceFunction.apply(
+        h_s, s_head.weight, s_head.bias, h_t, t_head.weight, t_head.bias, float(beta), 1.0, s_scale, s_cap,
+        t_scale, t_cap)
+    return per_token.sum() / mask.sum().clamp(min=1)
