@@ -107,6 +107,31 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _memory_lines(cells, estimates, device: str, gpu_memory: float | None) -> list[str]:
+    """The expected peak per distinct memory shape of the cells to run, its biggest parts, and for
+    one that will not fit the device, the recipe changes that would each make it fit."""
+    from qcompare.memory import device_capacity, fixes, gib, summary
+
+    groups: dict[str, list] = {}
+    for cell in cells:
+        e = estimates.get(cell.id)
+        if e is not None and e.memory is not None:
+            groups.setdefault(summary(e.memory), []).append((cell, e))
+    if not groups:
+        return []
+    capacity, label = device_capacity(device, gpu_memory)
+    lines = [f"peak memory per cell ({label}; an estimate, see docs/scale.md):"]
+    for text, members in groups.items():
+        ids = ", ".join(c.id for c, _ in members[:3]) + (f" (+{len(members) - 3})" if len(members) > 3 else "")
+        lines.append(f"  {ids}: {text}")
+        e = members[0][1]
+        if e.memory.peak > capacity:
+            tries = fixes(**e.memory_inputs, capacity=capacity, device=device)
+            lines.append(f"    [red]will not fit[/]: needs ~{gib(e.memory.peak)} GiB of {gib(capacity)}; "
+                         + ("try: " + "; ".join(tries) if tries else "no single change of the recipe makes it fit"))
+    return lines
+
+
 @app.command()
 def plan(
     recipe: RecipeArg,
@@ -114,12 +139,16 @@ def plan(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (default runs/<recipe name>).")] = None,
     device: Annotated[Optional[str], typer.Option(
         help="Price the cells on this device (cpu or cuda; default: the recipe's, for auto whether a GPU is here).")] = None,
+    gpu_memory: Annotated[Optional[float], typer.Option(
+        "--gpu-memory", min=1, metavar="GiB",
+        help="GPU memory a cell may use (default: the GPU here, else an assumed 80 GiB).")] = None,
 ):
     """Show the cells a recipe expands to, which are already done, and what the rest will cost
-    (FLOPs, wall time, GPU-hours), before running anything."""
+    (FLOPs, wall time, GPU-hours, peak memory), before running anything."""
     from rich.table import Table
 
     from qcompare.estimate import estimate_cells, guess_device, plan_notes
+    from qcompare.memory import gib
     from qcompare.plugins import get_registry
     from qcompare.runner import plan as plan_cells
 
@@ -133,8 +162,8 @@ def plan(
         estimates = estimate_cells(r, store, todo, get_registry(), device)
         notes = plan_notes([cell for cell, _ in rows], get_registry())
     table = Table(title=f"{r.name}: {len(rows)} cells → {store.root}")
-    for col in ("cell", "model", "quantizer", "distiller", "seed", "status", "TFLOP", "time"):
-        table.add_column(col, justify="right" if col in ("TFLOP", "time") else "left")
+    for col in ("cell", "model", "quantizer", "distiller", "seed", "status", "TFLOP", "time", "GiB"):
+        table.add_column(col, justify="right" if col in ("TFLOP", "time", "GiB") else "left")
     style = {"done": "green", "stale": "yellow", "failed": "red", "running": "yellow", "pending": "dim"}
     for cell, status in rows:
         e = estimates.get(cell.id)
@@ -142,8 +171,11 @@ def plan(
                       cell.distiller.label() if cell.distiller else "—",
                       "—" if cell.seed is None else str(cell.seed), f"[{style[status]}]{status}[/]",
                       "—" if e is None else ("?" if e.flops is None else f"{e.flops / 1e12:.3g}"),
-                      "—" if e is None else _duration(e.seconds))
+                      "—" if e is None else _duration(e.seconds),
+                      "—" if e is None or e.memory is None else f"~{gib(e.memory.peak)}")
     console.print(table)
+    for line in _memory_lines(todo, estimates, device, gpu_memory):
+        console.print(line, highlight=False)
     known = [e for e in estimates.values() if e.seconds is not None]
     bases = sorted({e.basis for e in estimates.values()})
     if known:

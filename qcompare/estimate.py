@@ -8,6 +8,7 @@ measured in the run folder's finished cells of the same model and device (traini
 second, generated tokens per second, and the seconds a cell spends outside training: loading,
 quantizing, evaluating) or, where none has finished, a stated default for the device. The runner
 keeps each cell's estimate in its record; ``qcompare report`` sets it against the actual cost.
+Each estimate also holds the cell's expected peak memory on the device (``qcompare.memory``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Assumed when no finished cell of the model and device measures them (labelled "assumed"):
 # sustained FLOP/s of training steps, and of decoding (2·N per generated token; batched decoding
@@ -184,9 +186,12 @@ class Estimate:
     device: str
     basis: str
     tokens: dict = field(default_factory=dict)
+    memory: Any = None  # qcompare.memory.Memory, or None where the model's config is not here
+    memory_inputs: dict = field(default_factory=dict)  # what qcompare.memory.fixes needs besides the capacity
 
     def as_record(self) -> dict:
-        return {"flops": self.flops, "seconds": self.seconds, "device": self.device, "basis": self.basis}
+        record = {"flops": self.flops, "seconds": self.seconds, "device": self.device, "basis": self.basis}
+        return record | ({"memory": self.memory.as_record()} if self.memory is not None else {})
 
 
 def guess_device(recipe) -> str:
@@ -196,23 +201,42 @@ def guess_device(recipe) -> str:
     return "cuda" if os.path.exists("/proc/driver/nvidia/version") else "cpu"
 
 
+def cell_memory_inputs(cell, shapes, registry) -> dict:
+    """The arguments of ``qcompare.memory.cell_memory`` (and ``fixes``) for ``cell`` of a model of ``shapes``."""
+    if cell.distiller is None or cell.quantizer is None:  # the teacher's row: its weights only
+        return {"m": shapes, "params": None, "shares_weights": True}
+    dcls, qcls = registry.get("distiller", cell.distiller.name), registry.get("quantizer", cell.quantizer.name)
+    dparams = dcls.Params.model_validate(cell.distiller.params)
+    shares = qcls.shares_teacher_weights and dcls().keeps_base_weights(dparams)
+    lora = dparams.model_copy(update={"lora_r": 16}) if hasattr(dparams, "lora_r") else dparams
+    return {"m": shapes, "params": dparams, "shares_weights": shares,
+            "lora_shares": qcls.shares_teacher_weights and dcls().keeps_base_weights(lora)}
+
+
 def estimate_cells(recipe, store, cells, registry, device: str | None = None) -> dict[str, Estimate]:
     """An estimate per cell id (training cells, PTQ cells and the teacher's evaluation alike)."""
+    from qcompare.memory import Shapes, cell_memory
+    from qcompare.structure import model_config
+
     device = device or guess_device(recipe)
     records = list(store.records()) if store.root.is_dir() else []
-    params, rates, out = {}, {}, {}
+    params, rates, shapes, out = {}, {}, {}, {}
     for cell in cells:
         if cell.model not in params:
             params[cell.model] = parameter_count(cell.model, registry)
             rates[cell.model] = measured_rates(records, cell.model, device, registry)
+            config = model_config(cell.model, registry) if params[cell.model] is not None else None
+            shapes[cell.model] = Shapes.from_config(config, params[cell.model]) if config else None
         n, rate = params[cell.model], rates[cell.model]
+        inputs = cell_memory_inputs(cell, shapes[cell.model], registry) if shapes[cell.model] else {}
+        memory = cell_memory(**{k: v for k, v in inputs.items() if k != "lora_shares"}, device=device) if inputs else None
         tokens: dict | None = {}
         if cell.distiller is not None:
             cls = registry.get("distiller", cell.distiller.name)
             tokens = cls().planned_tokens(cls.Params.model_validate(cell.distiller.params))
         if tokens is None or n is None:
             why = "the distiller gives no estimate" if tokens is None else "parameter count unknown (config not here)"
-            out[cell.id] = Estimate(None, None, device, why)
+            out[cell.id] = Estimate(None, None, device, why, memory=memory, memory_inputs=inputs)
             continue
         # the tokens the cell is expected to compute: its bound, at the fill measured here
         expected = {k: v * (rate.decode_fill if k == "generated_tokens" else rate.fill) for k, v in tokens.items()}
@@ -224,7 +248,7 @@ def estimate_cells(recipe, store, cells, registry, device: str | None = None) ->
             seconds += rate.overhead_seconds
         else:
             basis += "; loading, quantizing and evaluating not included (no cell has finished here)"
-        out[cell.id] = Estimate(logical_flops(n, n, expected), seconds, device, basis, expected)
+        out[cell.id] = Estimate(logical_flops(n, n, expected), seconds, device, basis, expected, memory, inputs)
     return out
 
 
