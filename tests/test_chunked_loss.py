@@ -91,3 +91,39 @@ def test_sft_loss_is_the_cross_entropy_of_the_students_own_head(tokenizer, tmp_p
     expected = -torch.log_softmax(logits[:, :-1].double(), -1)[mask].gather(-1, labels[mask][:, None]).mean().item()
     assert loss == pytest.approx(expected, abs=1e-5)
     assert trainer.loss_path.startswith("chunked" if skip_head else "full")
+
+
+def uneven_data():
+    """Chats of different lengths, so a batch has padding."""
+    from datasets import Dataset
+
+    turns = [("what is 1 plus 2", "it is 3"), ("what is 13 plus 4 plus 1 plus 1", "maybe it is 19 it is 19"),
+             ("what is 7", "7"), ("what is 2 plus 2 plus 2", "it is 6 maybe")]
+    return Dataset.from_list([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                              for q, a in turns * 2])
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_a_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(tokenizer, tmp_path, left_pad):
+    """The batch's real tokens as one row with per-sequence position ids: the same loss as the padded
+    batch (right-padded as the data collator pads, and left-padded prompts as rollouts are)."""
+    teacher = make_teacher(tokenizer)
+    results = {}
+    for free in (False, True):
+        params = GKDParams(lmbda=0.0, beta=0.5, max_steps=1, max_length=64, max_new_tokens=4, padding_free=free,
+                           loss_kernel="chunked")
+        trainer = GKDDistiller().make_trainer(teacher, make_student(teacher, skip_head=True), tokenizer, uneven_data(),
+                                              params, make_context(tmp_path), CostMeter("cpu"))
+        inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        if left_pad:  # move each row's padding to its left, as a rollout's left-padded prompt has it
+            order = torch.argsort(inputs["attention_mask"], dim=1, stable=True)
+            inputs = {k: inputs[k].gather(1, order) for k in ("input_ids", "attention_mask", "labels")}
+        lengths = inputs["attention_mask"].sum(1)
+        assert lengths.min() < lengths.max() == inputs["input_ids"].shape[1]  # there is padding to leave out
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        results[free] = loss.item(), {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    (padded, padded_grads), (free, free_grads) = results[False], results[True]
+    assert abs(free - padded) <= 1e-6, (free, padded)
+    for name, g in padded_grads.items():
+        assert (free_grads[name] - g).abs().max().item() <= 2e-6 * max(g.abs().max().item(), 1.0), name

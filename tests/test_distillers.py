@@ -270,3 +270,19 @@ def test_tensorboard_events_outlive_the_deleted_checkpoints(world, tmp_path):
     SFTDistiller().distill(teacher, make_student(teacher, False), tokenizer, data, SFTParams(**TINY, save_steps=2), context)
     assert list((tmp_path / "tensorboard").glob("**/events.out.tfevents.*"))
     assert not context.checkpoint_dir.exists()
+
+
+def test_gkd_static_rollouts_train_exactly_as_the_training_student_generates(world, tmp_path):
+    # λ = 1 with sampling: every batch is the student's own rollout, from its static-shape copy or
+    # from the training student; in fp32 the samples, and so the whole loss curve, are the same
+    static = _gkd_losses(world, tmp_path / "static", seed=3, lmbda=1.0, rollouts="static")
+    assert static == _gkd_losses(world, tmp_path / "dynamic", seed=3, lmbda=1.0, rollouts="dynamic")
+    assert all(on == 1.0 for _, _, on in static)
+
+
+def test_gkd_cost_says_which_rollouts_and_loss_a_cell_used(world, tmp_path):
+    tokenizer, teacher, data = world
+    params = GKDParams(**TINY, lmbda=1.0, max_new_tokens=4)
+    cost = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path)).cost
+    assert cost["rollouts"].startswith("static: static KV cache") and cost["rollout_compiles"] >= 1
+    assert cost["loss"].startswith("full: the student's output head is a FakeQuantizedLinear")

@@ -47,12 +47,29 @@ def logit_transform(model) -> tuple[float, float | None]:
     return (1.0 if scale is None else scale), getattr(config, "final_logit_softcapping", None)
 
 
-def backbone_hidden(model, input_ids, attention_mask) -> torch.Tensor:
-    """The input of ``model``'s output head for every position: its backbone's last hidden state
-    (peft's wrapper unwrapped; adapters live inside the backbone's layers)."""
+def backbone_hidden(model, batch: dict) -> torch.Tensor:
+    """The input of ``model``'s output head for every position of ``batch`` (padded, or padding-free
+    with position ids): its backbone's last hidden state (peft's wrapper unwrapped; adapters live
+    inside the backbone's layers)."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                            position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+
+
+def padding_free(inputs: dict) -> dict:
+    """The batch's real tokens as one row: (1, N) ids and labels, and position ids that restart at 0
+    for each sequence, which transformers reads as packed sequences (attention stays within each).
+    Positions differ from the padded batch's only by an offset on left-padded rows, which rotary
+    embeddings do not see. Each sequence's first token is left unlabelled: the token before it in
+    the row belongs to another sequence (in the padded batch nothing predicts it either)."""
+    mask = inputs["attention_mask"].bool()
+    first = torch.zeros_like(mask)
+    first[torch.arange(mask.shape[0], device=mask.device), mask.int().argmax(1)] = True
+    labels = inputs["labels"].masked_fill(first, -100)
+    positions = mask.long().cumsum(1) - 1
+    return {"input_ids": inputs["input_ids"][mask][None], "position_ids": positions[mask][None],
+            "labels": labels[mask][None]}
 
 
 def generalized_jsd(student_hidden, student, teacher_hidden, teacher, labels, beta: float) -> torch.Tensor:

@@ -50,11 +50,31 @@ class GKDParams(TrainParams):
         True, description="with LoRA, the student with adapters and fake quantization off is the teacher "
         "(one copy of the weights)"
     )
-    loss_kernel: Literal["chunked", "full"] = RuntimeField(
-        "chunked", description="'chunked' computes the divergence from the final hidden states a tile of tokens × "
-        "vocabulary at a time (TRL's kernel; no [batch, length, vocab] tensor); 'full' builds both models' logits. "
-        "Equal within fp32 rounding; a fake-quantized or adapted output head always takes 'full'")
+    rollouts: Literal["static", "dynamic"] = RuntimeField(
+        "static", description="'static' generates from an inference copy of the student (rounded weights, "
+        "transformers' static KV cache, compiled on a GPU, prompts bucketed); 'dynamic' from the training student "
+        "with a dynamic cache. The same samples in fp32; on a GPU the copy holds the teacher's dtype")
+    loss_kernel: Literal["auto", "chunked", "full"] = RuntimeField(
+        "auto", description="'chunked' computes the divergence from the final hidden states a tile of tokens × "
+        "vocabulary at a time (TRL's kernel; no [batch, length, vocab] tensor); 'full' builds both models' logits; "
+        "'auto': chunked on a GPU, and on CPU where one micro-batch's fp32 logits would pass 256 MB. Equal within "
+        "fp32 rounding; a fake-quantized or adapted output head always takes 'full'")
+    padding_free: bool = RuntimeField(
+        False, description="with the chunked loss, run student and teacher on the batch's real tokens as one row "
+        "(position ids restart per sequence; no FLOPs on padding). Pays with attention kernels that skip the "
+        "masked blocks (flash/flex attention); with SDPA the packed row's attention costs more than the padding")
     use_vllm: bool = Field(False, description="vLLM rollouts; not offered by TRL 1.16's GKDTrainer (see docs/scale.md)")
+
+    def tiled_loss(self, device: str, vocab: int) -> bool:
+        """Whether the loss is tiled (``loss_kernel``; 'auto': on a GPU, or on CPU where a micro-batch's
+        fp32 logits would pass ``AUTO_TILED_BYTES``: below that the tiled kernel's extra projections cost
+        more than the memory it saves, 1.6× the toy model's λ=0 step)."""
+        if self.loss_kernel != "auto":
+            return self.loss_kernel == "chunked"
+        return device != "cpu" or 4 * self.per_device_train_batch_size * self.max_length * vocab > AUTO_TILED_BYTES
+
+
+AUTO_TILED_BYTES = 2**28
 
 
 class GKDDistiller(Distiller):
@@ -123,6 +143,12 @@ class GKDDistiller(Distiller):
         result.cost["master_weights"] = "fp32" if master else "as the model"
         result.cost["teacher_cache"] = f"{mode if cache is not None else 'off'}: {why}"
         result.cost["loss"] = f"{trainer.loss_path}: {trainer.loss_why}"
+        if params.lmbda > 0:
+            engine = trainer._engine or None
+            result.cost["rollouts"] = f"{'static' if engine else 'dynamic'}: {trainer.rollouts_why or 'as the recipe says'}"
+            if engine is not None:
+                result.cost["rollout_compiles"] = engine.compiles
+                result.cost["rollout_compile_seconds"] = engine.compile_seconds
         if trainer.cache_fallback:
             result.cost["teacher_cache"] = f"off: {trainer.cache_fallback}"
         if cache is not None:

@@ -21,10 +21,10 @@ logging.getLogger("trl.experimental.gkd.gkd_trainer").setLevel(logging.ERROR)
 from trl.models.utils import _ForwardRedirection  # noqa: E402
 
 from .chat_tokens import ReusedChatCollator  # noqa: E402
-from .chunked_loss import backbone_hidden, generalized_jsd, plain_head  # noqa: E402
+from .chunked_loss import backbone_hidden, generalized_jsd, padding_free, plain_head  # noqa: E402
 from .common import MeteredTrainerMixin, lora_config, training_kwargs  # noqa: E402
 from .shared_teacher import teacher_mode  # noqa: E402
-from .rollouts import weights_rounded_once  # noqa: E402
+from .rollouts import RolloutEngine, weights_rounded_once  # noqa: E402
 from .teacher_cache import TeacherCache  # noqa: E402
 
 
@@ -54,6 +54,10 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
     cache_fallback: str | None = None  # why a hidden-state cache was given up (not bitwise), if it was
     _cache_checked = False
     loss_kernel: str = "chunked"  # set from GKDParams.loss_kernel by make_trainer
+    rollouts: str = "static"  # set from GKDParams.rollouts by make_trainer
+    padding_free: bool = False  # set from GKDParams.padding_free by make_trainer
+    rollouts_why: str = ""
+    _engine = None  # the RolloutEngine, False when the student cannot have one
     loss_path: str | None = None  # "chunked" or "full", chosen on the first batch
     loss_why: str = ""
     _redirect = _ForwardRedirection()
@@ -69,9 +73,13 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
 
     def generate_on_policy_outputs(self, model, inputs, generation_config):
         # TRL calls this through self, so an instance method may wrap its staticmethod.
-        with self.meter.time("rollout_seconds"), no_router_loss(model), weights_rounded_once(model):
-            ids, mask, labels = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
         by_teacher = model is self.teacher_model or model is self.accelerator.unwrap_model(self.teacher_model)
+        engine = None if by_teacher else self.rollout_engine(model)
+        with self.meter.time("rollout_seconds"), no_router_loss(model), weights_rounded_once(model):
+            if engine is not None:
+                ids, mask, labels = engine.generate(inputs, generation_config)
+            else:
+                ids, mask, labels = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
         self._rollout_by = "teacher" if by_teacher else "student"
         prompt_length = inputs["prompts"].shape[1]
         self.meter.add("tokens_generated", mask[:, prompt_length:].sum().item())
@@ -93,18 +101,39 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         loss = jsd_loss(student_outputs.logits[:, :-1, :], teacher_logits, inputs["labels"][:, 1:], self.beta)
         return (loss, student_outputs) if return_outputs else loss
 
+    def rollout_engine(self, student):
+        """The student's static-shape inference copy (``RolloutEngine``), built on its first rollout,
+        or None for rollouts on the training student itself (``rollouts = "dynamic"``, or a student
+        the copy cannot serve exactly: ``rollouts_why`` says why). On a GPU the copy holds the
+        teacher's dtype (bf16 rollouts from fp32 master weights) and compiles a few prompt buckets."""
+        if self.rollouts != "static" or self._engine is False:
+            return None
+        if self._engine is None:
+            cuda = next(student.parameters()).is_cuda
+            dtype = next(self.accelerator.unwrap_model(self.teacher_model).parameters()).dtype if cuda else None
+            self._engine = RolloutEngine.for_student(student, dtype=dtype, bucket=64 if cuda else 1) or False
+            self.rollouts_why = (RolloutEngine.why_not(student) or "") if self._engine is False else (
+                f"static KV cache on an inference copy ({dtype or 'the student dtype'}), prompts bucketed to "
+                f"{self._engine.bucket} tokens, {'compiled' if cuda else 'not compiled on CPU'}")
+        return self._engine or None
+
     def choose_loss(self, model) -> tuple[str, str]:
-        """("chunked" | "full", why): the tiled loss whenever both heads are plain Linear layers and
-        no logits cache feeds the teacher side; once per cell."""
+        """("chunked" | "full", why): the tiled loss where ``GKDParams.tiled_loss`` says so, both heads
+        are plain Linear layers and no logits cache feeds the teacher side; once per cell."""
         if self.loss_kernel == "full":
             return "full", "as the recipe says (loss_kernel = 'full')"
         if self.teacher_cache is not None and self.teacher_cache.mode == "logits":
             return "full", "the teacher cache keeps logits (teacher_cache = 'hidden' serves the tiled loss)"
+        student = self.accelerator.unwrap_model(model)
         with self._as_teacher(model) as teacher:
-            for who, m in (("student", self.accelerator.unwrap_model(model)), ("teacher", teacher)):
+            for who, m in (("student", student), ("teacher", teacher)):
                 why = plain_head(m)
                 if why is not None:
                     return "full", f"the {who}'s {why}"
+        device = next(student.parameters()).device.type
+        if not self.params.tiled_loss(device, student.get_output_embeddings().weight.shape[0]):
+            return "full", ("loss_kernel = 'auto' on CPU: a micro-batch's fp32 logits stay under 256 MB, where the "
+                            "tiled kernel's extra projections cost more than the memory it saves")
         return "chunked", "tiled over tokens and vocabulary from the final hidden states (no [batch, length, vocab] tensor)"
 
     def chunked_loss(self, model, inputs):
@@ -113,22 +142,25 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         then sees the head's weight in the graph of what its forward returned (else it marks the
         head unused, then ready a second time when its gradient arrives)."""
         student = self.accelerator.unwrap_model(model)
+        batch = padding_free(inputs) if self.padding_free else inputs
 
-        def loss(inputs):
-            hidden = backbone_hidden(student, inputs["input_ids"], inputs["attention_mask"])
-            teacher_hidden = self.teacher_hidden(model, inputs)
+        def loss(batch):
+            hidden = backbone_hidden(student, batch)
+            teacher_hidden = self.teacher_hidden(model, inputs, batch)
             with self._as_teacher(model) as teacher:
                 return generalized_jsd(hidden[:, :-1], student, teacher_hidden[:, :-1], teacher,
-                                       inputs["labels"][:, 1:], self.beta)
+                                       batch["labels"][:, 1:], self.beta)
 
-        return self._redirect(model, student, loss, inputs)
+        return self._redirect(model, student, loss, batch)
 
-    def teacher_hidden(self, model, inputs):
-        """The input of the teacher's head at every position: from the run's hidden-state cache on an
-        off-policy data batch that an earlier cell computed, else from one teacher backbone forward
-        (kept for later cells). The tiled loss projects it, so a served batch is exactly a fresh one."""
+    def teacher_hidden(self, model, inputs, batch):
+        """The input of the teacher's head at every position of ``batch`` (``inputs`` as the model
+        sees it: padded or padding-free): from the run's hidden-state cache on an off-policy data
+        batch that an earlier cell computed, else from one teacher backbone forward (kept for later
+        cells). The tiled loss projects it, so a served batch is exactly a fresh one."""
         cache = self.teacher_cache if getattr(self, "_rollout_by", None) is None else None
-        key = cache.key(inputs) if cache is not None else None
+        # a padding-free batch is another tensor for the teacher: its hidden states are kept apart
+        key = cache.key(inputs) + (":padding-free" if batch is not inputs else "") if cache is not None else None
         cached = cache.get(key) if cache is not None else None
         tokens = inputs["attention_mask"].sum().item()
         if cached is not None:
@@ -136,7 +168,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
             self.meter.add("teacher_cached_batches", 1)
             return cached.to(inputs["input_ids"].device)
         with self.meter.time("teacher_forward_seconds"), torch.no_grad(), self._as_teacher(model) as teacher:
-            hidden = backbone_hidden(teacher, inputs["input_ids"], inputs["attention_mask"])
+            hidden = backbone_hidden(teacher, batch)
         self.meter.add("teacher_tokens", tokens)
         self.meter.add("teacher_forwards", 1)
         if cache is not None:
@@ -255,7 +287,9 @@ def make_trainer(teacher, student, tokenizer, data, params, context, meter, call
         callbacks=callbacks,
     )
     trainer._init_meter(meter)
-    trainer.loss_kernel = params.loss_kernel
+    trainer.loss_kernel, trainer.params = params.loss_kernel, params
+    trainer.rollouts = params.rollouts
+    trainer.padding_free = params.padding_free
     # TRL turns the rollouts' KV cache off whenever gradient checkpointing is on, yet
     # unwrap_model_for_generation switches checkpointing off around generate(): keep the
     # cache (same tokens, generation linear instead of quadratic in length).

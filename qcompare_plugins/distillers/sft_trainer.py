@@ -30,30 +30,33 @@ class MeteredSFTTrainer(MeteredTrainerMixin, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.meter.add("student_tokens", inputs["attention_mask"].sum().item())
+        if self.loss_path.startswith("full"):
+            return self.full_vocabulary_loss(model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def full_vocabulary_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The causal-LM cross-entropy of the logits the student's own forward computes, head included."""
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        keys = ("input_ids", "attention_mask", "position_ids")
+        outputs = model(**{k: inputs[k] for k in keys if k in inputs}, use_cache=False)
+        logits = outputs.logits
+        loss = ForCausalLMLoss(logits, inputs["labels"], logits.shape[-1], num_items_in_batch=num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
 
 
 def make_trainer(student, tokenizer, data, params, context, meter):
     """A MeteredSFTTrainer for one cell: completion-only loss on the data's answers."""
     args = SFTConfig(**training_kwargs(params, context), completion_only_loss=True)
-    why = plain_head(student)
     trainer = MeteredSFTTrainer(
         model=student,
         args=args,
         train_dataset=data,
         processing_class=tokenizer,
         peft_config=lora_config(params),
-        compute_loss_func=None if why is None else full_vocabulary_loss,
     )
+    why = plain_head(trainer.model)  # after peft: an adapter on the head counts too
     if why is not None:
         trainer.loss_path = f"full: the student's {why}"
     trainer._init_meter(meter)
     return trainer
-
-
-def full_vocabulary_loss(outputs, labels, num_items_in_batch=None):
-    """The causal-LM cross-entropy of the logits the student's forward computed (its head included)."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    logits = outputs.logits
-    return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
