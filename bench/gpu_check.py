@@ -1,18 +1,22 @@
-"""The first GPU run, as one prepared command: what must work on CUDA, measured, in one JSON.
+"""The GPU check, as one prepared command: the study's step at Qwen3-4B's shapes measured in one
+table and one JSON, then a small recipe end to end.
 
     python3 bench/gpu_check.py --out results.json                       # on a CUDA machine, < 8 min
     .venv/bin/python bench/gpu_check.py --tiny --device cpu --out r.json  # the same path, small, on CPU
 
-1. The GPU step bench (bench/gpu_step.py) at Qwen3-4B's shapes, λ = 0 and λ = 1: s/step, tokens/s,
-   the fraction of the device's bf16 peak, the rollout share.
-2. A small recipe end to end: a random-weight model shaped like Qwen3 (bf16 on CUDA) with the toy
-   tokenizer, torchao INT4 through the CUDA kernel path (``packing = "tinygemm"``), GKD λ ∈ {0, 1}
-   for a few steps, the toy lm-eval tasks, each cell's model saved and reloaded (the runner's
-   reload check). Cell status, metrics, checks and cost go into the JSON.
-3. Rollouts on that model: the dynamic KV cache against the static one (compiled by transformers on
-   a GPU), tokens/s and whether greedy tokens agree.
+1. The step (bench/gpu_step.py's setting, in this process, one random-weight model): an int4 g128
+   QAT student, full fine-tuning, batch 8 × (128 prompt + 256 answer): λ = 0 and λ = 1 s/step, their
+   ratio, the fraction of the device's bf16 peak; rollout ms per decode step from the static-shape
+   copy (compiled) and from the training student (today's path, fewer tokens); the compile seconds.
+2. Peak memory of the λ = 0 step at batch 8, 16 and 32 (32 retried with gradient checkpointing if
+   it does not fit), with ``qcompare plan``'s estimate beside each.
+3. A small recipe end to end: a random-weight model with Qwen3's layer shapes (4 layers, bf16) and
+   the toy tokenizer, torchao INT4 through the CUDA kernel path (``packing = "tinygemm"``), GKD
+   λ ∈ {0, 1}, the toy lm-eval tasks, every model saved and reloaded (the runner's checks).
 
-A GPU machine with no package registry needs the wheels bench/gpu_wheels.txt lists, fetched here by
+The JSON is written after every part, so a run stopped by its time limit keeps what it measured.
+A GPU machine with no package registry needs the wheels bench/gpu_wheels.txt lists and the
+project's own wheel (its entry points register the plugins), fetched here by
 bench/fetch_gpu_wheels.sh and installed there before this script (see docs/scale.md).
 """
 
@@ -86,16 +90,6 @@ def shaped_model(folder: Path, shape: dict, dtype: str) -> Path:
     return folder
 
 
-def step_bench(args, out: Path) -> list[dict]:
-    cmd = [sys.executable, str(HERE / "gpu_step.py"), "--device", args.device, "--json", str(out)]
-    cmd += (["--shape", "tiny", "--batch", "2", "--prompt", "8", "--answer", "8", "--steps", "2"] if args.tiny
-            else ["--shape", "qwen3-4b", "--steps", "3"])
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        return [{"error": done.stderr[-3000:]}]
-    return json.loads(out.read_text())
-
-
 def rollouts(args, model_dir: Path) -> dict:
     """Batched sampling from the shaped model: transformers' dynamic KV cache against its static
     cache (which transformers compiles, CUDA graphs included, on a GPU) — tokens/s of each and
@@ -153,11 +147,119 @@ def end_to_end(args, folder: Path) -> dict:
             "output_tail": (done.stdout + done.stderr)[-3000:], "rollouts": rollouts(args, model)}
 
 
+def step_args(args, **over) -> argparse.Namespace:
+    """bench/gpu_step.py's arguments for one setting."""
+    base = dict(shape="tiny" if args.tiny else "qwen3-4b", device=args.device, batch=2 if args.tiny else 8,
+                prompt=8 if args.tiny else 128, answer=8 if args.tiny else 256, steps=1 if args.tiny else 2,
+                warmup=1, lora_r=0, gradient_checkpointing=False, loss_kernel="chunked", rollouts="static")
+    return argparse.Namespace(**{**base, **over})
+
+
+def guarded(fn, *a, **k) -> dict:
+    """A part that fails is a result too: its error, in one line."""
+    try:
+        return fn(*a, **k)
+    except Exception as e:  # noqa: BLE001
+        if "out of memory" in str(e).lower():
+            import torch
+
+            torch.cuda.empty_cache()
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]}
+
+
+def estimated_peak(shape: dict, a: argparse.Namespace) -> float:
+    """``qcompare plan``'s estimate for this setting, in GiB (qcompare.memory)."""
+    from qcompare.memory import Shapes, cell_memory
+    from qcompare_plugins.distillers.gkd import GKDParams
+
+    config = {**shape, "model_type": "qwen3"}
+    n = (shape["vocab_size"] * shape["hidden_size"] * (1 if shape["tie_word_embeddings"] else 2)
+         + shape["num_hidden_layers"] * (shape["hidden_size"] * (2 * shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * shape["head_dim"]
+                                         + 3 * shape["hidden_size"] * shape["intermediate_size"]))
+    params = GKDParams(lmbda=0.0, per_device_train_batch_size=a.batch, max_length=a.prompt + a.answer,
+                       gradient_checkpointing=a.gradient_checkpointing)
+    return cell_memory(Shapes.from_config(config, n), params, device=a.device).peak / 2**30
+
+
+def the_step(args, result: dict, save) -> None:
+    """Part 1 and 2 on one random-weight teacher."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    sys.path.insert(0, str(HERE))
+    from gpu_step import SHAPES, one_setting, peak_tflops
+
+    from qcompare.data import load_model
+    from qcompare.plugins import get_registry
+
+    shape = SHAPES["tiny" if args.tiny else "qwen3-4b"]
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.device(args.device):
+        teacher = Qwen3ForCausalLM(Qwen3Config(**shape)).to(torch.bfloat16 if args.device == "cuda" else torch.float32)
+    teacher.eval()
+    _, tokenizer = load_model("toy-qwen3", get_registry(), "cpu")
+    result["model_build_seconds"] = time.perf_counter() - start
+    peak, result["peak_source"] = peak_tflops(args.device, None)
+    result["bf16_peak_tflops"] = peak
+    rows = result.setdefault("step", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = [("lambda0", 0.0, {}), ("lambda1", 1.0, {}),
+                    ("lambda1_dynamic", 1.0, {"rollouts": "dynamic", "answer": 8 if args.tiny else 32, "steps": 1})]
+        for name, lmbda, over in settings:
+            rows[name] = guarded(one_setting, lmbda, step_args(args, **over), teacher, tokenizer, Path(tmp) / name)
+            save()
+        peaks = result.setdefault("peaks", {})
+        for batch in ((2, 4, 8) if args.tiny else (8, 16, 32)):
+            a = step_args(args, batch=batch, steps=1)
+            row = guarded(one_setting, 0.0, a, teacher, tokenizer, Path(tmp) / f"b{batch}")
+            if "error" in row and "memory" in row["error"].lower():
+                a = step_args(args, batch=batch, steps=1, gradient_checkpointing=True)
+                row = {"without_checkpointing": row["error"],
+                       **guarded(one_setting, 0.0, a, teacher, tokenizer, Path(tmp) / f"b{batch}gc")}
+            row["gradient_checkpointing"] = a.gradient_checkpointing
+            row["estimated_gib"] = guarded(estimated_peak, shape, a)
+            peaks[str(batch)] = row
+            save()
+    del teacher
+
+
+def table(result: dict) -> str:
+    """The one table the run prints."""
+    step, peaks, lines = result.get("step", {}), result.get("peaks", {}), []
+
+    def get(row, key, fmt):
+        return fmt.format(row[key]) if isinstance(row, dict) and row.get(key) is not None else "—"
+
+    off, on, dyn = step.get("lambda0", {}), step.get("lambda1", {}), step.get("lambda1_dynamic", {})
+    ratio = (on["seconds_per_step"] / off["seconds_per_step"]
+             if "seconds_per_step" in on and "seconds_per_step" in off else None)
+    b = off.get("batch", "?")
+    lines += [(f"λ=0 step (batch {b})", get(off, "seconds_per_step", "{:.3f} s"), get(off, "fraction_of_peak", "{:.1%} of bf16 peak")),
+              (f"λ=1 step (batch {b})", get(on, "seconds_per_step", "{:.3f} s"), f"{ratio:.2f}× λ=0" if ratio else "—"),
+              ("rollout, static copy (compiled)", get(on, "decode_ms_per_step", "{:.2f} ms/step"),
+               f"{on.get('rollout_compiles', '—')} shapes, {get(on, 'rollout_compile_seconds', '{:.0f} s')} compiling"),
+              ("rollout, training student (dynamic)", get(dyn, "decode_ms_per_step", "{:.2f} ms/step"), "today's path"),
+              ("loss", str(off.get("loss", "—")), "")]
+    for batch, row in peaks.items():
+        label = f"peak, λ=0 batch {batch}" + (" (checkpointing)" if row.get("gradient_checkpointing") else "")
+        lines.append((label, get(row, "peak_memory_gib", "{:.1f} GiB") if "peak_memory_gib" in row else get(row, "peak_rss_gib", "{:.1f} GiB (RSS)"),
+                      f"estimate {get(row, 'estimated_gib', '{:.1f}')} GiB; {get(row, 'fraction_of_peak', '{:.1%} of peak')}"
+                      + (f"; {row['error']}" if "error" in row else "")))
+    for name, row in step.items():
+        if "error" in row:
+            lines.append((name, "failed", row["error"]))
+    widths = [max(len(str(r[i])) for r in lines) for i in range(3)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU rehearsal)")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--budget", type=float, default=420, help="seconds after which the end-to-end part is skipped")
+    parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
     import torch
 
@@ -166,15 +268,24 @@ def main() -> None:
               "torch": torch.__version__, "cuda": torch.version.cuda,
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        result["step_bench"] = step_bench(args, Path(tmp) / "steps.json")
-        result["end_to_end"] = end_to_end(args, Path(tmp))
-    result["seconds"] = time.perf_counter() - start
-    args.out.write_text(json.dumps(result, indent=2, default=str))
-    cells = result["end_to_end"]["cells"]
-    print(f"gpu_check on {result['gpu'] or args.device}: {len(result['step_bench'])} step-bench rows, "
-          f"{sum(c['status'] == 'done' for c in cells)}/{len(cells)} cells done, {result['seconds']:.0f} s → {args.out}")
-    sys.exit(0 if cells and all(c["status"] == "done" for c in cells) and "error" not in result["step_bench"][0] else 1)
+
+    def save():
+        result["seconds"] = time.perf_counter() - start
+        args.out.write_text(json.dumps(result, indent=2, default=str))
+
+    guarded(the_step, args, result, save)
+    save()
+    if not args.skip_end_to_end and time.perf_counter() - start < args.budget:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["end_to_end"] = guarded(end_to_end, args, Path(tmp))
+    save()
+    print(f"gpu_check on {result['gpu'] or args.device} ({result['torch']}), {result['seconds']:.0f} s → {args.out}\n")
+    print(table(result))
+    cells = (result.get("end_to_end") or {}).get("cells", [])
+    if cells:
+        print(f"\nend to end: {sum(c['status'] == 'done' for c in cells)}/{len(cells)} cells done")
+    failed = [k for k, v in result.get("step", {}).items() if "error" in v]
+    sys.exit(1 if failed or not result.get("step") or (cells and any(c["status"] != "done" for c in cells)) else 0)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
+import resource
 import tempfile
 import time
 import warnings
@@ -32,6 +34,10 @@ SHAPES = {
     "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
                      max_position_embeddings=40960, rope_theta=5_000_000.0, rms_norm_eps=1e-6),
+    # the real vocabulary on a tiny body: where the loss's [batch, length, vocab] tensors dominate memory
+    "tiny-vocab": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=32, vocab_size=151936, tie_word_embeddings=True,
+                       max_position_embeddings=4096),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=4096, tie_word_embeddings=True,
                  max_position_embeddings=4096),
@@ -93,10 +99,15 @@ def one_setting(lmbda: float, args, teacher, tokenizer, folder: Path) -> dict:
     from qcompare_plugins.torchao_quantizer import TorchaoQuantizer
 
     steps = args.warmup + args.steps
+    if args.device == "cuda":  # the previous setting's tensors are gone before this one's peak is read
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     params = GKDParams(lmbda=lmbda, beta=0.5, learning_rate=1e-6, per_device_train_batch_size=args.batch,
                        max_length=args.prompt + args.answer + 32, max_new_tokens=args.answer, max_steps=steps,
                        save_steps=0, teacher_cache=False, lora_r=args.lora_r,
-                       gradient_checkpointing=args.gradient_checkpointing)
+                       gradient_checkpointing=args.gradient_checkpointing, loss_kernel=args.loss_kernel,
+                       rollouts=args.rollouts)
     context = CellContext(cell_dir=folder, seed=0, device=args.device, tokenizer=tokenizer, teacher=teacher)
     quantizer = TorchaoQuantizer()
     student = quantizer.prepare(copy.deepcopy(teacher), TorchaoQuantizer.Params(bits=4, group_size=128), context)
@@ -111,15 +122,22 @@ def one_setting(lmbda: float, args, teacher, tokenizer, folder: Path) -> dict:
     flops = 6 * n * d["student_tokens"] + 2 * n * (d["teacher_tokens"] + d["student_rollout_tokens"])
     seconds = t1 - t0
     out = {
-        "lambda": lmbda, "steps": args.steps, "seconds_per_step": seconds / args.steps,
+        "lambda": lmbda, "batch": args.batch, "steps": args.steps, "seconds_per_step": seconds / args.steps,
         "student_tokens_per_s": d["student_tokens"] / seconds,
         "generated_tokens_per_s": d["tokens_generated"] / d["rollout_seconds"] if d["rollout_seconds"] else 0.0,
         "rollout_share": d["rollout_seconds"] / seconds, "teacher_share": d["teacher_forward_seconds"] / seconds,
         "tflops": flops / seconds / 1e12, "params": n,
     }
+    engine = trainer._engine or None
+    out.update(loss=trainer.loss_path, rollouts=("static" if engine else "dynamic") if lmbda > 0 else None,
+               rollout_compiles=engine.compiles if engine else 0,
+               rollout_compile_seconds=engine.compile_seconds if engine else 0.0,
+               decode_ms_per_step=(1000 * args.batch / out["generated_tokens_per_s"]) if out["generated_tokens_per_s"] else None)
     if args.device == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
+    else:  # the process's peak so far: run one λ per process to read one setting's
+        out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
     del trainer, student
     return out
 
@@ -135,6 +153,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full QAT fine-tuning)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--rollouts", choices=("static", "dynamic"), default="static",
+                        help="on-policy rollouts from the static-shape copy, or from the training student")
+    parser.add_argument("--loss-kernel", choices=("chunked", "full"), default="chunked",
+                        help="the GKD loss: tiled from hidden states, or from full-vocabulary logits")
     parser.add_argument("--lambdas", default="0,1", help="comma-separated λ values")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the table")
     parser.add_argument("--json", type=Path, help="also write the rows here")

@@ -37,7 +37,12 @@ def test_the_gpu_check_runs_end_to_end_at_a_tiny_shape_on_cpu(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert {r["lambda"] for r in result["step_bench"]} == {0.0, 1.0}
+    step = result["step"]
+    assert set(step) == {"lambda0", "lambda1", "lambda1_dynamic"} and not any("error" in r for r in step.values())
+    assert step["lambda1"]["rollouts"] == "static" and step["lambda1_dynamic"]["rollouts"] == "dynamic"
+    assert step["lambda0"]["loss"] == "chunked" and step["lambda1"]["decode_ms_per_step"] > 0
+    assert len(result["peaks"]) == 3 and all(r["estimated_gib"] > 0 for r in result["peaks"].values())
+    assert "λ=1 step (batch 2)" in proc.stdout and "rollout, static copy" in proc.stdout
     cells = result["end_to_end"]["cells"]
     assert len(cells) == 3 and all(c["status"] == "done" and not c["save_error"] for c in cells)
     trained = [c for c in cells if "gkd" in c["label"]]
