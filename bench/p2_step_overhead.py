@@ -22,24 +22,27 @@ SETTINGS = dict(lmbda=1.0, beta=0.5, learning_rate=1e-9, per_device_train_batch_
                 max_new_tokens=16, temperature=1.0)
 
 
-def qcompare_steps(teacher, tokenizer, data, steps: int, folder: Path) -> list[float]:
+def qcompare_steps(teacher, tokenizer, data, steps: int, folder: Path, rollouts: str = "auto") -> list[float]:
     from qcompare.api import CellContext
     from qcompare_plugins.distillers.common import check_data, run_training
     from qcompare_plugins.distillers.cost import CostMeter
     from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams
 
-    params = GKDParams(**SETTINGS, max_steps=steps, save_steps=0)
+    params = GKDParams(**SETTINGS, max_steps=steps, save_steps=0, rollouts=rollouts)
     context = CellContext(cell_dir=folder, seed=0, device="cpu", tokenizer=tokenizer)
     timer, meter = StepTimer(), CostMeter("cpu")
     trainer = GKDDistiller().make_trainer(teacher, int4_student(teacher), tokenizer, check_data(data, "gkd"), params,
                                           context, meter, callbacks=[timer])
     run_training("gkd", trainer, meter, teacher, params, context)
-    ROLLOUTS["qcompare"][0] += meter.totals["rollout_seconds"]
-    ROLLOUTS["qcompare"][1] += meter.totals["tokens_generated"]
+    name = "qcompare" if rollouts == "auto" else f"qcompare {rollouts}"
+    ROLLOUTS[name][0] += meter.totals["rollout_seconds"]
+    ROLLOUTS[name][1] += meter.totals["tokens_generated"]
     return timer.seconds
 
 
-ROLLOUTS = {"plain": [0.0, 0], "qcompare": [0.0, 0]}  # seconds in generate, tokens generated
+# seconds in generate, tokens generated; "qcompare static": rollouts from the static-shape copy
+# (rollouts = "static"; the default "auto" takes it on a GPU only)
+ROLLOUTS = {"plain": [0.0, 0], "qcompare": [0.0, 0], "qcompare static": [0.0, 0]}
 
 
 def plain_steps(teacher, tokenizer, data, steps: int, folder: Path) -> list[float]:
@@ -69,12 +72,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     teacher, tokenizer, data = load_toy()
-    times = {"plain": [], "qcompare": []}
+    times = {"plain": [], "qcompare": [], "qcompare static": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             # the first step of a run (lazy inits) is left out of both
             times["plain"] += plain_steps(teacher, tokenizer, data, args.steps, Path(tmp) / f"p{r}")[1:]
             times["qcompare"] += qcompare_steps(teacher, tokenizer, data, args.steps, Path(tmp) / f"q{r}")[1:]
+            times["qcompare static"] += qcompare_steps(teacher, tokenizer, data, args.steps, Path(tmp) / f"s{r}",
+                                                       "static")[1:]
     rows = [(k, len(v), f"{1000 * median(v):.1f}", f"{1000 * sum(v) / len(v):.1f}",
              f"{ROLLOUTS[k][1] / ROLLOUTS[k][0]:.0f}" if ROLLOUTS[k][0] else "—") for k, v in times.items()]
     print(f"P2: lambda=1 GKD step time, batch {SETTINGS['per_device_train_batch_size']}, "
@@ -83,6 +88,9 @@ def main():
     ratio_median = median(times["qcompare"]) / median(times["plain"])
     ratio_mean = sum(times["qcompare"]) / sum(times["plain"])
     print(f"\nratio qcompare / plain: median {ratio_median:.2f}, mean {ratio_mean:.2f}  (target <= 0.7)")
+    static = median(times["qcompare static"]) / median(times["qcompare"])
+    print(f"ratio static-shape copy / the training student (CPU's default): median {static:.2f}  (on CPU nothing "
+          "compiles; the copy pays on a GPU)")
 
 
 if __name__ == "__main__":

@@ -282,7 +282,11 @@ def test_gkd_static_rollouts_train_exactly_as_the_training_student_generates(wor
 
 def test_gkd_cost_says_which_rollouts_and_loss_a_cell_used(world, tmp_path):
     tokenizer, teacher, data = world
-    params = GKDParams(**TINY, lmbda=1.0, max_new_tokens=4)
+    params = GKDParams(**TINY, lmbda=1.0, max_new_tokens=4, rollouts="static")
     cost = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path)).cost
     assert cost["rollouts"].startswith("static: static KV cache") and cost["rollout_compiles"] >= 1
     assert cost["loss"].startswith("full: the student's output head is a FakeQuantizedLinear")
+    auto = GKDDistiller().distill(teacher, make_student(teacher, skip_head=True), tokenizer, data,
+                                  params.model_copy(update={"rollouts": "auto"}), make_context(tmp_path / "auto")).cost
+    assert auto["rollouts"].startswith("dynamic: rollouts = 'auto' on CPU") and "rollout_compiles" not in auto
+    assert auto["loss"].startswith("full: loss_kernel = 'auto' on CPU")

@@ -50,10 +50,11 @@ class GKDParams(TrainParams):
         True, description="with LoRA, the student with adapters and fake quantization off is the teacher "
         "(one copy of the weights)"
     )
-    rollouts: Literal["static", "dynamic"] = RuntimeField(
-        "static", description="'static' generates from an inference copy of the student (rounded weights, "
+    rollouts: Literal["auto", "static", "dynamic"] = RuntimeField(
+        "auto", description="'static' generates from an inference copy of the student (rounded weights, "
         "transformers' static KV cache, compiled on a GPU, prompts bucketed); 'dynamic' from the training student "
-        "with a dynamic cache. The same samples in fp32; on a GPU the copy holds the teacher's dtype")
+        "with a dynamic cache; 'auto': static on a GPU, dynamic on CPU (nothing compiles there). The same samples "
+        "in fp32; on a GPU the copy holds the teacher's dtype")
     loss_kernel: Literal["auto", "chunked", "full"] = RuntimeField(
         "auto", description="'chunked' computes the divergence from the final hidden states a tile of tokens × "
         "vocabulary at a time (TRL's kernel; no [batch, length, vocab] tensor); 'full' builds both models' logits; "

@@ -54,7 +54,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
     cache_fallback: str | None = None  # why a hidden-state cache was given up (not bitwise), if it was
     _cache_checked = False
     loss_kernel: str = "chunked"  # set from GKDParams.loss_kernel by make_trainer
-    rollouts: str = "static"  # set from GKDParams.rollouts by make_trainer
+    rollouts: str = "auto"  # set from GKDParams.rollouts by make_trainer
     padding_free: bool = False  # set from GKDParams.padding_free by make_trainer
     rollouts_why: str = ""
     _engine = None  # the RolloutEngine, False when the student cannot have one
@@ -104,12 +104,14 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
     def rollout_engine(self, student):
         """The student's static-shape inference copy (``RolloutEngine``), built on its first rollout,
         or None for rollouts on the training student itself (``rollouts = "dynamic"``, or a student
-        the copy cannot serve exactly: ``rollouts_why`` says why). On a GPU the copy holds the
+        the copy cannot serve exactly, ``rollouts = "auto"`` on CPU: ``rollouts_why`` says why). On a GPU the copy holds the
         teacher's dtype (bf16 rollouts from fp32 master weights) and compiles a few prompt buckets."""
-        if self.rollouts != "static" or self._engine is False:
+        cuda = next(student.parameters()).is_cuda
+        if self.rollouts == "dynamic" or (self.rollouts == "auto" and not cuda) or self._engine is False:
+            if self.rollouts == "auto" and not cuda:
+                self.rollouts_why = "rollouts = 'auto' on CPU: nothing compiles there (the copy saves no time)"
             return None
         if self._engine is None:
-            cuda = next(student.parameters()).is_cuda
             dtype = next(self.accelerator.unwrap_model(self.teacher_model).parameters()).dtype if cuda else None
             self._engine = RolloutEngine.for_student(student, dtype=dtype, bucket=64 if cuda else 1) or False
             self.rollouts_why = (RolloutEngine.why_not(student) or "") if self._engine is False else (
