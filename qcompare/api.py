@@ -34,6 +34,17 @@ def runtime_keys(params_cls: type[BaseModel]) -> tuple[str, ...]:
     return tuple(k for k, f in params_cls.model_fields.items() if (f.json_schema_extra or {}).get("runtime"))
 
 
+def AddedField(default, **kwargs):  # noqa: N802 - reads like pydantic's Field
+    """A parameter added to a plugin after cells were stored: it changes results, but cell ids leave
+    it out while it holds ``default`` (what every earlier cell ran with), so adding it re-runs nothing."""
+    return Field(default, json_schema_extra={"added": True}, **kwargs)
+
+
+def added_defaults(params_cls: type[BaseModel]) -> dict[str, Any]:
+    """{name: default} of the parameters declared with ``AddedField``, in JSON form."""
+    return {k: f.default for k, f in params_cls.model_fields.items() if (f.json_schema_extra or {}).get("added")}
+
+
 class Plugin:
     """Common ground of every plugin class."""
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from qcompare.api import runtime_keys
+from qcompare.api import added_defaults, runtime_keys
 from qcompare.errors import QcompareError, RecipeError
 from qcompare.extras import tracker_problems
 from qcompare.plugins import Registry, get_registry, unknown_name_message
@@ -33,13 +33,16 @@ class PluginChoice(BaseModel):
     label_keys: tuple[str, ...] = ()
     # Parameters declared with RuntimeField: they change how a cell runs, not its result.
     runtime_keys: tuple[str, ...] = ()
+    # Parameters declared with AddedField and their defaults: at the default, ids leave them out.
+    added_defaults: dict[str, Any] = {}
     # Quantizers only: the share of the body's weights that must end quantized (the coverage
     # check); None takes the default. A check threshold, not a setting: cell ids ignore it.
     min_coverage: float | None = None
 
     def settings(self) -> dict[str, Any]:
         """What the cell's result depends on (hashed into its id)."""
-        return {"name": self.name, "params": {k: v for k, v in self.params.items() if k not in self.runtime_keys}}
+        return {"name": self.name, "params": {k: v for k, v in self.params.items() if k not in self.runtime_keys
+                                              and not (k in self.added_defaults and v == self.added_defaults[k])}}
 
     def label(self) -> str:
         inner = ",".join(f"{k}={self.params[k]}" for k in self.label_keys)
@@ -266,6 +269,7 @@ def expand_plugin(kind: str, spec: Any, where: str, registry: Registry, errors: 
                 errors.append(f"{where}.{loc}: {_fmt_error(err)} (with {dict(zip(keys, combo))})")
             continue
         points.append(PluginChoice(name=name, params=params.model_dump(mode="json"), runtime_keys=runtime_keys(cls.Params),
+                                   added_defaults=added_defaults(cls.Params),
                                    min_coverage=None if min_coverage is None else float(min_coverage)))
     return points
 

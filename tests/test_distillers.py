@@ -290,3 +290,27 @@ def test_gkd_cost_says_which_rollouts_and_loss_a_cell_used(world, tmp_path):
                                   params.model_copy(update={"rollouts": "auto"}), make_context(tmp_path / "auto")).cost
     assert auto["rollouts"].startswith("dynamic: rollouts = 'auto' on CPU") and "rollout_compiles" not in auto
     assert auto["loss"].startswith("full: loss_kernel = 'auto' on CPU")
+
+
+def test_the_8bit_optimizer_trains_with_torchao_and_an_added_parameter_keeps_earlier_cell_ids(world, tmp_path):
+    from qcompare.recipe import PluginChoice, added_defaults, runtime_keys
+
+    def choice(**params):
+        resolved = SFTParams(**params)
+        return PluginChoice(name="sft", params=resolved.model_dump(mode="json"), runtime_keys=runtime_keys(SFTParams),
+                            added_defaults=added_defaults(SFTParams))
+
+    # a cell stored before the optimizer could be chosen hashed no "optimizer": at its default it still does not
+    assert "optimizer" not in choice().settings()["params"]
+    assert choice(optimizer="adamw_8bit").settings()["params"]["optimizer"] == "adamw_8bit"
+
+    tokenizer, teacher, data = world
+    student = make_student(teacher)
+    before = weights(student)
+    params = SFTParams(**{**TINY, "max_steps": 2}, optimizer="adamw_8bit")
+    trainer = SFTDistiller().make_trainer(student, tokenizer, data.map(
+        lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}, remove_columns=["messages"]),
+        params, make_context(tmp_path), CostMeter("cpu"))
+    trainer.train()
+    assert type(trainer.optimizer.optimizer).__name__ == "AdamW8bit"
+    assert changed(before, trainer.model)  # it trained

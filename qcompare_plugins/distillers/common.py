@@ -157,6 +157,8 @@ def training_kwargs(params: TrainParams, context: CellContext) -> dict:
         run_name=context.run_name or None,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # transformers' default for torch >= 2.8 is torch's fused AdamW; the 8-bit one is torchao's
+        **({"optim": "adamw_torch_8bit"} if params.optimizer == "adamw_8bit" else {}),
     )
 
 
