@@ -53,9 +53,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
     shared_teacher: bool = False  # set by GKDDistiller.distill once the weights are shared
     cache_fallback: str | None = None  # why a hidden-state cache was given up (not bitwise), if it was
     _cache_checked = False
-    loss_kernel: str = "chunked"  # set from GKDParams.loss_kernel by make_trainer
-    rollouts: str = "auto"  # set from GKDParams.rollouts by make_trainer
-    padding_free: bool = False  # set from GKDParams.padding_free by make_trainer
+    params = None  # the cell's GKDParams, set by make_trainer (loss_kernel, rollouts, padding_free)
     rollouts_why: str = ""
     _engine = None  # the RolloutEngine, False when the student cannot have one
     loss_path: str | None = None  # "chunked" or "full", chosen on the first batch
@@ -94,7 +92,8 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         if self.loss_path is None:
             self.loss_path, self.loss_why = self.choose_loss(model)
         if self.loss_path == "chunked":
-            return (self.chunked_loss(model, inputs), None) if return_outputs else self.chunked_loss(model, inputs)
+            loss = self.chunked_loss(model, inputs)
+            return (loss, None) if return_outputs else loss
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         teacher_logits = self.teacher_logits(model, inputs, student_outputs.logits.shape[-1])
         # logits at i predict token i+1; labels are -100 on prompt and padding
@@ -103,12 +102,12 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
 
     def rollout_engine(self, student):
         """The student's static-shape inference copy (``RolloutEngine``), built on its first rollout,
-        or None for rollouts on the training student itself (``rollouts = "dynamic"``, or a student
-        the copy cannot serve exactly, ``rollouts = "auto"`` on CPU: ``rollouts_why`` says why). On a GPU the copy holds the
-        teacher's dtype (bf16 rollouts from fp32 master weights) and compiles a few prompt buckets."""
-        cuda = next(student.parameters()).is_cuda
-        if self.rollouts == "dynamic" or (self.rollouts == "auto" and not cuda) or self._engine is False:
-            if self.rollouts == "auto" and not cuda:
+        or None for rollouts on the training student itself (``rollouts = "dynamic"``, ``"auto"`` on
+        CPU, or a student the copy cannot serve exactly: ``rollouts_why`` says why). On a GPU the copy
+        holds the teacher's dtype (bf16 rollouts from fp32 master weights) and compiles a few buckets."""
+        cuda, mode = next(student.parameters()).is_cuda, self.params.rollouts
+        if mode == "dynamic" or (mode == "auto" and not cuda) or self._engine is False:
+            if mode == "auto" and not cuda:
                 self.rollouts_why = "rollouts = 'auto' on CPU: nothing compiles there (the copy saves no time)"
             return None
         if self._engine is None:
@@ -122,7 +121,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
     def choose_loss(self, model) -> tuple[str, str]:
         """("chunked" | "full", why): the tiled loss where ``GKDParams.tiled_loss`` says so, both heads
         are plain Linear layers and no logits cache feeds the teacher side; once per cell."""
-        if self.loss_kernel == "full":
+        if self.params.loss_kernel == "full":
             return "full", "as the recipe says (loss_kernel = 'full')"
         if self.teacher_cache is not None and self.teacher_cache.mode == "logits":
             return "full", "the teacher cache keeps logits (teacher_cache = 'hidden' serves the tiled loss)"
@@ -144,7 +143,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         then sees the head's weight in the graph of what its forward returned (else it marks the
         head unused, then ready a second time when its gradient arrives)."""
         student = self.accelerator.unwrap_model(model)
-        batch = padding_free(inputs) if self.padding_free else inputs
+        batch = padding_free(inputs) if self.params.padding_free else inputs
 
         def loss(batch):
             hidden = backbone_hidden(student, batch)
@@ -289,9 +288,7 @@ def make_trainer(teacher, student, tokenizer, data, params, context, meter, call
         callbacks=callbacks,
     )
     trainer._init_meter(meter)
-    trainer.loss_kernel, trainer.params = params.loss_kernel, params
-    trainer.rollouts = params.rollouts
-    trainer.padding_free = params.padding_free
+    trainer.params = params
     # TRL turns the rollouts' KV cache off whenever gradient checkpointing is on, yet
     # unwrap_model_for_generation switches checkpointing off around generate(): keep the
     # cache (same tokens, generation linear instead of quadratic in length).
