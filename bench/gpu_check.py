@@ -6,8 +6,9 @@ table and one JSON, then a small recipe end to end.
 
 1. The step (bench/gpu_step.py's setting, in this process, one random-weight model): an int4 g128
    QAT student, full fine-tuning, batch 8 × (128 prompt + 256 answer): λ = 0 and λ = 1 s/step, their
-   ratio, the fraction of the device's bf16 peak; rollout ms per decode step from the static-shape
-   copy (compiled) and from the training student (today's path, fewer tokens); the compile seconds.
+   ratio, the fraction of the device's bf16 peak (λ = 0 also with the weight fake quantizers
+   compiled); rollout ms per decode step from the static-shape copy (compiled) and from the training
+   student (the old path, fewer tokens); the compile seconds.
 2. Peak memory of the λ = 0 step at batch 8, 16 and 32 (32 retried with gradient checkpointing if
    it does not fit), with ``qcompare plan``'s estimate beside each.
 3. A small recipe end to end: a random-weight model with Qwen3's layer shapes (4 layers, bf16) and
@@ -151,7 +152,8 @@ def step_args(args, **over) -> argparse.Namespace:
     """bench/gpu_step.py's arguments for one setting."""
     base = dict(shape="tiny" if args.tiny else "qwen3-4b", device=args.device, batch=2 if args.tiny else 8,
                 prompt=8 if args.tiny else 128, answer=8 if args.tiny else 256, steps=1 if args.tiny else 2,
-                warmup=1, lora_r=0, gradient_checkpointing=False, loss_kernel="chunked", rollouts="static")
+                warmup=1, lora_r=0, gradient_checkpointing=False, loss_kernel="chunked", rollouts="static",
+                compile_rounding=False)
     return argparse.Namespace(**{**base, **over})
 
 
@@ -204,7 +206,8 @@ def the_step(args, result: dict, save) -> None:
     result["bf16_peak_tflops"] = peak
     rows = result.setdefault("step", {})
     with tempfile.TemporaryDirectory() as tmp:
-        settings = [("lambda0", 0.0, {}), ("lambda1", 1.0, {}),
+        settings = [("lambda0", 0.0, {}), ("lambda0_compiled_rounding", 0.0, {"compile_rounding": True}),
+                    ("lambda1", 1.0, {}),
                     ("lambda1_dynamic", 1.0, {"rollouts": "dynamic", "answer": 8 if args.tiny else 32, "steps": 1})]
         for name, lmbda, over in settings:
             rows[name] = guarded(one_setting, lmbda, step_args(args, **over), teacher, tokenizer, Path(tmp) / name)
@@ -236,6 +239,8 @@ def table(result: dict) -> str:
              if "seconds_per_step" in on and "seconds_per_step" in off else None)
     b = off.get("batch", "?")
     lines += [(f"λ=0 step (batch {b})", get(off, "seconds_per_step", "{:.3f} s"), get(off, "fraction_of_peak", "{:.1%} of bf16 peak")),
+              ("λ=0 step, rounding compiled", get(step.get("lambda0_compiled_rounding"), "seconds_per_step", "{:.3f} s"),
+               get(step.get("lambda0_compiled_rounding"), "fraction_of_peak", "{:.1%} of bf16 peak")),
               (f"λ=1 step (batch {b})", get(on, "seconds_per_step", "{:.3f} s"), f"{ratio:.2f}× λ=0" if ratio else "—"),
               ("rollout, static copy (compiled)", get(on, "decode_ms_per_step", "{:.2f} ms/step"),
                f"{on.get('rollout_compiles', '—')} shapes, {get(on, 'rollout_compile_seconds', '{:.0f} s')} compiling"),

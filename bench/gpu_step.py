@@ -93,7 +93,7 @@ def one_setting(lmbda: float, args, teacher, tokenizer, folder: Path) -> dict:
     from datasets import Dataset
 
     from qcompare.api import CellContext
-    from qcompare_plugins.distillers.common import check_data, run_training
+    from qcompare_plugins.distillers.common import check_data, compiled_rounding, run_training
     from qcompare_plugins.distillers.cost import CostMeter, count_params
     from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams
     from qcompare_plugins.torchao_quantizer import TorchaoQuantizer
@@ -107,7 +107,7 @@ def one_setting(lmbda: float, args, teacher, tokenizer, folder: Path) -> dict:
                        max_length=args.prompt + args.answer + 32, max_new_tokens=args.answer, max_steps=steps,
                        save_steps=0, teacher_cache=False, lora_r=args.lora_r,
                        gradient_checkpointing=args.gradient_checkpointing, loss_kernel=args.loss_kernel,
-                       rollouts=args.rollouts)
+                       rollouts=args.rollouts, compile_rounding=args.compile_rounding)
     context = CellContext(cell_dir=folder, seed=0, device=args.device, tokenizer=tokenizer, teacher=teacher)
     quantizer = TorchaoQuantizer()
     student = quantizer.prepare(copy.deepcopy(teacher), TorchaoQuantizer.Params(bits=4, group_size=128), context)
@@ -115,7 +115,8 @@ def one_setting(lmbda: float, args, teacher, tokenizer, folder: Path) -> dict:
     meter = CostMeter(args.device)
     snaps = Snapshots(meter, args.device)
     trainer = GKDDistiller().make_trainer(teacher, student, tokenizer, data, params, context, meter, callbacks=[snaps])
-    run_training("gkd", trainer, meter, teacher, params, context)
+    with compiled_rounding(trainer.model, params):
+        run_training("gkd", trainer, meter, teacher, params, context)
     (t0, a), (t1, b) = snaps.rows[args.warmup], snaps.rows[-1]
     d = {k: b[k] - a[k] for k in b}
     n = count_params(teacher)  # LoRA adds a few; the base is what the FLOPs are
@@ -155,6 +156,7 @@ def main():
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--rollouts", choices=("static", "dynamic"), default="static",
                         help="on-policy rollouts from the static-shape copy, or from the training student")
+    parser.add_argument("--compile-rounding", action="store_true", help="weight fake quantizers compiled")
     parser.add_argument("--loss-kernel", choices=("chunked", "full"), default="chunked",
                         help="the GKD loss: tiled from hidden states, or from full-vocabulary logits")
     parser.add_argument("--lambdas", default="0,1", help="comma-separated λ values")

@@ -314,3 +314,11 @@ def test_the_8bit_optimizer_trains_with_torchao_and_an_added_parameter_keeps_ear
     trainer.train()
     assert type(trainer.optimizer.optimizer).__name__ == "AdamW8bit"
     assert changed(before, trainer.model)  # it trained
+
+
+def test_compiled_rounding_trains_exactly_as_eager_rounding(world, tmp_path):
+    # the weight fake quantizers compiled (torch.compile, one fused kernel): the same rounded weights
+    # and straight-through gradients, so the same loss curve bit for bit
+    eager = _gkd_losses(world, tmp_path / "eager", seed=4, lmbda=0.0, max_steps=3)
+    compiled = _gkd_losses(world, tmp_path / "compiled", seed=4, lmbda=0.0, max_steps=3, compile_rounding=True)
+    assert compiled == eager

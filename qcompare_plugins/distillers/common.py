@@ -110,6 +110,26 @@ def fp32_master_weights(student, params: TrainParams):
                 p.data = p.data.to(cast[name])
 
 
+@contextlib.contextmanager
+def compiled_rounding(student, params: TrainParams):
+    """With ``params.compile_rounding``, every weight fake quantizer of the student runs compiled
+    (``torch.compile``): its quantize → dequantize is one fused kernel instead of one per elementwise
+    op, in each forward and backward. The result is the same tensor (checked bit for bit on CPU
+    against eager; fake ≡ converted checks every cell). Activation quantizers, whose shapes change
+    every batch, stay eager."""
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    quantizers = [m for name, m in student.named_modules()
+                  if isinstance(m, FakeQuantizerBase) and "weight_fake_quantizer" in name] if params.compile_rounding else []
+    for q in quantizers:
+        q.forward = torch.compile(q.forward, dynamic=False)
+    try:
+        yield len(quantizers)
+    finally:
+        for q in quantizers:
+            del q.forward
+
+
 def lora_config(params: TrainParams):
     """A peft LoraConfig, or None for full fine-tuning (lora_r = 0)."""
     if params.lora_r == 0:

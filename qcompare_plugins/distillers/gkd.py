@@ -108,7 +108,8 @@ class GKDDistiller(Distiller):
                 "generated_tokens": (params.lmbda + teacher_rolls) * sequences * params.max_new_tokens}
 
     def distill(self, teacher, student, tokenizer, data, params: GKDParams, context: CellContext) -> DistillResult:
-        from .common import as_before_training, check_data, check_tokenizer, fp32_master_weights, run_training
+        from .common import (as_before_training, check_data, check_tokenizer, compiled_rounding, fp32_master_weights,
+                             run_training)
         from .cost import CostMeter
         from .shared_teacher import share_base_weights, unshare_trainable
         from .teacher_cache import TeacherCache
@@ -122,7 +123,8 @@ class GKDDistiller(Distiller):
         if params.lora_r and params.shared_teacher:
             refused = share_base_weights(teacher, student)
             layout = "shared" if refused is None else f"separate ({refused})"
-        with as_before_training(student), fp32_master_weights(student, params) as master:
+        with as_before_training(student), fp32_master_weights(student, params) as master, \
+                compiled_rounding(student, params) as compiled:
             trainer = self.make_trainer(teacher, student, tokenizer, data, params, context, meter)
             if layout == "shared":
                 unshare_trainable(trainer.model, teacher)
@@ -142,6 +144,7 @@ class GKDDistiller(Distiller):
                     cache.save()
         result.cost["teacher_layout"] = layout
         result.cost["master_weights"] = "fp32" if master else "as the model"
+        result.cost["rounding"] = f"compiled ({compiled} weight quantizers)" if compiled else "eager"
         result.cost["teacher_cache"] = f"{mode if cache is not None else 'off'}: {why}"
         result.cost["loss"] = f"{trainer.loss_path}: {trainer.loss_why}"
         if params.lmbda > 0:

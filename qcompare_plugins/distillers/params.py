@@ -41,6 +41,10 @@ class TrainParams(Params):
         "adamw", description="'adamw': torch's fused AdamW, two fp32 states per trained parameter; 'adamw_8bit': "
         "torchao's AdamW8bit, block-quantized 8-bit states (a quarter of the memory; full fine-tuning of a 4B model "
         "saves ~24 GB)")
+    compile_rounding: bool = RuntimeField(
+        False, description="run each weight fake quantizer compiled (torch.compile): one fused kernel per weight "
+        "instead of one per elementwise op, the same rounded tensors; pays on a GPU, compiles a few seconds per "
+        "weight shape")
     save_steps: int = RuntimeField(
         50, ge=0, description="checkpoint every N steps so an interrupted cell resumes (0 = never)"
     )

@@ -29,7 +29,8 @@ class SFTDistiller(Distiller):
         return {"student_tokens": params.planned_sequences * params.max_length}
 
     def distill(self, teacher, student, tokenizer, data, params: SFTParams, context: CellContext) -> DistillResult:
-        from .common import as_before_training, check_data, check_tokenizer, fp32_master_weights, run_training
+        from .common import (as_before_training, check_data, check_tokenizer, compiled_rounding, fp32_master_weights,
+                             run_training)
         from .cost import CostMeter
         from .shared_teacher import unshare_trainable
         from .sft_trainer import to_prompt_completion
@@ -37,13 +38,15 @@ class SFTDistiller(Distiller):
         data = to_prompt_completion(check_data(data, self.name))
         check_tokenizer(tokenizer)
         meter = CostMeter(context.device)
-        with as_before_training(student), fp32_master_weights(student, params) as master:
+        with as_before_training(student), fp32_master_weights(student, params) as master, \
+                compiled_rounding(student, params) as compiled:
             trainer = self.make_trainer(student, tokenizer, data, params, context, meter)
             if teacher is not None:  # the runner may have built the student over the teacher's memory
                 unshare_trainable(trainer.model, teacher)
             # the teacher is not used; its parameter count is left out of the FLOPs
             result = run_training(self.name, trainer, meter, None, params, context)
         result.cost["master_weights"] = "fp32" if master else "as the model"
+        result.cost["rounding"] = f"compiled ({compiled} weight quantizers)" if compiled else "eager"
         result.cost["loss"] = trainer.loss_path
         return result
 
