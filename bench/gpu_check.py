@@ -11,7 +11,8 @@ table and one JSON, then a small recipe end to end.
    student (the old path, fewer tokens); the compile seconds.
 2. Peak memory of the λ = 0 step at batch 8, 16 and 32 (32 retried with gradient checkpointing if
    it does not fit), with ``qcompare plan``'s estimate beside each.
-3. A small recipe end to end: a random-weight model with Qwen3's layer shapes (4 layers, bf16) and
+3. The tests CPU machines skip (liger against the tiled loss, the compiled static-cache decode).
+4. A small recipe end to end: a random-weight model with Qwen3's layer shapes (4 layers, bf16) and
    the toy tokenizer, torchao INT4 through the CUDA kernel path (``packing = "tinygemm"``), GKD
    λ ∈ {0, 1}, the toy lm-eval tasks, every model saved and reloaded (the runner's checks).
 
@@ -251,11 +252,26 @@ def table(result: dict) -> str:
         lines.append((label, get(row, "peak_memory_gib", "{:.1f} GiB") if "peak_memory_gib" in row else get(row, "peak_rss_gib", "{:.1f} GiB (RSS)"),
                       f"estimate {get(row, 'estimated_gib', '{:.1f}')} GiB; {get(row, 'fraction_of_peak', '{:.1%} of peak')}"
                       + (f"; {row['error']}" if "error" in row else "")))
+    tests = result.get("cuda_tests") or {}
+    lines.append(("CUDA-only tests (liger, compiled decode)", tests.get("summary") or tests.get("skipped")
+                  or tests.get("error", "—"), ""))
     for name, row in step.items():
         if "error" in row:
             lines.append((name, "failed", row["error"]))
     widths = [max(len(str(r[i])) for r in lines) for i in range(3)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in lines)
+
+
+def cuda_tests(args) -> dict:
+    """The tests CPU machines skip: liger's fused linear JSD against the tiled loss, and the compiled
+    static-cache decode of the rollout copy (greedy tokens equal to eager in fp32, no recompile on refresh)."""
+    if args.device != "cuda":
+        return {"skipped": "no CUDA"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_chunked_loss.py",
+                           "tests/test_static_rollouts.py", "-k", "liger or cuda"], capture_output=True, text=True,
+                          timeout=300, cwd=HERE.parent)
+    lines = [x for x in done.stdout.splitlines() if x.strip()]
+    return {"exit_code": done.returncode, "summary": lines[-1] if lines else "", "output_tail": done.stdout[-3000:]}
 
 
 def main() -> None:
@@ -279,6 +295,8 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2, default=str))
 
     guarded(the_step, args, result, save)
+    save()
+    result["cuda_tests"] = guarded(cuda_tests, args)
     save()
     if not args.skip_end_to_end and time.perf_counter() - start < args.budget:
         with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,9 @@ logit scale or soft-capping, and the fallback where the tiled kernel cannot see 
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+
 import pytest
 import torch
 from tiny_chat import make_context, make_data, make_student, make_teacher, make_tokenizer
@@ -127,3 +130,34 @@ def test_a_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(tokeniz
     assert abs(free - padded) <= 1e-6, (free, padded)
     for name, g in padded_grads.items():
         assert (free_grads[name] - g).abs().max().item() <= 2e-6 * max(g.abs().max().item(), 1.0), name
+
+
+def test_liger_where_it_cannot_run_is_refused_with_what_would_make_it_run(tokenizer, tmp_path):
+    from qcompare.errors import QcompareError
+
+    teacher = make_teacher(tokenizer)
+    with pytest.raises(QcompareError, match=r"gkd: loss_kernel = 'liger' (needs liger-kernel: pip install 'qcompare\[liger\]'|"
+                                            r"runs on CUDA only)"):
+        loss_and_grads(teacher, tokenizer, "liger", 0.5, tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="liger-kernel's fused linear JSD runs on CUDA, with liger-kernel installed")
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_liger_gives_the_tiled_loss_and_gradients(tokenizer, tmp_path, beta):
+    teacher = make_teacher(tokenizer).cuda()
+    results = {}
+    for kernel in ("chunked", "liger"):
+        params = GKDParams(lmbda=0.0, beta=beta, max_steps=1, max_length=64, max_new_tokens=4, loss_kernel=kernel)
+        context = dataclasses.replace(make_context(tmp_path), device="cuda")
+        trainer = GKDDistiller().make_trainer(teacher, make_student(teacher, skip_head=True).cuda(), tokenizer,
+                                              make_data(8), params, context, CostMeter("cuda"))
+        inputs = {k: v.cuda() for k, v in trainer.data_collator([trainer.train_dataset[i] for i in range(4)]).items()}
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        assert trainer.loss_path == kernel
+        results[kernel] = loss.item(), {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    (tiled, tiled_grads), (liger, liger_grads) = results["chunked"], results["liger"]
+    assert abs(liger - tiled) <= 1e-5 * max(1.0, abs(tiled))
+    for name, g in tiled_grads.items():
+        assert (liger_grads[name] - g).abs().max().item() <= 1e-4 * max(g.abs().max().item(), 1.0), name

@@ -88,3 +88,30 @@ def generalized_jsd(student_hidden, student, teacher_hidden, teacher, labels, be
         h_s, s_head.weight, s_head.bias, h_t, t_head.weight, t_head.bias, float(beta), 1.0, s_scale, s_cap,
         t_scale, t_cap)
     return per_token.sum() / mask.sum().clamp(min=1)
+
+
+def liger_problem(device: str, student, teacher) -> str | None:
+    """Why liger's fused linear JSD cannot compute this cell's loss (None: it can). Its Triton kernels
+    run on CUDA; it takes no logit scale or soft-capping."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "needs liger-kernel: pip install 'qcompare[liger]' (liger-kernel==0.8.5)"
+    if device != "cuda":
+        return f"runs on CUDA only (this cell trains on {device})"
+    for who, model in (("student", student), ("teacher", teacher)):
+        scale, cap = logit_transform(model)
+        if scale != 1.0 or cap is not None:
+            return f"takes no logit scale or soft-capping, which the {who} applies; use loss_kernel = 'chunked'"
+    return None
+
+
+def liger_jsd(student_hidden, student, teacher_hidden, teacher, labels, beta: float) -> torch.Tensor:
+    """``generalized_jsd`` through liger's ``LigerFusedLinearJSD`` (same β convention: 0 = forward KL,
+    1 = reverse KL), on the positions whose label is not -100."""
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    mask = labels != -100
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    jsd = LigerFusedLinearJSD(jsd_beta=float(beta), temperature=1.0)
+    return jsd(student_hidden[mask], s_head.weight, teacher_hidden[mask], t_head.weight)

@@ -55,11 +55,12 @@ class GKDParams(TrainParams):
         "transformers' static KV cache, compiled on a GPU, prompts bucketed); 'dynamic' from the training student "
         "with a dynamic cache; 'auto': static on a GPU, dynamic on CPU (nothing compiles there). The same samples "
         "in fp32; on a GPU the copy holds the teacher's dtype")
-    loss_kernel: Literal["auto", "chunked", "full"] = RuntimeField(
+    loss_kernel: Literal["auto", "chunked", "full", "liger"] = RuntimeField(
         "auto", description="'chunked' computes the divergence from the final hidden states a tile of tokens × "
         "vocabulary at a time (TRL's kernel; no [batch, length, vocab] tensor); 'full' builds both models' logits; "
-        "'auto': chunked on a GPU, and on CPU where one micro-batch's fp32 logits would pass 256 MB. Equal within "
-        "fp32 rounding; a fake-quantized or adapted output head always takes 'full'")
+        "'auto': chunked on a GPU, and on CPU where one micro-batch's fp32 logits would pass 256 MB; 'liger': "
+        "liger-kernel's fused linear JSD (CUDA, pip install liger-kernel). Equal within fp32 rounding; a "
+        "fake-quantized or adapted output head always takes 'full'")
     padding_free: bool = RuntimeField(
         False, description="with the chunked loss, run student and teacher on the batch's real tokens as one row "
         "(position ids restart per sequence; no FLOPs on padding). Pays with attention kernels that skip the "
@@ -71,7 +72,7 @@ class GKDParams(TrainParams):
         fp32 logits would pass ``AUTO_TILED_BYTES``: below that the tiled kernel's extra projections cost
         more than the memory it saves, 1.6× the toy model's λ=0 step)."""
         if self.loss_kernel != "auto":
-            return self.loss_kernel == "chunked"
+            return self.loss_kernel in ("chunked", "liger")
         return device != "cpu" or 4 * self.per_device_train_batch_size * self.max_length * vocab > AUTO_TILED_BYTES
 
 

@@ -20,8 +20,11 @@ logging.getLogger("trl.experimental.gkd.gkd_trainer").setLevel(logging.ERROR)
 
 from trl.models.utils import _ForwardRedirection  # noqa: E402
 
+from qcompare.errors import QcompareError  # noqa: E402
+
 from .chat_tokens import ReusedChatCollator  # noqa: E402
-from .chunked_loss import backbone_hidden, generalized_jsd, padding_free, plain_head  # noqa: E402
+from .chunked_loss import (backbone_hidden, generalized_jsd, liger_jsd, liger_problem, padding_free,  # noqa: E402
+                           plain_head)
 from .common import MeteredTrainerMixin, lora_config, training_kwargs  # noqa: E402
 from .shared_teacher import teacher_mode  # noqa: E402
 from .rollouts import RolloutEngine, weights_rounded_once  # noqa: E402
@@ -91,7 +94,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         self.meter.add("student_tokens", tokens)
         if self.loss_path is None:
             self.loss_path, self.loss_why = self.choose_loss(model)
-        if self.loss_path == "chunked":
+        if self.loss_path in ("chunked", "liger"):
             loss = self.chunked_loss(model, inputs)
             return (loss, None) if return_outputs else loss
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -123,6 +126,15 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         are plain Linear layers and no logits cache feeds the teacher side; once per cell."""
         if self.params.loss_kernel == "full":
             return "full", "as the recipe says (loss_kernel = 'full')"
+        if self.params.loss_kernel == "liger":
+            student = self.accelerator.unwrap_model(model)
+            with self._as_teacher(model) as teacher:
+                why = liger_problem(next(student.parameters()).device.type, student, teacher)
+                why = why or next((f"the {w}'s {p}" for w, p in (("student", plain_head(student)),
+                                                                 ("teacher", plain_head(teacher))) if p), None)
+            if why is not None:
+                raise QcompareError(f"gkd: loss_kernel = 'liger' {why}")
+            return "liger", "liger-kernel's fused linear JSD from the final hidden states"
         if self.teacher_cache is not None and self.teacher_cache.mode == "logits":
             return "full", "the teacher cache keeps logits (teacher_cache = 'hidden' serves the tiled loss)"
         student = self.accelerator.unwrap_model(model)
@@ -148,9 +160,9 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         def loss(batch):
             hidden = backbone_hidden(student, batch)
             teacher_hidden = self.teacher_hidden(model, inputs, batch)
+            jsd = liger_jsd if self.loss_path == "liger" else generalized_jsd
             with self._as_teacher(model) as teacher:
-                return generalized_jsd(hidden[:, :-1], student, teacher_hidden[:, :-1], teacher,
-                                       batch["labels"][:, 1:], self.beta)
+                return jsd(hidden[:, :-1], student, teacher_hidden[:, :-1], teacher, batch["labels"][:, 1:], self.beta)
 
         return self._redirect(model, student, loss, batch)
 
