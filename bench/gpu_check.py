@@ -240,12 +240,15 @@ def table(result: dict) -> str:
              if "seconds_per_step" in on and "seconds_per_step" in off else None)
     b = off.get("batch", "?")
     lines += [(f"λ=0 step (batch {b})", get(off, "seconds_per_step", "{:.3f} s"), get(off, "fraction_of_peak", "{:.1%} of bf16 peak")),
+              ("λ=0 step: rounding / teacher / optimizer", " / ".join(get(off, k, "{:.0%}") for k in
+                                                                    ("rounding_share", "teacher_share", "optimizer_share")),
+               f"rounding {get(off, 'rounding_ms_per_forward', '{:.1f}')} ms per student forward"),
               ("λ=0 step, rounding compiled", get(step.get("lambda0_compiled_rounding"), "seconds_per_step", "{:.3f} s"),
                get(step.get("lambda0_compiled_rounding"), "fraction_of_peak", "{:.1%} of bf16 peak")),
               (f"λ=1 step (batch {b})", get(on, "seconds_per_step", "{:.3f} s"), f"{ratio:.2f}× λ=0" if ratio else "—"),
               ("rollout, static copy (compiled)", get(on, "decode_ms_per_step", "{:.2f} ms/step"),
                f"{on.get('rollout_compiles', '—')} shapes, {get(on, 'rollout_compile_seconds', '{:.0f} s')} compiling"),
-              ("rollout, training student (dynamic)", get(dyn, "decode_ms_per_step", "{:.2f} ms/step"), "today's path"),
+              ("rollout, training student (dynamic)", get(dyn, "decode_ms_per_step", "{:.2f} ms/step"), "the old path (training student)"),
               ("loss", str(off.get("loss", "—")), "")]
     for batch, row in peaks.items():
         label = f"peak, λ=0 batch {batch}" + (" (checkpointing)" if row.get("gradient_checkpointing") else "")

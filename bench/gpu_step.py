@@ -72,10 +72,36 @@ class Snapshots(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.rows.append(self._now())
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._optimizer_start = self._now()[0]
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # the optimizer's seconds, kept per step like the meter's totals (read as a difference)
+        self.meter.totals["optimizer_seconds"] = (self.meter.totals.get("optimizer_seconds", 0.0)
+                                                 + self._now()[0] - self._optimizer_start)
+
     def _now(self):
         if self.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter(), dict(self.meter.totals)
+
+
+def rounding_seconds(model, device: str) -> float:
+    """Seconds to fake-quantize every weight once (what each forward of the student does first)."""
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    pairs = [(q, getattr(parent, "weight")) for parent in model.modules() for name, q in parent.named_children()
+             if name == "weight_fake_quantizer" and isinstance(q, FakeQuantizerBase)]
+    with torch.no_grad():
+        for _ in range(2):  # the first pass warms up (and compiles, with compile_rounding)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for q, w in pairs:
+                q(w)
+            if device == "cuda":
+                torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def chats(tokenizer, n: int, prompt: int, answer: int, seed: int) -> list[dict]:
@@ -93,7 +119,7 @@ def one_setting(lmbda: float, args, teacher, tokenizer, folder: Path) -> dict:
     from datasets import Dataset
 
     from qcompare.api import CellContext
-    from qcompare_plugins.distillers.common import check_data, compiled_rounding, run_training
+    from qcompare_plugins.distillers.common import check_data, compiled_rounding, fp32_master_weights, run_training
     from qcompare_plugins.distillers.cost import CostMeter, count_params
     from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams
     from qcompare_plugins.torchao_quantizer import TorchaoQuantizer
@@ -114,9 +140,12 @@ def one_setting(lmbda: float, args, teacher, tokenizer, folder: Path) -> dict:
     data = check_data(Dataset.from_list(chats(tokenizer, args.batch * steps, args.prompt, args.answer, 0)), "gkd")
     meter = CostMeter(args.device)
     snaps = Snapshots(meter, args.device)
-    trainer = GKDDistiller().make_trainer(teacher, student, tokenizer, data, params, context, meter, callbacks=[snaps])
-    with compiled_rounding(trainer.model, params):
+    # as GKDDistiller.distill trains a cell: fp32 master weights for full fine-tuning, rounding compiled if asked
+    with fp32_master_weights(student, params), compiled_rounding(student, params):
+        trainer = GKDDistiller().make_trainer(teacher, student, tokenizer, data, params, context, meter,
+                                              callbacks=[snaps])
         run_training("gkd", trainer, meter, teacher, params, context)
+        rounding = rounding_seconds(trainer.model, args.device)
     (t0, a), (t1, b) = snaps.rows[args.warmup], snaps.rows[-1]
     d = {k: b[k] - a[k] for k in b}
     n = count_params(teacher)  # LoRA adds a few; the base is what the FLOPs are
@@ -129,6 +158,11 @@ def one_setting(lmbda: float, args, teacher, tokenizer, folder: Path) -> dict:
         "rollout_share": d["rollout_seconds"] / seconds, "teacher_share": d["teacher_forward_seconds"] / seconds,
         "tflops": flops / seconds / 1e12, "params": n,
     }
+    # where the step goes: the optimizer (timed), the teacher and rollouts (metered), and one rounding of
+    # every fake-quantized weight (timed after training), which each student forward repeats
+    out["optimizer_share"] = d.get("optimizer_seconds", 0.0) / seconds
+    out["rounding_ms_per_forward"] = 1000 * rounding
+    out["rounding_share"] = out["rounding_ms_per_forward"] / 1000 / out["seconds_per_step"]
     engine = trainer._engine or None
     out.update(loss=trainer.loss_path, rollouts=("static" if engine else "dynamic") if lmbda > 0 else None,
                rollout_compiles=engine.compiles if engine else 0,
