@@ -59,7 +59,14 @@ class Registry:
 
 
 def unknown_name_message(kind: str, name: str, known) -> str:
-    msg = f"unknown {kind} {name!r}; known: {', '.join(sorted(known)) or '(none)'}"
+    """One line: the unknown name, what is known — grouped by where it comes from (each installed
+    package's entry point) when ``known`` holds registry entries — and the closest name."""
+    groups: dict[str, list[str]] = {}
+    for n in sorted(known):
+        source = known[n].source if isinstance(known, dict) and isinstance(known[n], Entry) else ""
+        groups.setdefault(source, []).append(n)
+    listed = "; ".join(", ".join(names) + (f" (from {source})" if source else "") for source, names in groups.items())
+    msg = f"unknown {kind} {name!r}; known: {listed or '(none)'}"
     close = difflib.get_close_matches(str(name), list(known), n=1)
     return msg + (f" (did you mean {close[0]!r}?)" if close else "")
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from qcompare.api import added_defaults, runtime_keys
 from qcompare.errors import QcompareError, RecipeError
 from qcompare.extras import tracker_problems
-from qcompare.plugins import Registry, get_registry, unknown_name_message
+from qcompare.plugins import Registry, get_registry
 
 
 class PluginChoice(BaseModel):

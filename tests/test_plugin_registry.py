@@ -79,3 +79,13 @@ def test_plugins_shows_the_values_a_literal_allows():
     assert type_text(Literal["nf4", "fp4"]) == "one of 'nf4', 'fp4'"
     assert type_text(Annotated[Literal[2, 4], "meta"]) == "one of 2, 4"
     assert type_text(Optional[int]) == "int | None" and type_text(list[str]) == "list[str]"
+
+
+def test_an_unknown_name_lists_each_package_entry_point_with_the_names_it_provides():
+    with pytest.raises(QcompareError) as err:
+        get_registry().get("quantizer", "gtpq")
+    msg = str(err.value)
+    assert msg.startswith("unknown quantizer 'gtpq'; known: ") and "(did you mean 'gptq'?)" in msg
+    # which entry point of which package provides each name, so a user knows what to install or enable
+    assert "awq, gptq (from qcompare, entry point 'llmcompressor')" in msg
+    assert "torchao (from qcompare, entry point 'torchao')" in msg
