@@ -19,6 +19,7 @@ from qcompare.testing import check_quantizer
 
 cli = CliRunner()
 import qcompare_rtn  # noqa: E402  the example plugin, as a third party writes it (pyproject's pythonpath)
+import qcompare_rtn.grids  # noqa: E402
 
 QUICK = {"gptq": {"calibration_samples": 16, "calibration_length": 64},
          "awq": {"calibration_samples": 16, "calibration_length": 64}}
@@ -49,7 +50,7 @@ class OffGridRTN(qcompare_rtn.RTNQuantizer):
     def convert(self, student, params, context):
         model = super().convert(student, params, context)
         for m in model.modules():
-            if isinstance(m, qcompare_rtn.RTNLinear):
+            if isinstance(m, qcompare_rtn.grids.RTNLinear):
                 m.scale.mul_(1 + 0.5 / (2 ** (params.bits - 1) - 1))
         return model
 
