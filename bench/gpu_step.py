@@ -163,7 +163,7 @@ def one_setting(lmbda: float, args, teacher, tokenizer, folder: Path) -> dict:
     out["optimizer_share"] = d.get("optimizer_seconds", 0.0) / seconds
     out["rounding_ms_per_forward"] = 1000 * rounding
     out["rounding_share"] = out["rounding_ms_per_forward"] / 1000 / out["seconds_per_step"]
-    engine = trainer._engine or None
+    engine = trainer.engine
     out.update(loss=trainer.loss_path, rollouts=("static" if engine else "dynamic") if lmbda > 0 else None,
                rollout_compiles=engine.compiles if engine else 0,
                rollout_compile_seconds=engine.compile_seconds if engine else 0.0,

@@ -206,11 +206,11 @@ def cell_memory_inputs(cell, shapes, registry) -> dict:
     if cell.distiller is None or cell.quantizer is None:  # the teacher's row: its weights only
         return {"m": shapes, "params": None, "shares_weights": True}
     dcls, qcls = registry.get("distiller", cell.distiller.name), registry.get("quantizer", cell.quantizer.name)
-    dparams = dcls.Params.model_validate(cell.distiller.params)
-    shares = qcls.shares_teacher_weights and dcls().keeps_base_weights(dparams)
+    dparams, distiller = dcls.Params.model_validate(cell.distiller.params), dcls()
     lora = dparams.model_copy(update={"lora_r": 16}) if hasattr(dparams, "lora_r") else dparams
-    return {"m": shapes, "params": dparams, "shares_weights": shares,
-            "lora_shares": qcls.shares_teacher_weights and dcls().keeps_base_weights(lora)}
+    return {"m": shapes, "params": dparams,
+            "shares_weights": qcls.shares_teacher_weights and distiller.keeps_base_weights(dparams),
+            "lora_shares": qcls.shares_teacher_weights and distiller.keeps_base_weights(lora)}
 
 
 def estimate_cells(recipe, store, cells, registry, device: str | None = None) -> dict[str, Estimate]:

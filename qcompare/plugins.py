@@ -58,14 +58,13 @@ class Registry:
         return sorted(self.plugins[kind])
 
 
-def unknown_name_message(kind: str, name: str, known) -> str:
-    """One line: the unknown name, what is known — grouped by where it comes from (each installed
-    package's entry point) when ``known`` holds registry entries — and the closest name."""
+def unknown_name_message(kind: str, name: str, known: dict[str, Entry]) -> str:
+    """One line: the unknown name, what is known grouped by where it comes from (each installed
+    package's entry point), and the closest name."""
     groups: dict[str, list[str]] = {}
     for n in sorted(known):
-        source = known[n].source if isinstance(known, dict) and isinstance(known[n], Entry) else ""
-        groups.setdefault(source, []).append(n)
-    listed = "; ".join(", ".join(names) + (f" (from {source})" if source else "") for source, names in groups.items())
+        groups.setdefault(known[n].source, []).append(n)
+    listed = "; ".join(f"{', '.join(names)} (from {source})" for source, names in groups.items())
     msg = f"unknown {kind} {name!r}; known: {listed or '(none)'}"
     close = difflib.get_close_matches(str(name), list(known), n=1)
     return msg + (f" (did you mean {close[0]!r}?)" if close else "")

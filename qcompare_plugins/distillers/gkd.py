@@ -149,7 +149,7 @@ class GKDDistiller(Distiller):
         result.cost["teacher_cache"] = f"{mode if cache is not None else 'off'}: {why}"
         result.cost["loss"] = f"{trainer.loss_path}: {trainer.loss_why}"
         if params.lmbda > 0:
-            engine = trainer._engine or None
+            engine = trainer.engine
             result.cost["rollouts"] = f"{'static' if engine else 'dynamic'}: {trainer.rollouts_why or 'as the recipe says'}"
             if engine is not None:
                 result.cost["rollout_compiles"] = engine.compiles

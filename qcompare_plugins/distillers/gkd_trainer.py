@@ -103,6 +103,11 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
         loss = jsd_loss(student_outputs.logits[:, :-1, :], teacher_logits, inputs["labels"][:, 1:], self.beta)
         return (loss, student_outputs) if return_outputs else loss
 
+    @property
+    def engine(self) -> RolloutEngine | None:
+        """The static-shape copy this cell's rollouts used, if any."""
+        return self._engine or None
+
     def rollout_engine(self, student):
         """The student's static-shape inference copy (``RolloutEngine``), built on its first rollout,
         or None for rollouts on the training student itself (``rollouts = "dynamic"``, ``"auto"`` on
@@ -119,7 +124,7 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
             self.rollouts_why = (RolloutEngine.why_not(student) or "") if self._engine is False else (
                 f"static KV cache on an inference copy ({dtype or 'the student dtype'}), prompts bucketed to "
                 f"{self._engine.bucket} tokens, {'compiled' if cuda else 'not compiled on CPU'}")
-        return self._engine or None
+        return self.engine
 
     def choose_loss(self, model) -> tuple[str, str]:
         """("chunked" | "full", why): the tiled loss where ``GKDParams.tiled_loss`` says so, both heads
