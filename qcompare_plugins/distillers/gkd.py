@@ -70,7 +70,7 @@ class GKDParams(TrainParams):
     def tiled_loss(self, device: str, vocab: int) -> bool:
         """Whether the loss is tiled (``loss_kernel``; 'auto': on a GPU, or on CPU where a micro-batch's
         fp32 logits would pass ``AUTO_TILED_BYTES``: below that the tiled kernel's extra projections cost
-        more than the memory it saves, 1.6× the toy model's λ=0 step)."""
+        more time than the memory is worth, as on the toy model)."""
         if self.loss_kernel != "auto":
             return self.loss_kernel in ("chunked", "liger")
         return device != "cpu" or 4 * self.per_device_train_batch_size * self.max_length * vocab > AUTO_TILED_BYTES
