@@ -114,14 +114,30 @@ def router_modules(model) -> set[int]:
     return found
 
 
+def adapter_modules(model) -> set[int]:
+    """ids of the modules a PEFT adapter added (LoRA's ``lora_A``/``lora_B`` and what they hold): trained
+    float beside the model's layers, never weights of the model to quantize."""
+    found = set()
+    for m in model.modules():
+        for attr in getattr(m, "adapter_layer_names", ()):  # peft's tuner layers name their adapter parts
+            part = getattr(m, attr, None)
+            if part is not None and hasattr(part, "modules"):
+                found.update(id(x) for x in part.modules())
+    return found
+
+
 def all_targets(model) -> list[Target]:
-    """Every weight of a kind qcompare knows, in module order, nothing skipped."""
+    """Every weight of a kind qcompare knows, in module order, nothing skipped (a LoRA layer's adapters
+    are not the model's weights: its ``base_layer`` is)."""
     from torch import nn
 
     conv1d = _conv1d_class()
     routers = router_modules(model)
+    adapters = adapter_modules(model)
     found = []
     for name, m in model.named_modules():
+        if id(m) in adapters:
+            continue
         if id(m) in routers:
             found.append(Target(name, m, "router"))
         elif isinstance(m, nn.Linear):
