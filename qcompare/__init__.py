@@ -3,4 +3,12 @@
 from qcompare.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["hookimpl", "__version__"]
+__all__ = ["hookimpl", "load_pretrained", "__version__"]
+
+
+def load_pretrained(folder, device: str | None = None):
+    """A model folder qcompare saved (``save_models``, ``export``), loaded as the run evaluated it: through
+    the quantizer plugin that saved it when it is in that plugin's own format, else by transformers."""
+    from qcompare.saving import load_pretrained as load
+
+    return load(folder, device)

@@ -169,8 +169,26 @@ class Quantizer(Plugin):
 
         A student trained with LoRA keeps float adapters beside its quantized layers; this
         method then receives the base with the adapters unwrapped, and the runner writes the
-        adapter beside it as a PEFT adapter (``qcompare.saving.save_converted``)."""
+        adapter beside it as a PEFT adapter (``qcompare.saving.save_converted``).
+
+        A format transformers does not know is saved as itself: override ``load`` too."""
         model.save_pretrained(folder)
+
+    def load(self, folder: Path, params):
+        """Load a folder this quantizer's ``save`` wrote, as the converted model it saved (on the CPU).
+
+        Override it, with ``save``, to ship a format of your own: the runner then records in the folder
+        (``qcompare_format.json``) which quantizer, package and entry point saved it, and every load —
+        ``qcompare.load_pretrained(folder)``, the reload check, ``qcompare export``, the model card's
+        code — goes through your plugin, in a fresh process, with no remote code. A LoRA cell's
+        adapter is put back on top of what this returns. Not overridden (the default): the folder is
+        one transformers loads, and they load it with ``AutoModelForCausalLM.from_pretrained``."""
+        raise NotImplementedError
+
+    @classmethod
+    def saves_own_format(cls) -> bool:
+        """Whether this quantizer loads what it saves itself (it overrides ``load``)."""
+        return cls.load is not Quantizer.load
 
     def check_model(self, model, params) -> None:
         """Raise ``QcompareError`` (one line) if this quantizer cannot take ``model`` with ``params``.

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from qcompare.record import CellRecord
-from qcompare.saving import ADAPTER_CONFIG, is_compressed_tensors, load_code, needs_compat
+from qcompare.saving import (ADAPTER_CONFIG, FORMAT_FILE, is_compressed_tensors, load_code, needs_compat,
+                             read_format, tensor_bytes)
 
 
 def _yaml(obj) -> str:
@@ -43,6 +44,11 @@ def model_index(record: CellRecord, name: str) -> list[dict]:
 def use_lines(folder: Path) -> list[str]:
     """The card's "Use" section: the code that loads this folder to the evaluated model (the reload
     check runs this very code, ``qcompare.saving.load_code``, in a fresh process)."""
+    own = read_format(folder)
+    if own is not None:
+        return own_format_lines(own, folder) + ["```python", *load_code(folder),
+                                                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+                                                "```", ""]
     lines = []
     if (folder / ADAPTER_CONFIG).is_file():
         lines = ["The folder holds the quantized base model (`config.json`, `model.safetensors`) and the LoRA adapter "
@@ -63,6 +69,22 @@ def use_lines(folder: Path) -> list[str]:
                   "transformers/torchao do not support yet (see `qcompare/compat.py`).", ""]
     code = load_code(folder) + ['tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")']
     return lines + ["```python", *code, "```", ""]
+
+
+def own_format_lines(own: dict, folder: Path) -> list[str]:
+    """The "Use" text of a folder in a quantizer plugin's own format."""
+    package = own.get("package") or own.get("module")
+    version = f" {own['version']}" if own.get("version") else ""
+    via = f"entry point `{own['entry_point']}`" if own.get("entry_point") else f"module `{own.get('module')}`"
+    text = (f"The folder is in the own format of the quantizer `{own['quantizer']}` (package `{package}`{version}, "
+            f"{via}), which transformers does not know: `AutoModelForCausalLM.from_pretrained` cannot load it. "
+            f"With `pip install qcompare {package}`, `qcompare.load_pretrained` loads it through that plugin "
+            f"(no remote code; `{FORMAT_FILE}` names the plugin and its parameters).")
+    if (folder / ADAPTER_CONFIG).is_file():
+        text += (" It holds the LoRA adapter trained on the quantized base beside it (`adapter_config.json`, "
+                 "`adapter_model.safetensors`: float, not merged, since merging would re-quantize the weights); "
+                 "`qcompare.load_pretrained` puts it back on the base.")
+    return [text, ""]
 
 
 def model_card(record: CellRecord, run_name: str, folder: Path, rebuilt: bool, recipe_text: str = "",
@@ -132,7 +154,28 @@ def size_lines(record: CellRecord, folder: Path) -> list[str]:
              f"- the model at its true size: {_num(size.get('packed_bytes') and size['packed_bytes'] / 1e6, '.3f')} MB; "
              f"in memory: {_num(size.get('memory_bytes') and size['memory_bytes'] / 1e6, '.3f')} MB",
              f"- this folder on disk: {folder_bytes(folder) / 1e6:.3f} MB", ""]
-    return lines
+    return lines + disk_lines(record, folder)
+
+
+def disk_lines(record: CellRecord, folder: Path) -> list[str]:
+    """What the folder holds on disk: each tensor file's bytes, their sum against the true size, and the
+    format they are in (transformers' quantization config, or a plugin's own)."""
+    files = tensor_bytes(folder)
+    if not files:
+        return []
+    total, n = sum(files.values()), record.size.get("parameters")
+    method = ((json.loads((folder / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
+              if (folder / "config.json").is_file() else None)
+    own = read_format(folder)
+    fmt = (f"the quantizer `{own['quantizer']}`'s own format" if own else
+           f"`{method}` (transformers' quantization config)" if method else "plain safetensors tensors")
+    lines = ["## On disk", "", f"- format: {fmt}"]
+    lines += [f"- `{name}`: {size / 1e6:.3f} MB of tensors" for name, size in files.items()]
+    per_weight = f", {8 * total / n:.3f} bits per weight of the model" if n else ""
+    true = record.size.get("packed_bytes")
+    lines.append(f"- tensors in all: {total / 1e6:.3f} MB{per_weight}"
+                 + (f" ({total / true:.2f}× the true size above)" if true else ""))
+    return lines + [""]
 
 
 def checks_lines(record: CellRecord, proof: dict) -> list[str]:

@@ -127,6 +127,35 @@ def coverage(footprint, minimum: float) -> dict[str, Any]:
     return check
 
 
+# --- a saved folder ships what the converted model holds -----------------------------------
+
+SAVED_SIZE_RTOL = 0.10  # headers, shape tensors, a format's own small tables
+
+
+def saved_size(folder, size: dict[str, Any]) -> dict[str, Any]:
+    """The tensor bytes a saved folder ships (every ``*.safetensors`` file) against the converted model's
+    true size (``size["packed_bytes"]``: codes at the format's width) and what it holds in memory (codes
+    as held, which a format may ship unpacked): CheckFailed when the folder ships more than both, or less
+    than either, by over ``SAVED_SIZE_RTOL`` — a folder of dequantized weights, say, whose model card
+    would claim the true size."""
+    from qcompare.saving import tensor_bytes
+
+    on_disk = sum(tensor_bytes(folder).values())
+    true, memory = size["packed_bytes"], size.get("memory_bytes") or size["packed_bytes"]
+    low, high = (1 - SAVED_SIZE_RTOL) * min(true, memory), (1 + SAVED_SIZE_RTOL) * max(true, memory)
+    n = size.get("parameters")
+    check = {"saved_bytes": on_disk, "true_bytes": true, "memory_bytes": memory,
+             "saved_bits_per_weight": 8 * on_disk / n if n else None, "ratio_to_true": on_disk / true if true else None,
+             "tolerance": SAVED_SIZE_RTOL, "passed": low <= on_disk <= high}
+    if not check["passed"]:
+        raise CheckFailed(
+            f"saved size: the folder ships {on_disk:,} bytes of tensors, {on_disk / true:.2f}× the converted model's "
+            f"true size ({true:,} bytes; {memory:,} held in memory; allowed ±{SAVED_SIZE_RTOL:.0%}): "
+            + ("it ships more than the model holds (dequantized or float weights?)" if on_disk > high
+               else "it ships less than the model holds (weights missing?)"), "saved_size", check)
+    return check
+
+
 # --- a saved model reloads as the evaluated one ------------------------------------------
 
 FINGERPRINT_COLUMNS = 512  # vocabulary columns of the probe logits a cell keeps
@@ -224,6 +253,7 @@ def reload_all(items: list, rtol: float, device: str = "cpu") -> list:
     Folders that need ``qcompare.compat`` and folders that do not load in separate processes, so
     one never lends the other its patches."""
     import json
+    import os
     import subprocess
     import sys
     import tempfile
@@ -246,7 +276,11 @@ def reload_all(items: list, rtol: float, device: str = "cpu") -> list:
                              "probe": str(probe), "out": str(out), "device": device})
             if not jobs:
                 continue
-            done = subprocess.run([sys.executable, "-c", _RELOAD, json.dumps(jobs)], capture_output=True, text=True)
+            # a fresh interpreter on this one's import path: a plugin that loads its own format is found
+            # where this process found it (installed, or put on the path by a test or a notebook)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            done = subprocess.run([sys.executable, "-c", _RELOAD, json.dumps(jobs)], capture_output=True, text=True,
+                                  env=env)
             reports = {r["folder"]: r for r in (json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
                                                 if line.startswith("QCOMPARE-RELOAD "))}
             for job in jobs:
@@ -261,7 +295,9 @@ def reload_all(items: list, rtol: float, device: str = "cpu") -> list:
 def _judge(report: dict, job: dict, fingerprint: Fingerprint, rtol: float, load_file):
     if not report["ok"]:
         if report["stage"] == "load":
-            what = "does not load with the model card's code (AutoModelForCausalLM.from_pretrained)"
+            loader = "qcompare.load_pretrained" if "qcompare.load_pretrained" in job["code"] \
+                else "AutoModelForCausalLM.from_pretrained"
+            what = f"does not load with the model card's code ({loader})"
         else:
             what = "loads, but its forward pass fails"
         return CheckFailed(f"reload: the saved folder {what} ({report['error']})", "reload",

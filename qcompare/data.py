@@ -21,13 +21,18 @@ def load_model(name: str, registry: Registry, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from qcompare.saving import load_pretrained, read_format
+
     hf_logging.disable_progress_bar()  # qcompare draws its own progress
 
     where = resolve_model(name, registry)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        if read_format(where) is not None:  # a folder qcompare saved in a quantizer plugin's own format
+            model = load_pretrained(where)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except OSError as e:
         raise QcompareError(
             f"cannot load model {name!r} ({str(e).splitlines()[0]}); give a local folder, a registered name "

@@ -186,3 +186,55 @@ def get_registry(clashes_allowed: bool = False) -> Registry:
 
 def get_plugin_manager() -> pluggy.PluginManager:
     return _loaded()[0]
+
+
+def origin_of(cls) -> dict:
+    """Where a registered plugin class comes from: its package, version and entry point (None for a
+    plugin registered in-process), as a folder saved in its format records it."""
+    entry = next((e for e in get_registry(clashes_allowed=True).plugins[_kind_of(cls)].values() if e.obj is cls), None)
+    dists = _distributions().get(cls.__module__.split(".")[0])
+    package = entry.package if entry is not None else dists[0] if dists else cls.__module__
+    try:
+        version = metadata.version(package)
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"package": package, "version": version, "entry_point": entry.entry_point if entry is not None else None}
+
+
+def _kind_of(cls) -> str:
+    return next(kind for kind, base in KINDS.items() if issubclass(cls, base))
+
+
+def quantizer_for_format(record: dict, folder) -> type[Quantizer]:
+    """The quantizer class that saved ``folder`` in its own format (``record``: its qcompare_format.json),
+    found through the entry point it came from, whatever ``QCOMPARE_PLUGINS`` says: the folder names
+    it. A plugin registered in-process is found by its module. One line naming the package when neither
+    is installed."""
+    import importlib
+
+    name, ep_name, module = record["quantizer"], record.get("entry_point"), record.get("module")
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    points = list(metadata.entry_points(group=GROUP, name=ep_name)) if ep_name else []
+    try:
+        if points:
+            pm.register(points[0].load(), name=ep_name)
+            pm.qcompare_entry_points = [ep_name]
+        elif module:
+            loaded = importlib.import_module(module)
+            pm.register(loaded)
+    except ImportError:
+        pm = None
+    found = _collect(pm).plugins["quantizer"].get(name) if pm is not None else None
+    if found is None and pm is not None and not points:  # a module that defines the class but registers nothing
+        cls = next((c for c in vars(importlib.import_module(module)).values()
+                    if isinstance(c, type) and issubclass(c, Quantizer) and getattr(c, "name", None) == name), None)
+        found = None if cls is None else Entry("quantizer", name, cls, module)
+    if found is None:
+        package = record.get("package") or module or "the plugin"
+        version = f" {record['version']}" if record.get("version") else ""
+        via = f"entry point {ep_name!r}" if ep_name else f"module {module!r}"
+        raise QcompareError(f"{folder} is saved in the own format of the quantizer {name!r} ({package}{version}, {via}), "
+                            f"which is not installed here: pip install {package}, then load it with "
+                            "qcompare.load_pretrained")
+    return found.obj

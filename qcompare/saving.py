@@ -1,4 +1,4 @@
-"""Saving a converted model as a Hugging Face folder: the one place that decides how.
+"""Saving a converted model, and loading it back: the one place that decides how.
 
 A LoRA cell's model is the quantized base with float adapters beside its layers (merging
 them would re-quantize W + BA, a different function). ``save_converted`` writes the base
@@ -6,8 +6,14 @@ with the quantizer's ``save``, exactly as for any cell, and the adapter beside i
 adapter (``adapter_config.json``, ``adapter_model.safetensors``), which
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads together with the base.
 
-Plugins may import ``lora_layers`` and ``without_adapters`` from here (a quantizer that
-writes its own format needs the base without adapters).
+A quantizer whose format transformers does not know saves it as itself and declares
+``Quantizer.load``; ``save_converted`` then writes ``qcompare_format.json`` naming the quantizer,
+its parameters, package and entry point, and ``load_pretrained`` (what the model card shows, the
+reload check runs and export proves) loads such a folder through that plugin.
+
+Helpers for plugins: ``save_quantized`` (a transformers quantization config), ``save_int_grid``
+(compressed-tensors integer grids), ``save_state``/``load_state`` (a format of one's own),
+``lora_layers`` and ``without_adapters``.
 """
 
 from __future__ import annotations
@@ -49,10 +55,12 @@ def save_converted(quantizer, model, params, folder: Path, context) -> None:
     Path(folder).mkdir(parents=True, exist_ok=True)
     if not lora_layers(model):
         quantizer.save(model, params, folder, context)
-        return
-    with without_adapters(model) as base:
-        quantizer.save(base, params, folder, context)
-    save_adapter(model, folder)
+    else:
+        with without_adapters(model) as base:
+            quantizer.save(base, params, folder, context)
+        save_adapter(model, folder)
+    if quantizer.saves_own_format():
+        write_format(quantizer, params, folder)
 
 
 def save_quantized(model, config, folder: Path) -> None:
@@ -138,6 +146,11 @@ def needs_compat(folder: Path) -> bool:
 def load_code(folder: Path, path: str = "path/to/this/folder") -> list[str]:
     """The Python that loads ``folder`` to the evaluated model, with ``path`` as its location: what
     the model card shows a user, and what the reload check runs in a fresh process."""
+    own = read_format(folder)
+    if own is not None:
+        return ["import qcompare", "from transformers import AutoTokenizer", "",
+                f"model = qcompare.load_pretrained({path!r})  # through the quantizer {own['quantizer']!r} "
+                f"of {own['package']}"]
     lines = ["import qcompare.compat  # ops transformers/torchao lack for this layout (see qcompare/compat.py)"] \
         if needs_compat(folder) else []
     if (Path(folder) / ADAPTER_CONFIG).is_file() and is_compressed_tensors(folder):
@@ -191,3 +204,147 @@ def save_int_grid(model, folder: Path, grids: dict, bits: int, group_size: int, 
     compressor.compress_model(model)
     model.save_pretrained(str(folder))
     compressor.update_config(str(folder))
+
+
+# --- a format of the quantizer's own ------------------------------------------------------
+
+FORMAT_FILE = "qcompare_format.json"
+
+
+def write_format(quantizer, params, folder: Path) -> None:
+    """Record in ``folder`` which plugin saved it and how to find that plugin again: its quantizer name and
+    parameters, the package (and version) and entry point that provide it, and the module defining it."""
+    import json
+
+    from qcompare import __version__
+    from qcompare.plugins import origin_of
+
+    cls = type(quantizer)
+    record = {"quantizer": cls.name, "params": params.model_dump(mode="json"), **origin_of(cls),
+              "module": cls.__module__, "qcompare": __version__,
+              "load": "qcompare.load_pretrained(folder): transformers does not know this format"}
+    (Path(folder) / FORMAT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def read_format(folder: Path) -> dict | None:
+    """What ``write_format`` recorded in ``folder``, or None for a folder transformers loads itself."""
+    import json
+
+    path = Path(folder) / FORMAT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return record if isinstance(record, dict) and isinstance(record.get("quantizer"), str) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QcompareError(f"{path}: unreadable ({type(e).__name__}: {e}); the folder cannot say which plugin "
+                            "loads it") from None
+
+
+def load_pretrained(folder, device: str | None = None):
+    """The model a qcompare folder holds, as the run evaluated it: loaded through the quantizer plugin
+    that saved it when the folder is in that plugin's own format (``qcompare_format.json``), else by
+    transformers (``AutoModelForCausalLM.from_pretrained``, as the model card shows); a LoRA adapter
+    beside the base is loaded with it. On the CPU unless ``device`` says otherwise."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise QcompareError(f"{folder} holds no saved model (no config.json)")
+    own = read_format(folder)
+    if own is None:
+        scope: dict = {}
+        exec("\n".join(load_code(folder, str(folder))), scope)  # the model card's own code
+        model = scope["model"]
+    else:
+        from qcompare.plugins import quantizer_for_format
+
+        cls = quantizer_for_format(own, folder)
+        model = cls().load(folder, cls.Params.model_validate(own.get("params") or {}))
+        if (folder / ADAPTER_CONFIG).is_file():
+            load_adapter(model, folder)
+    model = model.eval()
+    return model if device is None else model.to(device)
+
+
+def load_adapter(model, folder: Path) -> None:
+    """Put the LoRA adapter saved in ``folder`` on ``model``, whose layers may be a plugin's packed
+    modules that peft cannot wrap: each is stood in for by an empty Linear of its shape while peft wraps
+    it, then put back as the wrapper's base layer (what ``without_adapters`` takes apart on save)."""
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file
+    from torch import nn
+
+    config = PeftConfig.from_pretrained(str(folder))
+    state = {k.removeprefix("base_model.model."): v
+             for k, v in load_file(str(Path(folder) / SAFETENSORS_WEIGHTS_NAME)).items()}
+    wrapped = {k.split(".lora_")[0] for k in state}
+    stand_ins = {}
+    for name in wrapped:
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Linear):
+            continue
+        if not (isinstance(getattr(layer, "in_features", None), int) and isinstance(getattr(layer, "out_features", None), int)):
+            raise QcompareError(f"{folder}: the adapter wraps {name}, a {type(layer).__name__} without in_features and "
+                                "out_features, so peft cannot put a LoRA layer on it")
+        stand_ins[name] = layer
+        model.set_submodule(name, nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta"))
+    inject_adapter_in_model(config, model, low_cpu_mem_usage=True)
+    for name, layer in stand_ins.items():
+        model.get_submodule(name).base_layer = layer
+    result = set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
+    bad = [k for k in result.unexpected_keys if "lora_" in k]
+    if bad:
+        raise QcompareError(f"{folder}: the adapter holds weights no layer takes ({bad[0]}, ...)")
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise QcompareError(f"{folder}: the adapter lacks {missing[0]} (and {len(missing) - 1} more)")
+
+
+def save_state(model, folder: Path) -> None:
+    """For a format of a plugin's own: ``config.json`` (and ``generation_config.json``) as transformers
+    writes them, and every tensor of ``model``'s state dict, as stored, in ``model.safetensors`` (a tensor
+    shared by two modules, as tied embeddings are, once). ``load_state`` reads it back."""
+    from safetensors.torch import save_model
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(str(folder))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(folder))
+    save_model(model, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def load_state(folder: Path, put_layers=None):
+    """The model ``save_state`` wrote: built from ``config.json`` without initialising weights,
+    ``put_layers(model)`` called to put the plugin's own (empty) modules where they were, then every
+    tensor read back; a tensor missing or left over is an error naming it."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(str(folder))
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None))
+    if put_layers is not None:
+        put_layers(model)
+    model.tie_weights()  # a tensor shared by two modules is stored once, under the name save_state chose
+    try:
+        load_model(model, str(Path(folder) / "model.safetensors"), strict=True)
+    except RuntimeError as e:
+        raise QcompareError(f"{folder}: model.safetensors does not fit the model its config builds "
+                            f"({(str(e).strip().splitlines() or [''])[0][:300]})") from None
+    return model.eval()
+
+
+def tensor_bytes(folder: Path) -> dict[str, int]:
+    """The bytes of tensor data in each ``*.safetensors`` file of ``folder`` (read from the files'
+    headers, without loading them): what the folder ships of the model's weights, file by file."""
+    import json
+    import struct
+
+    out = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        out[path.name] = sum(t["data_offsets"][1] - t["data_offsets"][0] for k, t in header.items() if k != "__metadata__")
+    return out

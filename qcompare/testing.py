@@ -163,12 +163,29 @@ def _gradients_flow(student, targets: list[str]) -> dict[str, Any]:
     return {"passed": True}
 
 
+def _weights_moved(student, targets: list[str], before: dict) -> dict[str, Any]:
+    """After training, every quantized layer's trainable weights differ from before it (the optimizer
+    reached them through the fake quantizer)."""
+    import torch
+
+    params = dict(student.named_parameters())
+    still = [t for t in targets if any(name.startswith(t + ".") for name in params)  # (a tied head has none)
+             and all(torch.equal(params[name].detach(), was) for name, was in before.items()
+                     if name.startswith(t + "."))]  # none trainable under it counts too
+    if still:
+        raise AssertionError(f"training does not reach the quantized weights: {len(still)} of {len(targets)} "
+                             f"quantized layers kept their weights through a few optimizer steps, e.g. {still[0]}")
+    return {"passed": True}
+
+
 def check_one(quantizer, params, family: str, folder: Path, min_coverage: float, reload: bool = True) -> dict[str, Any]:
-    """The runner's checks on one tiny model: gradients, fake ≡ converted, coverage, true size,
-    save → reload ≡. Raises CheckFailed / AssertionError with one line; a QcompareError from
-    ``prepare`` means the quantizer refuses this layout. With ``reload=False`` the saved folder is
-    not reloaded here: the report's ``saved`` and ``fingerprint`` let a caller reload many at once
-    (``checks.reload_all``, one process per batch)."""
+    """The runner's checks on one tiny model: gradients reach and move the quantized weights, fake ≡
+    converted, coverage, true size, save → the folder ships the true size → reload ≡. Raises
+    CheckFailed / AssertionError with one line; a QcompareError from ``prepare`` or ``convert`` means the
+    quantizer refuses this layout; one from ``save`` that it cannot save it (``report["save"]["refused"]``
+    holds the line, and nothing is reloaded). With
+    ``reload=False`` the saved folder is not reloaded here: the report's ``saved`` and ``fingerprint`` let
+    a caller reload many at once (``checks.reload_all``, one process per batch)."""
     from qcompare.api import CellContext
     from qcompare.saving import save_converted
     from qcompare.targets import all_targets
@@ -179,8 +196,11 @@ def check_one(quantizer, params, family: str, folder: Path, min_coverage: float,
                           data=tiny_chat())
     student = quantizer.prepare(copy.deepcopy(teacher), params, context)
     report: dict[str, Any] = {"family": family}
-    report["gradients"] = _gradients_flow(student, [t.name for t in all_targets(teacher)])
+    quantized = [t.name for t in all_targets(teacher)]
+    report["gradients"] = _gradients_flow(student, quantized)
+    before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     _train_a_little(student, teacher)
+    report["training"] = _weights_moved(student, quantized, before)
     student_logits = checks.probe_logits(student)
     model = quantizer.convert(student, params, context)
     model_logits = checks.probe_logits(model)
@@ -190,8 +210,16 @@ def check_one(quantizer, params, family: str, folder: Path, min_coverage: float,
     report["size"] = measured.as_size(quantizer.bits_per_weight(params))
     report["coverage"] = checks.coverage(measured, min_coverage)
     saved = folder / "saved"
-    save_converted(quantizer, model, params, saved, context)
+    try:
+        save_converted(quantizer, model, params, saved, context)
+    except QcompareError as e:  # the quantizer declares it cannot save this model: the cell keeps its results
+        if "\n" in str(e).strip():
+            raise AssertionError(f"save refused in more than one line: {str(e)[:300]!r}") from None
+        report["save"] = {"refused": str(e)}
+        return report
+    report["save"] = {"refused": None}
     tokenizer.save_pretrained(saved)
+    report["saved_size"] = checks.saved_size(saved, report["size"])
     fingerprint = checks.Fingerprint.of(model, model_logits)
     if reload:
         report["reload"] = checks.reload(saved, fingerprint, checks.DTYPE_RTOL["torch.float32"])
@@ -236,6 +264,10 @@ def architecture_matrix(folder: Path, families=MATRIX_FAMILIES, quantizers=MATRI
             except Exception as e:  # noqa: BLE001 - a crash is a result of the matrix too
                 row.update(status="failed", reason=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
             else:
+                if report["save"]["refused"]:
+                    row.update(status="refused", reason=f"cannot be saved: {report['save']['refused']}")
+                    rows.append(row)
+                    continue
                 row.update(status="ok", coverage=report["coverage"]["body"], bits=report["size"]["bits_per_weight"],
                            fake_vs_converted=report["fake_vs_converted"]["max_abs_diff"])
                 pending.append((row, report["saved"], report["fingerprint"]))
@@ -307,15 +339,21 @@ def matrix_markdown(rows: list[dict]) -> str:
 
 
 def check_quantizer(quantizer_cls, params: dict | Any = None, layouts=tuple(LAYOUTS), folder: str | Path | None = None,
-                    min_coverage: float = checks.DEFAULT_MIN_COVERAGE, refuse: tuple[str, ...] = ()) -> dict:
+                    min_coverage: float = checks.DEFAULT_MIN_COVERAGE, refuse: tuple[str, ...] = (),
+                    saves: bool = True) -> dict:
     """Run qcompare's checks on ``quantizer_cls`` with ``params`` on a tiny model of each layout.
 
-    For every layout in ``layouts`` (see ``LAYOUTS``): gradients flow through the fake quantizer;
-    the converted model computes what the trained student computed (within the quantizer's
-    declared tolerance); at least ``min_coverage`` of the body's weights end quantized; and the
-    saved folder reloads with ``AutoModelForCausalLM.from_pretrained`` to the same logits. The
-    layouts in ``refuse`` must instead be refused with a one-line QcompareError. Returns each
-    layout's measurements; raises AssertionError naming the layout and the failed check.
+    For every layout in ``layouts`` (see ``LAYOUTS``): gradients flow through the fake quantizer and
+    a few optimizer steps move every quantized layer's weights; the converted model computes what the
+    trained student computed (within the quantizer's declared tolerance); at least ``min_coverage``
+    of the body's weights end quantized; the saved folder ships the tensor bytes of the model's true
+    size (``checks.saved_size``); and it reloads in a fresh Python, as its model card says, to the
+    same logits (``AutoModelForCausalLM.from_pretrained``, or the quantizer's own ``load`` through
+    ``qcompare.load_pretrained``). The layouts in ``refuse`` must instead be refused with a one-line
+    QcompareError. ``saves=False`` declares a format that cannot be saved: ``save`` must then raise a
+    one-line QcompareError (``report[layout]["save"]["refused"]``), and everything before it is still
+    checked. Returns each layout's measurements; raises AssertionError naming the layout and the
+    failed check.
     """
     quantizer = quantizer_cls()
     if params is None or isinstance(params, dict):
@@ -331,7 +369,6 @@ def check_quantizer(quantizer_cls, params: dict | Any = None, layouts=tuple(LAYO
             where.mkdir(parents=True, exist_ok=True)
             try:
                 results[layout] = check_one(quantizer, params, LAYOUTS[layout], where, min_coverage, reload=False)
-                saved.append(layout)
             except checks.CheckFailed as e:
                 raise AssertionError(f"{quantizer_cls.name} on {layout} ({LAYOUTS[layout]}): {e}") from None
             except QcompareError as e:
@@ -343,6 +380,15 @@ def check_quantizer(quantizer_cls, params: dict | Any = None, layouts=tuple(LAYO
                 raise AssertionError(f"{quantizer_cls.name} on {layout} ({LAYOUTS[layout]}): {e}") from None
             if layout in refuse:
                 raise AssertionError(f"{quantizer_cls.name} was expected to refuse {layout} but ran")
+            refused = results[layout]["save"]["refused"]
+            if refused and saves:
+                raise AssertionError(f"{quantizer_cls.name} on {layout} ({LAYOUTS[layout]}): save refused ({refused}); "
+                                     "pass saves=False if the format cannot be saved")
+            if not refused and not saves:
+                raise AssertionError(f"{quantizer_cls.name} on {layout} ({LAYOUTS[layout]}): saved a folder, but "
+                                     "saves=False declares that it cannot be saved")
+            if not refused:
+                saved.append(layout)
         # every saved folder reloaded in one fresh process, as its model card says
         reloads = checks.reload_all([(results[k].pop("saved"), results[k].pop("fingerprint")) for k in saved],
                                     checks.DTYPE_RTOL["torch.float32"])

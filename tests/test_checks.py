@@ -193,3 +193,69 @@ def test_true_sizes_tell_bit_widths_apart_and_nominal_stays_apart(test_plugins, 
     res = cli.invoke(app, ["report", str(tmp_path / "run"), "--format", "csv"])
     header = res.output.splitlines()[0].split(",")
     assert {"quantized", "bits/weight", "model bits", "nominal bits", "MB"} <= set(header)
+
+
+# --- qcompare.testing holds a plugin to what the runner needs ------------------------------------
+
+
+class UnsavableRTN(qcompare_rtn.RTNQuantizer):
+    """Declares in one line that it cannot be saved."""
+
+    name = "unsavable"
+
+    def save(self, model, params, folder, context):
+        from qcompare.errors import QcompareError
+
+        raise QcompareError("unsavable: this variant has no on-disk format")
+
+
+class DequantizedSaveRTN(qcompare_rtn.RTNQuantizer):
+    """Saves its layers dequantized to float: reloads to the same logits, ships the float model's size."""
+
+    name = "dequantized"
+
+    def save(self, model, params, folder, context):
+        import copy
+
+        plain = copy.deepcopy(model)
+        for name, m in list(plain.named_modules()):
+            if isinstance(m, qcompare_rtn.grids.RTNLinear):
+                linear = torch.nn.Linear(m.shape[1], m.shape[0], bias=m.bias is not None)
+                with torch.no_grad():
+                    linear.weight.copy_((m.codes.to(m.scale.dtype) * m.scale).reshape(m.shape))
+                plain.set_submodule(name, linear)
+        plain.save_pretrained(folder)
+
+
+class FrozenRTN(qcompare_rtn.RTNQuantizer):
+    """Freezes the weights it quantizes: a distiller would train norms, embeddings and head only."""
+
+    name = "frozen"
+
+    def prepare(self, model, params, context):
+        student = super().prepare(model, params, context)
+        for _, m in qcompare_rtn.grids.targets(student, params):
+            m.parametrizations.weight.original.requires_grad_(False)
+        return student
+
+
+def test_a_declared_cannot_save_is_tested_as_such_and_an_undeclared_one_fails():
+    report = check_quantizer(UnsavableRTN, {"group_size": 32}, layouts=("gqa",), saves=False)
+    assert report["gqa"]["save"]["refused"] == "unsavable: this variant has no on-disk format"
+    assert report["gqa"]["fake_vs_converted"]["passed"] and report["gqa"]["coverage"]["passed"]  # checked all the same
+    with pytest.raises(AssertionError, match=r"save refused \(unsavable: .*\); pass saves=False"):
+        check_quantizer(UnsavableRTN, {"group_size": 32}, layouts=("gqa",))
+    with pytest.raises(AssertionError, match="saves=False declares that it cannot be saved"):
+        check_quantizer(qcompare_rtn.RTNQuantizer, {"group_size": 32}, layouts=("gqa",), saves=False)
+
+
+def test_a_folder_shipping_more_than_the_true_size_fails_the_helper():
+    with pytest.raises(AssertionError, match=r"saved size: the folder ships [\d,]+ bytes of tensors, [\d.]+× the "
+                                             r"converted model's true size .* ships more than the model holds"):
+        check_quantizer(DequantizedSaveRTN, {"group_size": 32}, layouts=("gqa",))
+
+
+def test_quantized_weights_that_training_cannot_reach_fail_the_helper():
+    with pytest.raises(AssertionError, match=r"training does not reach the quantized weights: 14 of \d+ quantized "
+                                             r"layers kept their weights .* e\.g\. model\.layers\.0\.self_attn\.q_proj"):
+        check_quantizer(FrozenRTN, {"group_size": 32}, layouts=("gqa",))

@@ -250,11 +250,14 @@ train = "toy-chat"
 """
 
 
-def lora_recipe(tmp_path, quantizer_lines: str, save_models: bool):
-    """Run one LoRA cell (sft, lora_r = 4) and export it: copied if saved, else rebuilt."""
+def lora_recipe(tmp_path, quantizer_lines: str, save_models: bool, grid: bool = True):
+    """Run one LoRA cell (sft, lora_r = 4) and export it: copied if saved, else rebuilt. ``grid``: the
+    quantizer takes the recipe's ``bits`` and ``group_size``."""
     recipe = tmp_path / "lora.toml"
-    recipe.write_text(RECIPE.format(bits="4", extra=f"save_models = {str(save_models).lower()}\n" + LORA)
-                      .replace('name = "torchao"', quantizer_lines)
+    text = RECIPE.format(bits="4", extra=f"save_models = {str(save_models).lower()}\n" + LORA)
+    if not grid:
+        text = text.replace("bits = 4\ngroup_size = 32\n", "")
+    recipe.write_text(text.replace('name = "torchao"', quantizer_lines)
                       .replace('name = "nudge"', 'name = "sft"\nlora_r = 4\nlearning_rate = 0.01\n'
                                                  'per_device_train_batch_size = 1\nmax_length = 64'))
     out = tmp_path / "run"
@@ -330,3 +333,46 @@ def test_exported_gptq_cell_is_a_compressed_tensors_checkpoint_with_the_evaluate
     exported, _ = reload(to)
     evaluated = torch.load(out / "cells" / record["id"] / "logits.pt")
     assert torch.allclose(exported, evaluated, atol=1e-5), (exported - evaluated).abs().max()
+
+
+def test_a_plugins_own_format_is_saved_as_itself_and_every_load_goes_through_the_plugin(toy_plugins, monkeypatch,
+                                                                                          tmp_path):
+    import qcompare_nf3  # the example plugin: a packed format transformers does not know
+
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "local,toy,torchao,distillers")
+    add_plugin(qcompare_nf3)
+    try:  # a LoRA cell: the adapter goes back on the plugin's packed layers too
+        to, evaluated = lora_recipe(tmp_path, 'name = "nf3"', save_models=True, grid=False)
+    finally:
+        remove_plugin(qcompare_nf3)
+    own = json.loads((to / "qcompare_format.json").read_text())
+    assert (own["quantizer"], own["params"], own["module"]) == ("nf3", {"group_size": 64, "skip": ["lm_head"]},
+                                                                "qcompare_nf3")
+    exported, model, card = card_loads(to)  # the card's code: qcompare.load_pretrained, not transformers
+    assert torch.equal(exported, evaluated), (exported - evaluated).abs().max()
+    assert {type(m.base_layer).__name__ for m in model.modules() if hasattr(m, "lora_A")} == {"NF3Linear"}
+    code = card.split("## Use")[1].split("```python")[1]
+    assert "qcompare.load_pretrained(" in code and "AutoModelForCausalLM" not in code
+    assert "own format of the quantizer `nf3`" in card and "puts it back on the base" in card
+    on_disk = card.split("## On disk")[1].split("##")[0]
+    assert "the quantizer `nf3`'s own format" in on_disk and "(1.00× the true size above)" in on_disk
+    # a later recipe naming the folder as its model loads it through the plugin too (not as random weights)
+    from qcompare.data import load_model
+    from qcompare.plugins import get_registry
+
+    again, _ = load_model(str(to), get_registry(), "cpu")
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, evaluated)
+
+
+def test_a_folder_whose_plugin_is_not_installed_names_the_package_to_install(tmp_path):
+    import qcompare
+    from qcompare.errors import QcompareError
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "qcompare_format.json").write_text(json.dumps(
+        {"quantizer": "nf9", "params": {}, "package": "qcompare-nf9", "version": "1.2.0", "entry_point": "nf9",
+         "module": "qcompare_nf9"}))
+    with pytest.raises(QcompareError, match=r"own format of the quantizer 'nf9' \(qcompare-nf9 1\.2\.0, entry point "
+                                            r"'nf9'\), which is not installed here: pip install qcompare-nf9"):
+        qcompare.load_pretrained(tmp_path)
