@@ -21,6 +21,7 @@ from qcompare.plugins import add_plugin, remove_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_RTN = ROOT / "examples" / "qcompare-rtn"
+EXAMPLE_NF3 = ROOT / "examples" / "qcompare-nf3"
 
 
 def build_tiny_model(folder: Path, vocab: int = 64) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE_RTN
+from conftest import EXAMPLE_NF3, EXAMPLE_RTN
 
 TESTS = Path(__file__).resolve().parent
 
@@ -24,10 +24,12 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("site")
-    source = tmp_path_factory.mktemp("src") / "qcompare-rtn"
-    shutil.copytree(EXAMPLE_RTN, source)  # building writes into the source folder; keep the repo's clean
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True)
+    sources = tmp_path_factory.mktemp("src")
+    for example in (EXAMPLE_RTN, EXAMPLE_NF3):
+        source = sources / example.name
+        shutil.copytree(example, source)  # building writes into the source folder; keep the repo's clean
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(source)], check=True)
     info = target / "qcompare_testplugins-0.0.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qcompare-testplugins\nVersion: 0.0.0\n")
@@ -50,6 +52,37 @@ def test_installed_plugin_is_listed_with_its_package_and_parameters(site):
     assert res.returncode == 0, res.stderr
     assert "quantizer rtn" in res.stdout and "qcompare-rtn" in res.stdout
     assert "group_size" in res.stdout and "weights sharing one scale" in res.stdout
+
+
+def test_a_folder_in_an_installed_plugins_format_loads_through_its_entry_point_alone(site, tiny_model_dir, tmp_path):
+    recipe = tmp_path / "nf3.toml"
+    recipe.write_text(f"""
+name = "nf3"
+models = ["{tiny_model_dir}"]
+teacher = false
+save_models = true
+[[quantizers]]
+name = "nf3"
+group_size = 32
+[[distillers]]
+name = "none"
+[[evaluators]]
+name = "probe"
+""")
+    out = tmp_path / "run"
+    res = qcompare(site, "run", recipe, "-o", out, QCOMPARE_PLUGINS="local,distillers,testplugins,nf3")
+    assert res.returncode == 0, res.stderr
+    [record] = _results(out).values()
+    assert record["status"] == "done" and "save_error" not in record and record["checks"]["reload"]["passed"]
+    folder = out / "cells" / record["id"] / "model"
+    own = json.loads((folder / "qcompare_format.json").read_text())
+    assert (own["package"], own["version"], own["entry_point"]) == ("qcompare-nf3", "0.1.0", "nf3")
+    # a user's fresh Python that loads no plugin at all: the folder names its entry point
+    code = (f"import qcompare; m = qcompare.load_pretrained({str(folder)!r}); "
+            "print(type(m.model.layers[0].mlp.down_proj).__name__)")
+    env = {**os.environ, "PYTHONPATH": str(site), "QCOMPARE_PLUGINS": ""}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "NF3Linear", done.stderr[-2000:]
 
 
 RECIPE = """
