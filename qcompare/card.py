@@ -77,9 +77,9 @@ def own_format_lines(own: dict, folder: Path) -> list[str]:
     version = f" {own['version']}" if own.get("version") else ""
     via = f"entry point `{own['entry_point']}`" if own.get("entry_point") else f"module `{own.get('module')}`"
     text = (f"The folder is in the own format of the quantizer `{own['quantizer']}` (package `{package}`{version}, "
-            f"{via}), which transformers does not know: `AutoModelForCausalLM.from_pretrained` cannot load it. "
-            f"With `pip install qcompare {package}`, `qcompare.load_pretrained` loads it through that plugin "
-            f"(no remote code; `{FORMAT_FILE}` names the plugin and its parameters).")
+            f"{via}), which transformers does not know: load it with `qcompare.load_pretrained` (after "
+            f"`pip install qcompare {package}`), which loads it through that plugin (no remote code; "
+            f"`{FORMAT_FILE}` names the plugin and its parameters), not with `AutoModelForCausalLM.from_pretrained`.")
     if (folder / ADAPTER_CONFIG).is_file():
         text += (" It holds the LoRA adapter trained on the quantized base beside it (`adapter_config.json`, "
                  "`adapter_model.safetensors`: float, not merged, since merging would re-quantize the weights); "

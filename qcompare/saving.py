@@ -300,17 +300,24 @@ def load_adapter(model, folder: Path) -> None:
         raise QcompareError(f"{folder}: the adapter lacks {missing[0]} (and {len(missing) - 1} more)")
 
 
+STATE_FILE = "qcompare_model.safetensors"
+
+
 def save_state(model, folder: Path) -> None:
     """For a format of a plugin's own: ``config.json`` (and ``generation_config.json``) as transformers
-    writes them, and every tensor of ``model``'s state dict, as stored, in ``model.safetensors`` (a tensor
-    shared by two modules, as tied embeddings are, once). ``load_state`` reads it back."""
+    writes them, and every tensor of ``model``'s state dict, as stored, in ``qcompare_model.safetensors``
+    (a tensor shared by two modules, as tied embeddings are, once). ``load_state`` reads it back.
+
+    Not transformers' ``model.safetensors``: ``AutoModelForCausalLM.from_pretrained`` then refuses the
+    folder (no weights file) rather than build the config's model with freshly initialised weights where
+    the packed ones were."""
     from safetensors.torch import save_model
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(str(folder))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(folder))
-    save_model(model, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+    save_model(model, str(Path(folder) / STATE_FILE), metadata={"format": "pt"})
 
 
 def load_state(folder: Path, put_layers=None):
@@ -328,9 +335,9 @@ def load_state(folder: Path, put_layers=None):
         put_layers(model)
     model.tie_weights()  # a tensor shared by two modules is stored once, under the name save_state chose
     try:
-        load_model(model, str(Path(folder) / "model.safetensors"), strict=True)
+        load_model(model, str(Path(folder) / STATE_FILE), strict=True)
     except RuntimeError as e:
-        raise QcompareError(f"{folder}: model.safetensors does not fit the model its config builds "
+        raise QcompareError(f"{folder}: {STATE_FILE} does not fit the model its config builds "
                             f"({(str(e).strip().splitlines() or [''])[0][:300]})") from None
     return model.eval()
 

@@ -42,8 +42,9 @@ class NF3Quantizer(Quantizer):
         return nf3.convert(student, params)
 
     def save(self, model, params, folder, context):
-        """The format itself: ``config.json`` and ``model.safetensors`` holding the packed codes
-        (uint8), the float16 scales and every float tensor of the model."""
+        """The format itself: ``config.json``, ``nf3.json`` (the packed layers) and
+        ``qcompare_model.safetensors`` holding the packed codes (uint8), the float16 scales and every
+        float tensor of the model."""
         from . import nf3
 
         nf3.save(model, folder)

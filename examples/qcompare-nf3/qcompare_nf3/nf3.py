@@ -32,7 +32,6 @@ def _levels() -> list[float]:
 LEVELS = torch.tensor(_levels(), dtype=torch.float64)
 MIDPOINTS = (LEVELS[1:] + LEVELS[:-1]) / 2
 SCALE_DTYPE = torch.float16
-FILE = "model.safetensors"
 
 
 def quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +148,7 @@ def convert(student, params):
 
 
 def save(model, folder):
-    """``config.json``, ``nf3.json`` (which layers are packed, and how) and ``model.safetensors``."""
+    """``config.json``, ``nf3.json`` (which layers are packed, and how) and every tensor (``save_state``)."""
     layers = {name: {"in_features": m.in_features, "out_features": m.out_features, "group_size": m.group_size,
                      "bias": m.bias is not None, "dtype": str(m.dtype).removeprefix("torch.")}
               for name, m in model.named_modules() if isinstance(m, NF3Linear)}

@@ -1,5 +1,7 @@
 """The NF3 example saves its own format, loads it through its plugin, and passes qcompare's checks."""
 
+import pytest
+
 from qcompare.testing import check_quantizer
 from qcompare_nf3 import NF3Quantizer
 
@@ -15,6 +17,11 @@ def test_nf3_is_3_25_bits_in_memory_and_on_disk_and_reloads_exactly_through_the_
         saved = tmp_path / layout / "saved"
         assert (saved / "qcompare_format.json").is_file() and "quantization_config" not in (saved / "config.json").read_text()
     assert "3-D expert weights" in report["moe-experts"]["refused"]
+    # transformers, which does not know the format, refuses the folder rather than fill it with random weights
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "gqa" / "saved")
 
 
 def test_the_registered_module_imports_no_torch_and_the_format_round_trips():
