@@ -39,9 +39,27 @@ def _present(v) -> bool:
     return not (isinstance(v, float) and math.isnan(v)) and v is not None
 
 
+def _value(v) -> str | None:
+    """A parameter's value as text, None where the row's plugin has no such parameter (NaN in the frame)."""
+    return setting_text(v) if _present(v) else None
+
+
 def _varying(df: pd.DataFrame, cols: list[str]) -> list[str]:
-    """Parameter columns whose value differs somewhere: the ones worth printing."""
-    return [c for c in cols if c.startswith(("quantizer.", "distiller.")) and df[c].astype(str).nunique() > 1]
+    """Parameter columns whose value differs somewhere: the ones worth printing. A quantizer parameter
+    that several quantizers share (bits, group size) differs too where one quantizer lacks it
+    (``torchao(bits=4,...)`` beside ``nvfp4``); a parameter of one plugin alone (torchao's ``symmetric``,
+    every setting of a distiller beside ``none``) shows only where its values differ."""
+    rows = df[df["quantizer"] != "teacher"] if "quantizer" in df else df
+    out = []
+    for c in cols:
+        if not c.startswith(("quantizer.", "distiller.")):
+            continue
+        kind = c.split(".", 1)[0]
+        values = {_value(v) for v in rows[c]}
+        shared = rows.loc[rows[c].map(_present), kind].nunique() > 1
+        if len(values - {None}) > 1 or (shared and len(values) > 1):
+            out.append(c)
+    return out
 
 
 def summarize(df: pd.DataFrame, metrics: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -139,9 +157,10 @@ def _add_recovery(out: pd.DataFrame) -> None:
             continue
         t = teacher["average"].iloc[0]
         out.at[i, "Δ teacher"] = row["average"] - t
+        # the same quantizer with the same parameters; a parameter it lacks is absent on both sides
         same_q = (out["model"] == row["model"]) & (out["kind"] == "ptq") & (out["quantizer"] == row["quantizer"])
         for c in qcols:
-            same_q &= out[c].astype(str) == str(row[c])
+            same_q &= out[c].map(_value) == _value(row[c]) if _present(row[c]) else out[c].map(_value).isna()
         ptq = out[same_q]
         if row["kind"] != "distilled" or ptq.empty:
             continue

@@ -127,3 +127,56 @@ def test_figure_lines_never_pool_other_swept_settings(test_plugins, write_recipe
     # metric vs learning rate: one line per max_steps; metric vs steps: one line per learning rate
     assert lines == [("max_steps=1", [0.001, 0.1]), ("max_steps=2", [0.001, 0.1]),
                      ("learning_rate=0.001", [1, 2]), ("learning_rate=0.1", [1, 2])]
+
+
+MIXED = """
+name = "mixed"
+models = ["{model}"]
+seeds = [0]
+[[quantizers]]
+name = "rtn"
+bits = 2
+group_size = 16
+[[quantizers]]
+name = "nf3"
+group_size = 32
+[[quantizers]]
+name = "torchao"
+bits = 2
+group_size = 32
+[[distillers]]
+name = "keep"
+[[distillers]]
+name = "nudge"
+max_steps = 2
+[[evaluators]]
+name = "probe"
+"""
+
+
+def test_quantizers_with_different_parameters_each_get_their_own_ptq_baseline_and_full_labels(
+        test_plugins, write_recipe, tmp_path, monkeypatch):
+    import qcompare_nf3
+
+    from qcompare.plugins import add_plugin, remove_plugin
+
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "local,torchao")  # a built-in beside two third-party quantizers
+    add_plugin(qcompare_nf3)
+    try:
+        out = tmp_path / "run"
+        res = cli.invoke(app, ["run", str(write_recipe(MIXED)), "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        summary, _ = summarize(load_run(out))
+    finally:
+        remove_plugin(qcompare_nf3)
+    distilled = summary[summary["kind"] == "distilled"]
+    assert len(distilled) == 3 and distilled["Δ PTQ"].notna().all()  # nudge, on each quantizer
+    for _, row in distilled.iterrows():
+        ptq = summary[(summary["kind"] == "ptq") & (summary["quantizer"] == row["quantizer"])]
+        assert len(ptq) == 1 and row["Δ PTQ"] == pytest.approx(row["average"] - ptq["average"].iloc[0])
+    labels = {row["quantizer"]: row["config"] for _, row in summary[summary["kind"] == "ptq"].iterrows()}
+    # bits, which rtn and torchao share, differs from nf3's none: both labels keep it; torchao's own
+    # defaults (symmetric, packing, ...) stay out
+    assert labels["nf3"] == "nf3(group_size=32) · keep"
+    assert labels["rtn"].startswith("rtn(") and {"bits=2", "group_size=16"} == set(labels["rtn"][4:-8].split(","))
+    assert {"bits=2", "group_size=32"} == set(labels["torchao"][8:-8].split(",")), labels
