@@ -164,7 +164,8 @@ def plan(
     table = Table(title=f"{r.name}: {len(rows)} cells → {store.root}")
     for col in ("cell", "model", "quantizer", "distiller", "seed", "status", "TFLOP", "time", "GiB"):
         table.add_column(col, justify="right" if col in ("TFLOP", "time", "GiB") else "left")
-    style = {"done": "green", "stale": "yellow", "failed": "red", "running": "yellow", "pending": "dim"}
+    style = {"done": "green", "stale": "yellow", "failed": "red", "damaged": "red", "running": "yellow",
+             "interrupted": "yellow", "pending": "dim"}
     for cell, status in rows:
         e = estimates.get(cell.id)
         table.add_row(cell.id, cell.model, cell.quantizer.label() if cell.quantizer else "—",
@@ -196,6 +197,25 @@ def plan(
         console.print(f"[yellow]{stale} cells are stale[/]: done by other versions of their plugins (or from other "
                       "model or data files) than the ones installed now; `qcompare run` runs them again (--keep-stale "
                       "keeps them, reported as rows of their own)", highlight=False)
+    for line in _status_lines(rows, store):
+        console.print(line, highlight=False)
+
+
+def _status_lines(rows, store) -> list[str]:
+    """What plan says of damaged and interrupted cells: what is wrong, and what a run will do."""
+    from qcompare.runner import resume_step
+
+    lines = []
+    for cell, status in rows:
+        if status == "damaged":
+            state = store.cell(cell.id).inspect()
+            lines.append(f"[red]damaged[/] {cell.id} ({state.label}): {'; '.join(state.problems)} — `qcompare run` "
+                         "runs it again and keeps the damaged files aside")
+        elif status == "interrupted":
+            step = resume_step(store.cell(cell.id))
+            lines.append(f"[yellow]interrupted[/] {cell.id} ({cell.label()}): its process is gone; `qcompare run` "
+                         + (f"resumes it from its checkpoint at step {step}" if step is not None else "runs it again"))
+    return lines
 
 
 @app.command()
@@ -240,7 +260,8 @@ def run(
         in_process = r.executor.name == "local" and r.executor.params.get("workers", 1) == 1
         with RunDisplay(say, len(todo), in_process, quiet=not first) as display:
             runner.progress, runner.on_start = display.cell_progress, display.started
-            records = runner.run(on_done=display.finished, keep_stale=keep_stale, announce=not display.live)
+            records = runner.run(on_done=display.finished, keep_stale=keep_stale, announce=not display.live,
+                                 say=(lambda line: say.print(line, highlight=False)) if first else (lambda line: None))
     failed = [rec for rec in records if not rec.done]
     unsaved = [rec for rec in records if rec.done and rec.save_error]
     if not first:

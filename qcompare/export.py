@@ -18,7 +18,7 @@ from qcompare.card import model_card
 from qcompare.checks import DTYPE_RTOL, CheckFailed, Fingerprint, model_dtype, reload
 from qcompare.errors import QcompareError
 from qcompare.record import CellRecord
-from qcompare.store import RunStore, open_run
+from qcompare.store import RunStore, changed_files, open_run
 
 
 
@@ -81,6 +81,12 @@ def export_cell(run_dir: Path, cell: str, to: Path, overwrite: bool = False,
     staging.chmod(0o755)  # mkdtemp makes it private; an exported model is meant to be shared
     probe = store.cell(record.id).probe
     evaluated = Fingerprint.load(probe) if probe.is_file() else None
+    folder = store.cell(record.id).folder
+    changed = changed_files(folder, {k: v for k, v in record.files.items() if k.startswith("model/")})
+    if changed:
+        raise QcompareError(f"cell {record.id}: its saved model ({saved}) is not what the run wrote ("
+                            f"{'; '.join(changed[:3])}); run the recipe again to recompute and save it, or delete "
+                            f"{saved} and export again to rebuild it")
     try:
         try:
             if (saved / "config.json").is_file():
@@ -89,7 +95,10 @@ def export_cell(run_dir: Path, cell: str, to: Path, overwrite: bool = False,
                 proof = prove_copy(record, staging, evaluated, say)
             else:
                 seed = record.settings.seed
-                say(f"the model of cell {record.id} was not saved during the run (save_models = false); "
+                why = (f"saving it failed: {record.save_error}" if record.save_error else
+                       "save_models = false" if not record.files or not any(k.startswith("model/") for k in record.files)
+                       else f"its folder {saved} is gone")
+                say(f"the model of cell {record.id} was not saved during the run ({why}); "
                     f"rebuilding it: prepare → distill → convert{'' if seed is None else f' with seed {seed}'}")
                 proof = rebuild(record, staging, say, evaluated)
                 rebuilt = True

@@ -20,7 +20,8 @@ from qcompare.errors import QcompareError
 
 # 1: the first build's records (no schema_version field; size held the nominal bits per weight).
 # 2: schema_version, checks, plugins, measured sizes, logical and spent cost.
-SCHEMA_VERSION = 2
+# 3: files (size and digest of each file the cell wrote), so a damaged or changed one is noticed.
+SCHEMA_VERSION = 3
 
 
 class ChoiceSettings(BaseModel):
@@ -73,6 +74,9 @@ class CellRecord(BaseModel):
     provenance: dict[str, Any] = {}
     # what the run estimated the cell would cost before it ran (qcompare.estimate): flops, seconds
     estimate: dict[str, Any] = {}
+    # every file the cell wrote beside this record (items, probe logits, training log, the saved model's
+    # files), by its path in the cell folder: {"bytes", "sha256", "mtime_ns"} (qcompare.store.file_digests)
+    files: dict[str, dict[str, Any]] = {}
 
     @property
     def is_teacher(self) -> bool:

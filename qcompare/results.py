@@ -134,3 +134,32 @@ def metric_column(df: pd.DataFrame, name: str, what: str = "metric") -> str:
 def group_columns(df: pd.DataFrame) -> list[str]:
     """The settings that tell cells apart, except the seed: one group per configuration."""
     return [c for c in df.columns if c in (*SETTINGS[:3], "setup", "versions") or c.startswith(("quantizer.", "distiller."))]
+
+
+def damage_notes(path: str | Path) -> list[str]:
+    """One line per damaged cell of a run folder: what is wrong, and what the tables lack because of it
+    (a cell whose record is unreadable or gone is left out; one whose files changed keeps its row)."""
+    store = open_run(path)
+    lines = []
+    for state in store.damaged():
+        what = "; ".join(state.problems)
+        if state.record is not None:
+            effect = ("its row stands (result.json is intact), but "
+                      + ("`--compare` cannot pair its items" if any(p.startswith("items.json") for p in state.problems)
+                         else "its saved files are not what the run wrote (export refuses them)"))
+        else:
+            settings = store.cell(state.id).settings
+            try:
+                s = json.loads(settings.read_text())
+            except (OSError, ValueError):
+                s = {}
+            if s and not s.get("quantizer"):
+                effect = "left out: the teacher row is missing, and with it Δ teacher and recovered of every row"
+            elif s and s.get("seed") is None:
+                effect = ("left out: the untrained row of its quantizer is missing, and with it Δ PTQ and recovered "
+                          "of that quantizer's rows")
+            else:
+                effect = "left out: its configuration's row has one seed fewer (or is missing)"
+        lines.append(f"damaged cell {state.id} ({state.label}): {what} — {effect}; `qcompare run` recomputes it "
+                     "and keeps the damaged files aside")
+    return lines

@@ -26,7 +26,7 @@ from qcompare.pipeline import CellPipeline, InputCache
 from qcompare.plugins import get_plugin_manager, get_registry
 from qcompare.record import CellRecord
 from qcompare.recipe import Recipe
-from qcompare.store import RunStore, write_json, write_jsonl
+from qcompare.store import RunStore, file_digests, write_json, write_jsonl
 
 
 def now() -> str:
@@ -124,16 +124,44 @@ def data_files(cell: Cell, registry) -> list[tuple[str, Path]]:
 def plan(recipe: Recipe, store: RunStore) -> list[tuple[Cell, str]]:
     """Each cell with its stored status: done, stale (done by other plugin versions than the ones
     installed now, or from other contents of a local model or data file: ``plugin_identities``),
-    failed, running (interrupted) or pending."""
+    damaged (its record unreadable or missing, or a file it names gone or changed: ``CellFiles.inspect``),
+    failed, running (its process alive), interrupted (its process gone) or pending."""
     registry = get_registry()
     out = []
     for cell in expand(recipe):
-        r = store.result(cell.id)
-        status = r.status if r else "pending"
+        state = store.cell(cell.id).inspect()
+        r = state.record
+        status = "damaged" if state.damaged else r.status if r else "pending"
         if status == "done" and r.plugins and r.plugins != plugin_identities(cell, registry):
             status = "stale"
+        if status == "running" and not still_running(r):
+            status = "interrupted"
         out.append((cell, status))
     return out
+
+
+def still_running(record: CellRecord) -> bool:
+    """Whether the process that started a cell still runs: the record of a running cell names its host and
+    process id. On another host it cannot be told, and counts as running."""
+    import socket
+
+    where = record.provenance or {}
+    if where.get("host") != socket.gethostname() or not isinstance(where.get("pid"), int):
+        return where.get("host") is not None and where.get("host") != socket.gethostname()
+    try:
+        os.kill(where["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def resume_step(files) -> int | None:
+    """The step an interrupted cell resumes from: its trainer's last checkpoint, if it left one."""
+    steps = [int(p.name.rsplit("-", 1)[1]) for p in files.checkpoints.glob("checkpoint-*")
+             if p.name.rsplit("-", 1)[1].isdigit()] if files.checkpoints.is_dir() else []
+    return max(steps) if steps else None
 
 
 @dataclass
@@ -185,6 +213,7 @@ class Runner:
         files.folder.mkdir(parents=True, exist_ok=True)
         record = CellRecord(id=cell.id, label=cell.label(), settings=cell.settings(), status="running",
                             started_at=now(), plugins=plugin_identities(cell, self.registry),
+                            provenance=_running_here(),  # so plan can tell a running cell from an interrupted one
                             # what produced the cell: the run folder's recipe.toml is the latest run's
                             recipe={"text": self.recipe.text, "overrides": self.recipe.overrides},
                             data_source=None if cell.is_teacher else self.recipe.data.model_dump(),
@@ -210,10 +239,12 @@ class Runner:
                 if out.fingerprint is not None:
                     out.fingerprint.save(files.probe)
                 write_json(files.cost, out.cost)
+            written = file_digests(files.folder, [files.items, files.probe, files.train_log, files.model]) \
+                if self.writes else {}
             record = record.model_copy(update=dict(
                 status="done", size=out.size, metrics=out.metrics, stderr=out.stderr, groups=out.groups,
                 cost=out.cost, checks=out.checks, notes=out.notes, save_error=out.save_error,
-                group_weighting=out.group_weighting))
+                group_weighting=out.group_weighting, files=written))
         except Exception as e:  # the sweep goes on; the traceback is kept with the cell
             record = record.model_copy(update={"status": "failed", "error": error_line(e),
                                                "rerun_helps": transient(e),
@@ -227,6 +258,25 @@ class Runner:
             self.hooks.cell_finished(cell=cell, cell_dir=files.folder, record=record.to_json(),
                                      report_to=list(self.recipe.report_to), run_name=self.run_name(cell))
         return record
+
+    def set_aside_damage(self, cells: list[Cell]) -> list[str]:
+        """Move the damaged files of ``cells`` aside (``<file>.damaged``) so they run again from scratch;
+        one line for each, saying what was wrong and where it was kept."""
+        lines = []
+        for cell in cells:
+            files = self.store.cell(cell.id)
+            state = files.inspect()
+            if not state.damaged:
+                continue
+            # the record itself, or the files it names (a saved model's files: the whole model folder)
+            names = [p.split(":", 1)[0] for p in state.problems]
+            names = ["model" if n.startswith("model/") else n for n in names]
+            if state.record is not None:
+                names.append(files.result.name)  # its record describes files that are no more
+            moved = files.set_aside(names) if self.writes else []
+            lines.append(f"cell {cell.id} ({state.label}) is damaged — {'; '.join(state.problems)} — "
+                         f"running it again" + (f"; kept aside: {', '.join(moved)}" if moved else ""))
+        return lines
 
     def _provenance(self) -> dict:
         from qcompare.provenance import provenance
@@ -243,14 +293,23 @@ class Runner:
 
     # --- the sweep --------------------------------------------------------------------
 
-    def run(self, on_done=None, keep_stale: bool = False, announce: bool = False) -> list[CellRecord]:
+    def run(self, on_done=None, keep_stale: bool = False, announce: bool = False,
+            say: Callable[[str], None] = lambda line: None) -> list[CellRecord]:
         """Run every cell not yet done (and, unless ``keep_stale``, every cell made by other plugin
         versions); return the records of the cells run now. With ``announce``, cells run by other
-        processes (workers) print a line as they start."""
+        processes (workers) print a line as they start. Damaged cells run again, their damaged files
+        kept aside; ``say`` gets a line for each, and for each interrupted cell resumed from a checkpoint."""
         if self.writes:
             self.store.init(self.recipe.text)
         kept = ("done", "stale") if keep_stale else ("done",)
-        todo = [c for c, status in self.plan() if status not in kept]
+        planned = self.plan()
+        todo = [c for c, status in planned if status not in kept]
+        for line in self.set_aside_damage([c for c, status in planned if status == "damaged"]):
+            say(line)
+        for cell, status in planned:
+            step = resume_step(self.store.cell(cell.id)) if status == "interrupted" else None
+            if step is not None:
+                say(f"cell {cell.id} ({cell.label()}) was interrupted; it resumes from its checkpoint at step {step}")
         self.estimates = {cid: e.as_record() for cid, e in
                           estimate_cells(self.recipe, self.store, todo, self.registry, self.device).items()}
         ex_cls = self.registry.get("executor", self.recipe.executor.name)
@@ -333,3 +392,9 @@ class CellJob:
 
 def _announce(cell: Cell) -> None:
     print(f"start {cell.label()}", file=sys.stderr, flush=True)
+
+
+def _running_here() -> dict:
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid()}

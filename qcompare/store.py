@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from qcompare.errors import QcompareError
@@ -59,6 +60,63 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """Size, SHA-256 and modification time of each file under ``paths`` (files, or folders taken whole),
+    keyed by its path relative to ``folder``: what a cell record keeps of the files beside it."""
+    out = {}
+    for path in paths:
+        for f in sorted([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
+            if f.is_file():
+                stat = f.stat()
+                out[f.relative_to(folder).as_posix()] = {"bytes": stat.st_size, "sha256": _sha256(f),
+                                                         "mtime_ns": stat.st_mtime_ns}
+    return out
+
+
+def changed_files(folder: Path, digests: dict[str, dict[str, Any]]) -> list[str]:
+    """The files of ``digests`` that are gone or differ now, one phrase each ("model/model.safetensors: 812
+    bytes, not 4,096"). A file whose size and modification time are as recorded is taken as it was; one
+    whose time moved (copied, touched) is hashed."""
+    problems = []
+    for name, was in digests.items():
+        path = folder / name
+        try:
+            stat = path.stat()
+        except OSError:
+            problems.append(f"{name}: missing")
+            continue
+        if stat.st_size != was["bytes"]:
+            problems.append(f"{name}: {stat.st_size:,} bytes, not {was['bytes']:,}")
+        elif stat.st_mtime_ns != was.get("mtime_ns") and _sha256(path) != was["sha256"]:
+            problems.append(f"{name}: its contents changed (SHA-256 differs)")
+    return problems
+
+
+@dataclass
+class CellState:
+    """What a cell folder holds: its record if readable, and what is damaged in it (one phrase each):
+    the record itself (``record`` None) or a file the record names (the record stands)."""
+
+    id: str
+    label: str
+    record: CellRecord | None
+    problems: list[str]
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.problems)
+
+
 def _items_json(items) -> dict:
     if isinstance(items, list):
         return {"ids": [f"#{i}" for i in range(len(items))], "metrics": {"": items}}
@@ -89,12 +147,40 @@ class CellFiles:
     tensorboard = property(lambda self: self.folder / "tensorboard", doc="TensorBoard events (report_to)")
 
     def read_record(self) -> CellRecord | None:
-        """The stored record, None if there is none yet (or a crash left none)."""
+        """The stored record, None if there is none yet or it cannot be read (``inspect`` says why)."""
+        return self.inspect(verify=False).record
+
+    def inspect(self, verify: bool = True) -> CellState:
+        """The cell's record and what is damaged in its folder: a ``result.json`` that is unreadable (not
+        UTF-8, not JSON, not a record) or missing where the cell had started (``settings.json`` is written
+        just before it), and, with ``verify``, a file the record names that is gone or changed."""
+        label = self.folder.name
         try:
-            raw = read_json(self.result)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return read_record(raw, self.result)
+            settings = read_json(self.settings)
+            label = _settings_label(settings)
+        except (OSError, ValueError):
+            settings = None
+        try:
+            raw = json.loads(self.result.read_bytes().decode("utf-8"))
+        except FileNotFoundError:
+            gone = [f"{self.result.name}: missing (deleted, or the cell was stopped as it started)"] \
+                if settings is not None else []
+            return CellState(self.folder.name, label, None, gone)
+        except UnicodeDecodeError as e:
+            return CellState(self.folder.name, label, None, [f"{self.result.name}: not UTF-8 text (byte {e.start})"])
+        except json.JSONDecodeError as e:
+            return CellState(self.folder.name, label, None,
+                             [f"{self.result.name}: not valid JSON ({e.msg} at line {e.lineno}: truncated?)"])
+        except OSError as e:
+            return CellState(self.folder.name, label, None, [f"{self.result.name}: unreadable ({e.strerror})"])
+        try:
+            record = read_record(raw, self.result)
+        except QcompareError as e:
+            if "newer qcompare" in str(e):
+                raise
+            return CellState(self.folder.name, label, None, [f"{self.result.name}: {str(e).split(': ', 1)[-1]}"])
+        problems = changed_files(self.folder, record.files) if verify and record.done else []
+        return CellState(record.id, record.label or label, record, problems)
 
     def write_items(self, items: dict) -> None:
         """Per-item scores (``qcompare.api.Items`` per task; a plain list is one unnamed metric)."""
@@ -102,13 +188,37 @@ class CellFiles:
 
     def read_items(self):
         """Task → ``Items``, or None if the cell kept none. Items of first-build runs (a list per task)
-        come back with positional ids ``#0, #1, …`` and one unnamed metric ``""``."""
+        come back with positional ids ``#0, #1, …`` and one unnamed metric ``""``. A damaged file is a
+        QcompareError naming it and the cure."""
         if not self.items.is_file():
             return None
-        raw = read_json(self.items)
-        if raw.get("format") == ITEMS_FORMAT:
-            return {t: Items(v["ids"], v["metrics"], v.get("weights")) for t, v in raw["tasks"].items()}
-        return {t: Items([f"#{i}" for i in range(len(v))], {"": v}) for t, v in raw.items()}
+        try:
+            raw = json.loads(self.items.read_bytes().decode("utf-8"))
+            if raw.get("format") == ITEMS_FORMAT:
+                return {t: Items(list(v["ids"]), dict(v["metrics"]), v.get("weights")) for t, v in raw["tasks"].items()}
+            return {t: Items([f"#{i}" for i in range(len(v))], {"": list(v)}) for t, v in raw.items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # not UTF-8, not JSON, not items
+            raise QcompareError(f"{self.items} is damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
+                                "run the recipe again: it recomputes the cell (the damaged file is kept aside)") from None
+
+    def set_aside(self, names: list[str]) -> list[str]:
+        """Move each damaged file (or folder) among ``names`` to ``<name>.damaged`` (replacing an earlier
+        one), so a rerun writes afresh and nothing is lost; return what was moved where."""
+        import shutil
+
+        moved = []
+        for name in dict.fromkeys(names):
+            path = self.folder / name
+            if not path.exists():
+                continue
+            aside = path.with_name(path.name + ".damaged")
+            if aside.is_dir():
+                shutil.rmtree(aside)
+            elif aside.exists():
+                aside.unlink()
+            path.rename(aside)
+            moved.append(f"{name} → {aside.name}")
+        return moved
 
     def read_train_log(self) -> list[dict]:
         return read_jsonl(self.train_log) if self.train_log.is_file() else []
@@ -149,10 +259,15 @@ class RunStore:
         return self.cell(cell_id).read_record()
 
     def records(self) -> Iterator[CellRecord]:
-        """Every stored cell record, teacher rows first, in a stable order."""
+        """Every readable cell record, teacher rows first, in a stable order (``damaged`` names the rest)."""
         rows = [r for cid in self.cell_ids() if (r := self.result(cid)) is not None]
         rows.sort(key=lambda r: (not r.is_teacher, r.label))
         return iter(rows)
+
+    def damaged(self, verify: bool = True) -> list[CellState]:
+        """The cells whose folder is damaged: an unreadable or missing record, or (``verify``) a file
+        their record names that is gone or changed."""
+        return [st for cid in self.cell_ids() if (st := self.cell(cid).inspect(verify)).damaged]
 
 
 def open_run(path: str | Path) -> RunStore:
@@ -161,3 +276,12 @@ def open_run(path: str | Path) -> RunStore:
     if not (root / CELLS).is_dir():
         raise QcompareError(f"{root} is not a qcompare run folder (no {CELLS}/ inside); give the folder `qcompare run` wrote")
     return RunStore(root)
+
+
+def _settings_label(settings: dict) -> str:
+    """A cell's label from its ``settings.json``, by plugin names (what a damaged record no longer says)."""
+    if not settings.get("quantizer"):
+        return f"{settings.get('model')} · teacher"
+    seed = "" if settings.get("seed") is None else f" · seed {settings['seed']}"
+    distiller = (settings.get("distiller") or {}).get("name", "")
+    return f"{settings.get('model')} · {settings['quantizer']['name']} · {distiller}{seed}"

@@ -218,6 +218,7 @@ def test_gkd_resumes_an_interrupted_cell_from_its_checkpoint(world, tmp_path):
     for a, b in zip(whole.log, resumed.log):
         assert a["on_policy"] == b["on_policy"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
     assert resumed.cost["steps"] == 6  # cost so far came back with the checkpoint
+    assert resumed.cost["resumed_from_step"] == 4 and "resumed_from_step" not in whole.cost
     assert not (cell / "checkpoints").exists()
 
 

@@ -280,6 +280,8 @@ def run_training(name: str, trainer, meter: CostMeter, teacher, params: TrainPar
     log = [_log_entry(e) for e in trainer.state.log_history if "loss" in e]
     cost = meter.summary(count_params(student), count_params(teacher) if teacher is not None else 0)
     cost["processes"] = processes  # data-parallel: each step covered processes x the batch
+    if last:
+        cost["resumed_from_step"] = int(Path(last).name.rsplit("-", 1)[1])  # an interrupted cell's checkpoint
     shutil.rmtree(folder, ignore_errors=True)  # checkpoints (optimizer state included) and TRL's model card
     return DistillResult(student=student, log=log, cost=cost)
 
