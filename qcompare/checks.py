@@ -109,6 +109,108 @@ def fake_vs_converted(student_logits, model_logits, rtol: float) -> dict[str, An
     return check
 
 
+# --- training reaches the quantized weights ------------------------------------------------
+
+
+# A straight-through gradient reaches nearly every element of a layer's weight (x^T·δ is dense); one
+# that stops at the rounding still reaches the elements its scale is computed from (one per group).
+REACHED_SHARE = 0.5
+
+
+class TrainingWatch:
+    """Watches a student while a distiller trains it: has each layer of the body (each weight a quantizer
+    may put on a grid, found in the teacher) received a gradient on at least half of its elements in some
+    backward pass, and has it moved by the end?
+
+    A fake quantizer without a straight-through gradient, or one that freezes the weights it rounds,
+    leaves a distiller training only norms, embeddings and head; the distilled row would then equal PTQ
+    and read as "distillation does not help". Installed before ``distill`` (a gradient hook per weight
+    that stops looking once a gradient reached it, and a fingerprint of each weight); ``verdict``
+    after it. A LoRA distiller trains adapters instead of the base weights: then each adapted layer's
+    ``lora_B`` (zero at start) must have left zero."""
+
+    def __init__(self, teacher, student, adapters: bool):
+        import torch
+
+        from qcompare.targets import find_targets
+
+        self.adapters = adapters
+        head = teacher.get_output_embeddings()
+        paths = [t.name for t in find_targets(teacher, kinds=("linear", "conv1d", "experts"))
+                 if t.module is not head]
+        self.layers: dict[str, list[tuple[str, Any]]] = {}
+        for path in dict.fromkeys(paths):
+            try:
+                module = student.get_submodule(path)
+            except AttributeError:
+                continue
+            self.layers[path] = [(n, p) for n, p in module.named_parameters() if "lora_" not in n]
+        self.reached: set[str] = set()
+        self.handles = []
+        self.before: dict[str, list[tuple[float, float]]] = {}
+        if adapters:
+            return
+        with torch.no_grad():
+            for path, params in self.layers.items():
+                self.before[path] = [self._fingerprint(p) for _, p in params]
+                for _, p in params:
+                    if p.requires_grad:
+                        self.handles.append(p.register_post_accumulate_grad_hook(self._hook(path)))
+
+    @staticmethod
+    def _fingerprint(p) -> tuple[float, float]:
+        x = p.detach().double()
+        return float(x.sum()), float(x.square().sum())
+
+    def _hook(self, path: str):
+        def hook(p):
+            if path not in self.reached and p.grad is not None and \
+                    int(p.grad.count_nonzero()) >= REACHED_SHARE * p.grad.numel():
+                self.reached.add(path)
+        return hook
+
+    def verdict(self, student) -> dict[str, Any]:
+        """What was measured (``layers``, ``reached``, ``moved``); CheckFailed naming the layers that were
+        not trained."""
+        import torch
+
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if self.adapters:
+            adapted = {}
+            for name, p in student.named_parameters():
+                if "lora_B" in name:
+                    adapted.setdefault(name.split(".lora_B")[0], []).append(p)
+            moved = [k for k, ps in adapted.items() if any(bool(p.detach().count_nonzero()) for p in ps)]
+            still = [k for k in adapted if k not in moved]
+            check = {"trained": "LoRA adapters", "layers": len(adapted), "moved": len(moved), "passed": not still}
+            if still:
+                raise CheckFailed(f"training: {len(still)} of {len(adapted)} LoRA adapters never left their initial "
+                                  f"zero (e.g. {still[0]}): the gradient does not reach them", "training", check)
+            return check
+        with torch.no_grad():
+            moved = {path for path, params in self.layers.items()
+                     if any(self._fingerprint(p) != was for (_, p), was in zip(params, self.before[path]))}
+        frozen = [path for path, params in self.layers.items() if not any(p.requires_grad for _, p in params)]
+        unreached = [path for path in self.layers if path not in self.reached and path not in frozen]
+        still = [path for path in self.layers if path not in moved]
+        check = {"trained": "weights", "layers": len(self.layers), "reached": len(self.reached), "moved": len(moved),
+                 "passed": not (frozen or unreached or still)}
+        if frozen or unreached or still:
+            if frozen:
+                why = f"{len(frozen)} of {len(self.layers)} layers of the body are frozen (e.g. {frozen[0]})"
+            elif unreached:
+                why = (f"{len(unreached)} of {len(self.layers)} layers of the body never received a gradient on "
+                       f"{REACHED_SHARE:.0%} of their weights (e.g. {unreached[0]}): the fake quantizer does not pass "
+                       "gradients straight through")
+            else:
+                why = f"{len(still)} of {len(self.layers)} layers of the body did not move (e.g. {still[0]})"
+            raise CheckFailed(f"training: {why}; the distiller trained only what is left, so this cell's numbers "
+                              "would read as distillation that does not help", "training", check)
+        return check
+
+
 # --- coverage ----------------------------------------------------------------------------
 
 DEFAULT_MIN_COVERAGE = 0.95  # of the body's weights (all but embeddings and head)

@@ -172,10 +172,16 @@ class CellPipeline:
         train mode) ends with this phase instead of leaking into the next cells."""
         teacher = weight_sharing_copy(self.inputs.teacher)
         context = dataclasses.replace(self.context, teacher=teacher)
+        # a distiller that trains (it is seeded) must reach the weights the quantizer rounds
+        watch = checks.TrainingWatch(self.inputs.teacher, student, self.distiller.keeps_base_weights(self.dparams)) \
+            if self.distiller.seeded else None
         with self.phase("distill"):
             result = self.distiller.distill(teacher, student, self.inputs.tokenizer, self.inputs.data,
                                             self.dparams, context)
         self.cost.update(result.cost)
+        if watch is not None:
+            with self.phase("check"):
+                self._check("training", watch.verdict, result.student)
         return result
 
     def convert(self, student):

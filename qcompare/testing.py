@@ -136,50 +136,8 @@ def _train_a_little(student, teacher, steps: int = 3):
     student.eval()
 
 
-def _gradients_flow(student, targets: list[str]) -> dict[str, Any]:
-    """One backward pass: every trainable weight gets a finite gradient, and the quantized layers'
-    weights a nonzero one (the fake quantizer passes gradients straight through)."""
-    import torch
-
-    student.train()
-    ids = checks.probe_ids(student)
-    student.zero_grad()
-    student(ids).logits.float().pow(2).mean().backward()
-    missing, zero = [], []
-    for name, p in student.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None or not torch.isfinite(p.grad).all():
-            if any(name.startswith(t + ".") or name == t for t in targets):
-                missing.append(name)
-        elif any(name.startswith(t + ".") or name == t for t in targets) and not p.grad.abs().sum():
-            zero.append(name)
-    student.zero_grad()
-    student.eval()
-    if missing or zero:
-        bad = missing or zero
-        raise AssertionError(f"gradients do not flow through the fake quantizer: {len(bad)} quantized weights get "
-                             f"{'no finite' if missing else 'a zero'} gradient, e.g. {bad[0]}")
-    return {"passed": True}
-
-
-def _weights_moved(student, targets: list[str], before: dict) -> dict[str, Any]:
-    """After training, every quantized layer's trainable weights differ from before it (the optimizer
-    reached them through the fake quantizer)."""
-    import torch
-
-    params = dict(student.named_parameters())
-    still = [t for t in targets if any(name.startswith(t + ".") for name in params)  # (a tied head has none)
-             and all(torch.equal(params[name].detach(), was) for name, was in before.items()
-                     if name.startswith(t + "."))]  # none trainable under it counts too
-    if still:
-        raise AssertionError(f"training does not reach the quantized weights: {len(still)} of {len(targets)} "
-                             f"quantized layers kept their weights through a few optimizer steps, e.g. {still[0]}")
-    return {"passed": True}
-
-
 def check_one(quantizer, params, family: str, folder: Path, min_coverage: float, reload: bool = True) -> dict[str, Any]:
-    """The runner's checks on one tiny model: gradients reach and move the quantized weights, fake ≡
+    """The runner's checks on one tiny model: training reaches and moves the quantized weights, fake ≡
     converted, coverage, true size, save → the folder ships the true size → reload ≡. Raises
     CheckFailed / AssertionError with one line; a QcompareError from ``prepare`` or ``convert`` means the
     quantizer refuses this layout; one from ``save`` that it cannot save it (``report["save"]["refused"]``
@@ -188,19 +146,15 @@ def check_one(quantizer, params, family: str, folder: Path, min_coverage: float,
     a caller reload many at once (``checks.reload_all``, one process per batch)."""
     from qcompare.api import CellContext
     from qcompare.saving import save_converted
-    from qcompare.targets import all_targets
-
     tokenizer = tiny_tokenizer()
     teacher = tiny_model(family, vocab_size=128)
     context = CellContext(cell_dir=folder, seed=0, device="cpu", tokenizer=tokenizer, teacher=teacher,
                           data=tiny_chat())
     student = quantizer.prepare(copy.deepcopy(teacher), params, context)
     report: dict[str, Any] = {"family": family}
-    quantized = [t.name for t in all_targets(teacher)]
-    report["gradients"] = _gradients_flow(student, quantized)
-    before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    watch = checks.TrainingWatch(teacher, student, adapters=False)  # the runner's check of a trained cell
     _train_a_little(student, teacher)
-    report["training"] = _weights_moved(student, quantized, before)
+    report["training"] = watch.verdict(student)
     student_logits = checks.probe_logits(student)
     model = quantizer.convert(student, params, context)
     model_logits = checks.probe_logits(model)

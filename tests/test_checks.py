@@ -62,11 +62,31 @@ class DefaultSaveRTN(qcompare_rtn.RTNQuantizer):
     save = qcompare_rtn.RTNQuantizer.__mro__[1].save  # qcompare.api.Quantizer.save
 
 
+class RoundedRTN(qcompare_rtn.RTNQuantizer):
+    """Rounds without a straight-through gradient: torch.round's gradient is zero."""
+
+    name = "nograd"
+
+    def prepare(self, model, params, context):
+        from torch.nn.utils import parametrize
+
+        class Round(torch.nn.Module):
+            def forward(self, w):
+                codes, scale = qcompare_rtn.grids.quantize_groups(w, params.bits, params.group_size)
+                return (codes * scale).reshape(w.shape)
+
+        for _, m in qcompare_rtn.grids.targets(model, params):
+            parametrize.register_parametrization(m, "weight", Round())
+        return model
+
+
 class Wrong:
     @hookimpl
     def register_quantizers(self, register):
         register(OffGridRTN)
         register(DefaultSaveRTN)
+        register(RoundedRTN)
+        register(FrozenRTN)
 
 
 @pytest.fixture
@@ -255,7 +275,18 @@ def test_a_folder_shipping_more_than_the_true_size_fails_the_helper():
         check_quantizer(DequantizedSaveRTN, {"group_size": 32}, layouts=("gqa",))
 
 
-def test_quantized_weights_that_training_cannot_reach_fail_the_helper():
-    with pytest.raises(AssertionError, match=r"training does not reach the quantized weights: 14 of \d+ quantized "
-                                             r"layers kept their weights .* e\.g\. model\.layers\.0\.self_attn\.q_proj"):
-        check_quantizer(FrozenRTN, {"group_size": 32}, layouts=("gqa",))
+@pytest.mark.parametrize("cls, why", [(FrozenRTN, "are frozen"), (RoundedRTN, "never received a gradient")])
+def test_quantized_weights_that_training_cannot_reach_fail_the_helper_as_they_fail_a_cell(cls, why):
+    with pytest.raises(AssertionError, match=rf"training: 14 of 14 layers of the body {why}.* "
+                                             r"\(e\.g\. model\.layers\.0\.self_attn\.q_proj\)"):
+        check_quantizer(cls, {"group_size": 32}, layouts=("gqa",))
+
+
+@pytest.mark.parametrize("quantizer, why", [("nograd", "never received a gradient on 50% of their weights"),
+                                           ("frozen", "are frozen")])
+def test_a_trained_cell_whose_training_cannot_reach_the_quantized_weights_fails(wrong_plugins, write_recipe, tmp_path,
+                                                                                quantizer, why):
+    res, _, [record] = run_recipe(write_recipe, tmp_path, quantizer)
+    assert res.exit_code == 1 and record["status"] == "failed"
+    assert record["error"].startswith("training: 14 of 14 layers of the body") and why in record["error"]
+    assert "model.layers.0.self_attn.q_proj" in record["error"] and record["checks"]["training"]["passed"] is False
