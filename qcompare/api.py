@@ -198,6 +198,12 @@ class Quantizer(Plugin):
         alone (a layout you do not quantize, a group size that does not divide a layer); the
         default accepts every model."""
 
+    def kept_float(self, params) -> list[str]:
+        """Linear-like weights of the body this quantizer leaves in float by design, as ``skip`` patterns
+        (a glob, a name suffix or ``re:<regex>``). The runner's coverage check requires every other one
+        the recipe's ``skip`` does not name to end on a grid, and names those that did not. Default: none."""
+        return []
+
     def fake_quant_tolerance(self, params) -> float | None:
         """How far the converted model may compute from the trained student, as the largest
         |Δ logit| on the runner's probe batch relative to the largest logit (at least 1).

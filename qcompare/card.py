@@ -175,6 +175,10 @@ def disk_lines(record: CellRecord, folder: Path) -> list[str]:
     true = record.size.get("packed_bytes")
     lines.append(f"- tensors in all: {total / 1e6:.3f} MB{per_weight}"
                  + (f" ({total / true:.2f}× the true size above)" if true else ""))
+    shipped = record.checks.get("saved_size") or {}
+    if shipped.get("passed") is False:
+        lines.append(f"- **the folder does not ship the model at its true size**: {record.notes.get('saved_size', '')}; "
+                     "the bits per weight above describe the converted model, not these files")
     return lines + [""]
 
 

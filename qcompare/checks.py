@@ -216,16 +216,37 @@ class TrainingWatch:
 DEFAULT_MIN_COVERAGE = 0.95  # of the body's weights (all but embeddings and head)
 
 
-def coverage(footprint, minimum: float) -> dict[str, Any]:
-    """Which weights ended on a low-bit grid; CheckFailed when the body's share is below ``minimum``."""
+def expected_on_grid(teacher, quantizer, params) -> list[str]:
+    """The body's Linear-like weights (Linear, Conv1D, fused experts; not the head, embeddings or routers)
+    that ``quantizer`` must put on a grid: all but those its ``skip`` parameter names (the recipe's, where
+    the quantizer has one) or its ``kept_float`` declares."""
+    from qcompare.targets import find_targets
+
+    skip = [*(getattr(params, "skip", None) or ()), *quantizer.kept_float(params)]
+    head, embeddings = teacher.get_output_embeddings(), teacher.get_input_embeddings()
+    return [t.qualified for t in find_targets(teacher, skip, kinds=("linear", "conv1d", "experts"))
+            if t.module is not head and t.module is not embeddings]
+
+
+def coverage(footprint, minimum: float, expected: list[str] | None = None) -> dict[str, Any]:
+    """Which weights ended on a low-bit grid; CheckFailed when the body's share is below ``minimum``, or
+    when a weight of ``expected`` (``expected_on_grid``) stayed float — one projection left in float is
+    a few percent of the body and passes any share, so it is checked by name."""
     from qcompare.footprint import coverage_problem
 
+    on_grid = {w.name for w in footprint.weights if w.quantized}
+    left = [name for name in expected or () if name not in on_grid]
     check = {"body": round(footprint.body_coverage, 6), "model": round(footprint.model_coverage, 6),
              "minimum": minimum, "float_in_body": {g: round(s, 6) for g, s in footprint.float_groups().items()},
-             "passed": footprint.body_coverage >= minimum}
+             "left_in_float": left, "passed": footprint.body_coverage >= minimum and not left}
     problem = coverage_problem(footprint, minimum)
     if problem:
         raise CheckFailed(problem, "coverage", check)
+    if left:
+        shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        raise CheckFailed(f"coverage: {len(left)} Linear-like weights of the body stayed float that neither the "
+                          f"recipe's skip nor the quantizer names: {shown} — quantize them, or add them to skip",
+                          "coverage", check)
     return check
 
 

@@ -231,7 +231,8 @@ class CellPipeline:
             measured = footprint.measure(self.inputs.teacher, model, self.quantizer.code_bits(self.qparams))
             self.size = {**measured.as_size(self.quantizer.bits_per_weight(self.qparams)),
                          "dtype": str(checks.model_dtype(model))}
-            self._check("coverage", checks.coverage, measured, self.min_coverage)
+            self._check("coverage", checks.coverage, measured, self.min_coverage,
+                        checks.expected_on_grid(self.inputs.teacher, self.quantizer, self.qparams))
         return model, trained.log
 
     def _check(self, name: str, check, *args):
@@ -279,7 +280,13 @@ class CellPipeline:
         with self.phase("check"):
             self._check("reload", checks.reload, folder, self.fingerprint,
                         checks.DTYPE_RTOL.get(str(checks.model_dtype(model)), 1e-2), self.context.device)
-        self.size = {**self.size, "artifact_bytes": folder_bytes(folder)}
+            try:  # a folder larger than the model it holds still loads: the cell says so, and keeps it
+                self.checks["saved_size"] = checks.saved_size(folder, self.size)
+            except checks.CheckFailed as e:
+                self.checks["saved_size"] = e.check
+                self.context.notes["saved_size"] = str(e)
+        self.size = {**self.size, "artifact_bytes": folder_bytes(folder),
+                     "saved_tensor_bytes": self.checks["saved_size"]["saved_bytes"]}
 
     def _save_or_explain(self, model, folder: Path) -> str | None:
         """Save and prove; on failure the evaluation stands, the folder goes, and the reason is returned."""

@@ -162,7 +162,7 @@ def check_one(quantizer, params, family: str, folder: Path, min_coverage: float,
                                                            checks.tolerance(quantizer, params, model))
     measured = footprint.measure(teacher, model, quantizer.code_bits(params))
     report["size"] = measured.as_size(quantizer.bits_per_weight(params))
-    report["coverage"] = checks.coverage(measured, min_coverage)
+    report["coverage"] = checks.coverage(measured, min_coverage, checks.expected_on_grid(teacher, quantizer, params))
     saved = folder / "saved"
     try:
         save_converted(quantizer, model, params, saved, context)

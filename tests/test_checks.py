@@ -290,3 +290,63 @@ def test_a_trained_cell_whose_training_cannot_reach_the_quantized_weights_fails(
     assert res.exit_code == 1 and record["status"] == "failed"
     assert record["error"].startswith("training: 14 of 14 layers of the body") and why in record["error"]
     assert "model.layers.0.self_attn.q_proj" in record["error"] and record["checks"]["training"]["passed"] is False
+
+
+class OneFloatRTN(qcompare_rtn.RTNQuantizer):
+    """Leaves layer 0's key projection in float without saying so: 3% of the body, under any share."""
+
+    name = "onefloat"
+
+    def prepare(self, model, params, context):
+        return super().prepare(model, self.quietly(params), context)
+
+    def convert(self, student, params, context):
+        return super().convert(student, self.quietly(params), context)
+
+    @staticmethod
+    def quietly(params):
+        return params.model_copy(update={"skip": [*params.skip, "layers.0.self_attn.k_proj"]})
+
+
+class BulkySaveRTN(qcompare_rtn.RTNQuantizer):
+    """Saves the dequantized float model: it reloads to the same logits and ships 32 bits a weight."""
+
+    name = "bulky"
+    save = DequantizedSaveRTN.save
+
+
+@pytest.fixture
+def size_plugins(test_plugins):
+    class Plugin:
+        @hookimpl
+        def register_quantizers(self, register):
+            register(OneFloatRTN)
+            register(BulkySaveRTN)
+
+    plugin = Plugin()
+    add_plugin(plugin)
+    yield
+    remove_plugin(plugin)
+
+
+def test_one_linear_left_float_fails_coverage_by_name_unless_skip_names_it(size_plugins, write_recipe, tmp_path):
+    res, _, [record] = run_recipe(write_recipe, tmp_path, "onefloat")
+    assert res.exit_code == 1 and record["checks"]["coverage"]["body"] > 0.95  # the share alone passed
+    assert record["error"] == ("coverage: 1 Linear-like weights of the body stayed float that neither the recipe's "
+                               "skip nor the quantizer names: model.layers.0.self_attn.k_proj.weight — quantize them, "
+                               "or add them to skip")
+    res, _, [record] = run_recipe(write_recipe, tmp_path / "named", "onefloat",
+                                  qextra='skip = ["lm_head", "layers.0.self_attn.k_proj"]')
+    assert res.exit_code == 0 and record["checks"]["coverage"]["left_in_float"] == []
+
+
+def test_a_saved_folder_larger_than_the_true_size_is_kept_and_said(size_plugins, write_recipe, tmp_path):
+    res, out, [record] = run_recipe(write_recipe, tmp_path, "bulky", extra="save_models = true")
+    assert record["status"] == "done" and "save_error" not in record  # it loads as the evaluated model
+    shipped = record["checks"]["saved_size"]
+    assert shipped["passed"] is False and shipped["saved_bytes"] > 2 * shipped["true_bytes"]
+    assert "ships more than the model holds" in record["notes"]["saved_size"]
+    res = cli.invoke(app, ["export", str(out), record["id"], "--to", str(tmp_path / "exported")])
+    assert res.exit_code == 0, res.output
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "the folder does not ship the model at its true size" in card

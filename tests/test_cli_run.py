@@ -100,6 +100,7 @@ class Meddle:
 
         class MeddlingDistiller(Distiller):
             name = "meddle"
+            seeded = False  # it trains nothing (a seeded distiller must reach the quantized weights)
 
             def distill(self, teacher, student, tokenizer, data, params, context):
                 teacher.forward = lambda *a, **k: None
