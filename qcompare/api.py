@@ -306,6 +306,12 @@ class Evaluator(Plugin):
         """Score ``model`` and return an EvalResult. ``context.teacher`` is the float model."""
         raise NotImplementedError
 
+    def check(self, params, task_folders: list[Path]) -> None:
+        """Raise ``QcompareError`` (one line) for what would fail every cell after it trained: a task
+        that does not exist, a file that is not there. ``qcompare validate`` (and ``run``, before any
+        cell) calls it once per evaluator table; keep it quick and light (no model, no torch).
+        ``task_folders`` are the folders of task files plugins registered. The default accepts all."""
+
 
 class Executor(Plugin):
     """Base class of executors: they decide where and in what order cells run."""

@@ -187,7 +187,8 @@ class TrainingWatch:
             check = {"trained": "LoRA adapters", "layers": len(adapted), "moved": len(moved), "passed": not still}
             if still:
                 raise CheckFailed(f"training: {len(still)} of {len(adapted)} LoRA adapters never left their initial "
-                                  f"zero (e.g. {still[0]}): the gradient does not reach them", "training", check)
+                                  f"zero (e.g. {still[0]}): no gradient reached them, or the learning rate stayed 0 "
+                                  "(a warm-up as long as the run?)", "training", check)
             return check
         with torch.no_grad():
             moved = {path for path, params in self.layers.items()
@@ -205,7 +206,8 @@ class TrainingWatch:
                        f"{REACHED_SHARE:.0%} of their weights (e.g. {unreached[0]}): the fake quantizer does not pass "
                        "gradients straight through")
             else:
-                why = f"{len(still)} of {len(self.layers)} layers of the body did not move (e.g. {still[0]})"
+                why = (f"{len(still)} of {len(self.layers)} layers of the body did not move (e.g. {still[0]}): the "
+                       "learning rate stayed 0 (a warm-up as long as the run?)")
             raise CheckFailed(f"training: {why}; the distiller trained only what is left, so this cell's numbers "
                               "would read as distillation that does not help", "training", check)
         return check

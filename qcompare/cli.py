@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from qcompare.errors import QcompareError
 
@@ -59,8 +60,8 @@ def user_errors():
     try:
         yield
     except QcompareError as e:
-        for line in str(e).splitlines():
-            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        for line in str(e).splitlines():  # escaped: a message may name "[[quantizers]]"
+            err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         # a result that failed its check is no input mistake: exit 1, like a failed cell
         raise typer.Exit(1 if isinstance(e, CheckFailed) else 2) from None
 

@@ -41,19 +41,32 @@ class CellInputs:
 
 
 class InputCache:
-    """Teachers and training data, loaded once per process (one model in memory at a time)."""
+    """Teachers and training data, loaded once per process (one model in memory at a time). A model or
+    dataset that cannot be loaded fails once: every later cell that needs it fails at once with the same
+    line, instead of each retrying (a hub out of reach costs its retries once, not once per cell)."""
 
     def __init__(self, registry: Registry, device: str):
         self.registry, self.device = registry, device
         self._models: dict[str, tuple] = {}
         self._data: dict[str, Any] = {}
+        self._failed: dict[str, str] = {}
+
+    def _once(self, key: str, load):
+        if key in self._failed:
+            raise QcompareError(self._failed[key])
+        try:
+            return load()
+        except Exception as e:
+            self._failed[key] = error_line(e) + " (failed once in this run; not tried again for later cells)"
+            raise
 
     def teacher(self, name: str) -> tuple:
         from qcompare.data import load_model
 
         if name not in self._models:
+            loaded = self._once(f"model {name}", lambda: load_model(name, self.registry, self.device))
             self._models.clear()
-            self._models[name] = load_model(name, self.registry, self.device)
+            self._models[name] = loaded
         return self._models[name]
 
     def data(self, spec) -> Any:
@@ -61,7 +74,7 @@ class InputCache:
 
         key = spec.model_dump_json()
         if key not in self._data:
-            self._data[key] = load_training_data(spec, self.registry)
+            self._data[key] = self._once(f"data {key}", lambda: load_training_data(spec, self.registry))
         return self._data[key]
 
     def inputs(self, cell: Cell, data_spec) -> CellInputs:

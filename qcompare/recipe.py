@@ -364,7 +364,7 @@ def validate(raw: dict, source: Path, text: str = "", registry: Registry | None 
         return out
 
     quantizers = plugins("quantizer", [])
-    distillers = plugins("distiller", [{"name": "none"}])
+    distillers = plugins("distiller", [{"name": "none"}] if raw.get("quantizers") else [])  # "none": PTQ
     evaluators = plugins("evaluator", [], sweep=False)
     ex = raw.get("executor", {"name": "local"})
     ex = ex if isinstance(ex, dict) else {}
@@ -374,6 +374,13 @@ def validate(raw: dict, source: Path, text: str = "", registry: Registry | None 
     out_path = Path(output) if output else None
     if out_path is not None and out_path.exists() and not out_path.is_dir():
         errors.append(f"{f}: output: {output} is a file; give a folder path")
+    if "quantizers" in raw and raw["quantizers"] == []:
+        errors.append(f"{f}: quantizers: an empty list; give at least one [[quantizers]] table (leave the key out "
+                      "for a teacher-only run)")
+    elif not quantizers and raw.get("distillers") and not any(e.startswith(f"{f}: quantizers") for e in errors):
+        errors.append(f"{f}: distillers: {len(raw['distillers'])} [[distillers]] tables but no [[quantizers]]: "
+                      "distillers train quantized students, so they would be ignored; add a [[quantizers]] table or "
+                      "remove them")
     if not errors and not teacher and not (quantizers and distillers):
         errors.append(f"{f}: the recipe expands to zero cells; give at least one [[quantizers]] table or teacher = true")
     if errors:

@@ -1,4 +1,7 @@
-"""What ``qcompare validate`` can tell from a model's config without loading its weights.
+"""What ``qcompare validate`` can tell without loading a model: each quantizer against each model's
+layout, and each evaluator's settings (``Evaluator.check``: lm-eval task names, say).
+
+The layout is read from a model's config, without loading its weights.
 
 Each model's ``config.json`` (a registered model, a local folder, or a hub id whose config is
 in the local Hugging Face cache) is built on the meta device — every module and shape, no
@@ -39,6 +42,42 @@ def model_config(name: str, registry: Registry) -> dict | None:
     return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
 
 
+_hub: dict[str, str] = {}  # what asking the Hub said, once per process ("" while it answers)
+
+
+def hub_problem(name: str) -> str | None:
+    """Why ``name`` (neither a folder here nor a registered model) cannot be loaded, when the Hugging Face Hub
+    says so; None when it is a model there, or when the Hub cannot be asked (``hub_note`` says which)."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        _hub["state"] = "offline (HF_HUB_OFFLINE is set), so the model id is not checked"
+        return None
+    if _hub.get("state"):
+        return None
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return f"{name!r} is not a folder here (and not a Hub model id: owner/name)"
+    try:
+        from huggingface_hub import model_info
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:
+        return None
+    try:
+        model_info(name, timeout=10)
+    except GatedRepoError:
+        return None  # it exists; loading it needs access (`hf auth login`)
+    except RepositoryNotFoundError:
+        return (f"{name!r} is neither a folder here, a registered model, nor a model on the Hugging Face Hub "
+                "(a private one needs `hf auth login`)")
+    except Exception as e:  # noqa: BLE001 - no network, a proxy, a timeout: the Hub cannot be asked
+        _hub["state"] = f"the Hugging Face Hub is not reachable ({type(e).__name__}), so the model id is not checked"
+    return None
+
+
+def hub_note() -> str:
+    return f"; {_hub['state']}" if _hub.get("state") else ""
+
+
 def _key(config: dict, choice, identity: dict) -> str:
     blob = json.dumps([VERSION, config, choice.name, choice.params, identity], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -54,7 +93,12 @@ def problems(recipe, registry: Registry) -> tuple[list[str], list[str]]:
     for model_name in recipe.models:
         config = model_config(model_name, registry)
         if config is None:
-            notes.append(f"{model_name}: no config.json here (not downloaded yet); its layout is checked when it runs")
+            missing = hub_problem(model_name)
+            if missing is not None:
+                found.append(f"{recipe.source}: models: {missing}")
+            else:
+                notes.append(f"{model_name}: no config.json here (not downloaded yet); its layout is checked when it "
+                             f"runs{hub_note()}")
             continue
         built = None
         for choice in recipe.quantizers:
@@ -69,6 +113,12 @@ def problems(recipe, registry: Registry) -> tuple[list[str], list[str]]:
                 found.append(f"{recipe.source}: quantizer {choice.label()} on {model_name}: {cache[key]}")
     if fresh:
         write_cache(cache)
+    for i, choice in enumerate(recipe.evaluators):  # a task that does not exist fails every cell after training
+        cls = registry.get("evaluator", choice.name)
+        try:
+            cls().check(cls.Params.model_validate(choice.params), list(registry.task_folders))
+        except QcompareError as e:
+            found.append(f"{recipe.source}: evaluators[{i}]: {e}")
     return list(dict.fromkeys(found)), notes
 
 

@@ -85,8 +85,18 @@ def test_every_mistake_is_reported_at_once(test_plugins, write_recipe):
 
 
 def test_recipe_that_expands_to_zero_cells(test_plugins, write_recipe):
-    body = 'models = ["{model}"]\nteacher = false\n[[distillers]]\nname = "keep"\n[[evaluators]]\nname = "probe"\n'
+    body = 'models = ["{model}"]\nteacher = false\n[[evaluators]]\nname = "probe"\n'
     check(["validate", write_recipe(body)], "expands to zero cells")
+
+
+def test_an_empty_quantizers_list_and_distillers_without_quantizers_are_refused(test_plugins, write_recipe):
+    body = 'models = ["{model}"]\n{q}[[distillers]]\nname = "nudge"\n[[evaluators]]\nname = "probe"\n'
+    check(["validate", write_recipe(body.replace("{q}", "quantizers = []\n"))],
+          "quantizers: an empty list; give at least one [[quantizers]] table")
+    check(["validate", write_recipe(body.replace("{q}", ""))],
+          "distillers: 1 [[distillers]] tables but no [[quantizers]]: distillers train quantized students")
+    res = cli.invoke(app, ["validate", str(write_recipe('models = ["{model}"]\n[[evaluators]]\nname = "probe"\n'))])
+    assert res.exit_code == 0, res.output  # a teacher-only run says so by leaving both out
 
 
 def test_missing_local_data_file(test_plugins, write_recipe):
@@ -129,3 +139,64 @@ def test_gkd_lambda_and_beta_outside_0_1_are_named(monkeypatch, write_recipe):
     out = check(["validate", write_recipe(body)], lines=2)
     assert "distillers[0].lmbda: bad value 1.5: input should be less than or equal to 1" in out
     assert "distillers[0].beta: bad value -0.1: input should be greater than or equal to 0" in out
+
+
+def test_a_misspelled_lm_eval_task_is_refused_before_any_cell_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("QCOMPARE_PLUGINS", "local,toy,torchao,evaluators,distillers")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "r"\nmodels = ["toy-qwen3"]\n[[quantizers]]\nname = "torchao"\n'
+                      '[[evaluators]]\nname = "lm_eval"\ntasks = ["toy", "hellaswg"]\n')
+    for command in ("validate", "run"):  # run refuses before its first cell: nothing is written
+        check([command, recipe, "-o", tmp_path / "run"] if command == "run" else [command, recipe],
+              "evaluators[0]: lm_eval: unknown task 'hellaswg' (did you mean 'hellaswag'?)")
+    assert not (tmp_path / "run").exists()
+    recipe.write_text(recipe.read_text().replace('"hellaswg"', '"hellaswag"'))  # lm-eval's own, and the toy group
+    assert cli.invoke(app, ["validate", str(recipe)]).exit_code == 0
+
+
+def test_a_model_id_the_hub_does_not_know_is_refused_and_an_unreachable_hub_is_said(test_plugins, write_recipe,
+                                                                                    monkeypatch):
+    import huggingface_hub
+
+    from qcompare import structure
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(structure, "_hub", {})
+
+    def unknown(name, timeout=None):
+        import httpx
+
+        request = httpx.Request("GET", f"https://huggingface.co/api/models/{name}")
+        raise huggingface_hub.errors.RepositoryNotFoundError(f"404: {name}", response=httpx.Response(404, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unknown)
+    recipe = write_recipe(BASIC.replace('models = ["{model}"]', 'models = ["Qwen/Qwen3-4B-Instruct-25077"]'))
+    check(["validate", recipe], "models: 'Qwen/Qwen3-4B-Instruct-25077' is neither a folder here, a registered model, "
+                                "nor a model on the Hugging Face Hub")
+
+    def unreachable(name, timeout=None):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    res = cli.invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 0 and "the Hugging Face Hub is not reachable (ConnectionError)" in res.output
+
+
+def test_a_model_that_cannot_be_loaded_fails_once_and_later_cells_at_once(test_plugins, monkeypatch):
+    from qcompare import data
+    from qcompare.errors import QcompareError
+    from qcompare.pipeline import InputCache
+    from qcompare.plugins import get_registry
+
+    tries = []
+
+    def slow_failure(name, registry, device):
+        tries.append(name)
+        raise QcompareError(f"cannot load model {name!r} (the hub is out of reach)")
+
+    monkeypatch.setattr(data, "load_model", slow_failure)
+    inputs = InputCache(get_registry(), "cpu")
+    for _ in range(3):
+        with pytest.raises(QcompareError, match=r"cannot load model 'org/model' \(the hub is out of reach\)"):
+            inputs.teacher("org/model")
+    assert tries == ["org/model"]  # tried once; the other cells fail at once with the same line

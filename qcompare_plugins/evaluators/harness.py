@@ -43,7 +43,7 @@ class LmEvalEvaluator(Evaluator):
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        task_manager = _task_manager_for(params.tasks, _folders(params, context))
+        task_manager = _task_manager_for(params.tasks, _folders(params, context.task_folders))
         if params.apply_chat_template and not getattr(tokenizer, "chat_template", None):
             raise QcompareError("lm_eval: apply_chat_template = true but the tokenizer has no chat template; set it to false")
         batch_size = params.batch_size
@@ -74,8 +74,58 @@ class LmEvalEvaluator(Evaluator):
         return result
 
 
-def _folders(params: LmEvalParams, context) -> list[Path]:
-    folders = [Path(p) for p in context.task_folders]
+    def check(self, params, task_folders):
+        """Every task name is a task, group or tag lm-eval knows, or a YAML file (from an index of task names
+        kept in qcompare's cache: building it imports lm-eval and reads its ~15k task files, once)."""
+        folders = _folders(params, task_folders)
+        names = [t for t in params.tasks if not (t.endswith((".yaml", ".yml")) and Path(t).is_file())]
+        if not names:
+            return
+        known = task_names(folders)
+        for t in names:
+            if t not in known:
+                close = difflib.get_close_matches(t, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                where = ", ".join(str(f) for f in folders) or "no task folders"
+                raise QcompareError(f"lm_eval: unknown task {t!r}{hint}: not an lm-eval task nor in {where}; {OFFLINE_HINT}")
+
+
+_INDEX = """import json, sys
+from lm_eval.tasks import TaskManager
+folders = json.loads(sys.argv[1])
+print(json.dumps(sorted(TaskManager(include_path=folders or None, include_defaults=True).task_index)))
+"""
+
+
+def task_names(folders: list[Path]) -> set[str]:
+    """The task, group and tag names lm-eval knows with ``folders`` included: from qcompare's cache, keyed by
+    lm-eval's version and the folders' task files (names and times), else indexed in a separate Python so
+    that this one stays light."""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    from qcompare.cache import read_cache, write_cache
+
+    files = [(str(f), sorted((str(y.relative_to(f)), y.stat().st_mtime_ns) for y in Path(f).rglob("*.y*ml")))
+             for f in folders]
+    key = "lm_eval_tasks:" + hashlib.sha256(json.dumps([metadata.version("lm_eval"), files]).encode()).hexdigest()[:24]
+    cache = read_cache()
+    if key not in cache:
+        done = subprocess.run([sys.executable, "-c", _INDEX, json.dumps([str(f) for f in folders])],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise QcompareError(f"lm_eval: could not index its tasks to check the names ({tail})")
+        cache[key] = json.loads(done.stdout.strip().splitlines()[-1])
+        write_cache(cache)
+    return set(cache[key])
+
+
+def _folders(params: LmEvalParams, task_folders) -> list[Path]:
+    folders = [Path(p) for p in task_folders]
     for p in params.include_path:
         if not Path(p).is_dir():
             raise QcompareError(f"lm_eval: include_path {p!r} is not a folder; give folders of task YAMLs")
