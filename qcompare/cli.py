@@ -273,9 +273,8 @@ def run(
 
         with user_errors():
             export_best(store.root, r.export_best, say=lambda m: err_console.print(m, highlight=False))
-    if unsaved:
-        err_console.print(f"[red]{len(unsaved)} cells' models were not saved[/] (save_models = true): "
-                          + "; ".join(f"{rec.id}: {rec.save_error}" for rec in unsaved), highlight=False)
+    if unsaved:  # which, and why, the report above lists
+        err_console.print(f"[red]{len(unsaved)} cells' models were not saved[/] (save_models = true)", highlight=False)
     if failed:
         retry = sum(bool(rec.rerun_helps) for rec in failed)
         why = (f"{retry} may end otherwise if you run the recipe again (killed, out of memory); " if retry else "") + \
@@ -344,7 +343,11 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder written by `qcompare run`.", show_default=False)],
     fmt: Annotated[str, typer.Option(
         "--format", "-f", help="table, markdown, latex, csv, json, or html (one self-contained file with the "
-                               "tables, figures and a section per cell; see --out).")] = "table",
+                               "tables, figures and a section per cell; see --out). Every format names the damaged, "
+                               "unfinished and unsaved cells: markdown after the table, latex as %-comments after it; "
+                               "csv and json as rows of their own (kind 'damaged' or 'not finished', an error column) "
+                               "and a 'model not saved' column; csv quotes its text, so read_csv(comment='#') is "
+                               "safe.")] = "table",
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Where --format html writes (default: report.html in the run folder).")] = None,
     compare: Annotated[Optional[tuple[str, str]], typer.Option(

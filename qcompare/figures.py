@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from qcompare.report import _varying, summarize  # noqa: E402
+from qcompare.report import _fmt, _varying, summarize  # noqa: E402
 from qcompare.results import group_columns, load_run, setting_text  # noqa: E402
 from qcompare.stats import mean_ci  # noqa: E402
 from qcompare.store import open_run  # noqa: E402
@@ -57,10 +57,11 @@ def _metric_vs(df: pd.DataFrame, x: str, metric: str, path: Path, xlabel: str, l
 
 
 def _loss_curves(root: Path, df: pd.DataFrame, path: Path) -> Path | None:
+    """Training loss against step, mean over seeds, a line per configuration: each distiller on axes
+    of its own, since each logs its own quantity (SFT a cross-entropy, GKD a divergence)."""
     store = open_run(root)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    drawn = 0
-    for label, g in df[df["seed"].notna()].groupby("label_noseed"):
+    lines: dict[str, list] = {}
+    for (distiller, label), g in df[df["seed"].notna()].groupby(["distiller", "label_noseed"]):
         curves = []
         for cid in g["id"]:
             rows = store.cell(cid).read_train_log()
@@ -69,25 +70,32 @@ def _loss_curves(root: Path, df: pd.DataFrame, path: Path) -> Path | None:
         if not curves:
             continue
         steps = sorted({s for c in curves for s, _ in c})
-        mean = [np.mean([dict(c).get(s, np.nan) for c in curves]) for s in steps]
-        ax.plot(steps, mean, label=label)
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
+        lines.setdefault(distiller, []).append((label, steps, [np.mean([dict(c).get(s, np.nan) for c in curves])
+                                                               for s in steps]))
+    if not lines:
         return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean over seeds)")
-    ax.legend(fontsize=6)
+    fig, axes = plt.subplots(len(lines), 1, figsize=(5.5, 1.2 + 2.8 * len(lines)), squeeze=False)
+    for ax, (distiller, drawn) in zip(axes[:, 0], lines.items()):
+        for label, steps, mean in drawn:
+            ax.plot(steps, mean, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{distiller} loss\n(mean over seeds)")
+        ax.legend(fontsize=6)
     return _save(fig, path)
 
 
 def _per_quantizer(df: pd.DataFrame, metric: str, path: Path) -> Path | None:
     summary, _ = summarize(df)
-    if metric not in summary or summary.empty:
+    # the teacher alone is nothing to compare (its one bar filled the figure: a black block)
+    if metric not in summary or (summary["kind"] == "teacher").all():
         return None
     fig, ax = plt.subplots(figsize=(max(5.5, 0.45 * len(summary)), 4.2))
     colors = summary["kind"].map({"teacher": "k", "ptq": "tab:red", "distilled": "tab:blue"})
-    ax.bar(range(len(summary)), summary[metric], yerr=summary[f"{metric} ±"].fillna(0), color=colors, capsize=3)
+    half = summary[f"{metric} ±"].fillna(0)
+    ax.bar(range(len(summary)), summary[metric], yerr=half, color=colors, capsize=3)
+    for i, (value, h) in enumerate(zip(summary[metric], half)):  # the number, above its error bar
+        ax.annotate(_fmt(value), (i, value + h), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=6)
+    ax.margins(y=0.08)
     ax.set_xticks(range(len(summary)), summary["config"], rotation=60, ha="right", fontsize=6)
     ax.set_ylabel(metric)
     ax.set_title("teacher (black) · post-training quantization (red) · distilled (blue)", fontsize=8)

@@ -12,8 +12,11 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from qcompare.report import (RERUN, cell_notes, footnotes, note_groups, notes_lines, report_tables,
+                             summarize)
+
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1400px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; } h3 { font-size: 1em; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.85em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
@@ -25,8 +28,14 @@ details { margin: 0.4em 0; border: 1px solid #ddd; border-radius: 4px; padding: 
 summary { cursor: pointer; font-weight: 600; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.8em; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; } h2 + h3 + img, h3 + img { max-width: 760px; }
-.wide { overflow-x: auto; }
+.wide { overflow-x: auto; max-width: 100%; }
+/* a wide table scrolls sideways under its configuration column, which stays put */
+.wide td:first-child, .wide th:first-child { position: sticky; left: 0; z-index: 1; background: #fff;
+  white-space: normal; min-width: 12em; max-width: 30em; box-shadow: inset -1px 0 #ddd; }
+.wide tr.ptq td:first-child { background: #fff5f5; }
 """
+# The columns a reader compares rows on, first in a table (before the tasks), so that a laptop screen shows them.
+KEY_COLUMNS = ("configuration", "seeds", "± over", "average", "Δ teacher", "Δ PTQ", "recovered")
 
 
 def _e(value) -> str:
@@ -47,11 +56,25 @@ def _table(cols, rows, classes=None) -> str:
     return f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
+def _key_columns_first(cols: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    order = [cols.index(c) for c in KEY_COLUMNS if c in cols] + [i for i, c in enumerate(cols) if c not in KEY_COLUMNS]
+    return [cols[i] for i in order], [[r[i] for i in order] for r in rows]
+
+
 def _pairs(d: dict) -> str:
-    return _table(["", ""], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in d.items()])
+    return _table(["", ""], [[k, _number(v)] for k, v in d.items()])
 
 
-def _loss_curve(rows: list[dict]) -> bytes | None:
+def _number(v) -> str:
+    """A recorded value as a reader takes it in: 4 significant digits, thousands grouped."""
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:,}" if isinstance(v, int) else f"{v:,.4g}"
+
+
+def _loss_curve(rows: list[dict], distiller: str) -> bytes | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +86,7 @@ def _loss_curve(rows: list[dict]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(4.5, 2.4))
     ax.plot(*zip(*points))
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel(f"{distiller} loss")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -94,14 +117,15 @@ def _cell_section(store, record) -> str:
              f'<span class="{"passed" if record.done else "failed"}">{status}</span> <code>{_e(record.id)}</code>'
              "</summary>"]
     if record.error:
-        again = {True: "running the recipe again retries it", False: "a re-run fails the same way"}.get(record.rerun_helps)
+        again = RERUN.get(record.rerun_helps)
         parts.append(f'<p class="failed">{_e(record.error)}' + (f" ({_e(again)})" if again else "") + "</p>")
     if record.metrics:
         parts.append("<h3>metrics</h3>" + _table(["metric", "value", "stderr"],
                                                   [[k, f"{v:.4f}", "" if record.stderr.get(k) is None else
                                                     f"{record.stderr[k]:.4f}"] for k, v in sorted(record.metrics.items())]))
     parts.append("<h3>checks</h3>" + _checks(record.checks))
-    curve = _loss_curve(files.read_train_log()) if files.train_log.is_file() else None
+    distiller = record.settings.distiller.name if record.settings.distiller else ""
+    curve = _loss_curve(files.read_train_log(), distiller) if files.train_log.is_file() else None
     if curve:
         parts.append("<h3>loss curve</h3>" + _png(curve))
     if record.size:
@@ -125,7 +149,6 @@ def write_html(root: Path, out: Path, metric: str = "average") -> Path:
     """Write the report of run folder ``root`` as one HTML file at ``out``; return its path."""
     from qcompare import __version__
     from qcompare.figures import write_figures
-    from qcompare.report import footnotes, notes_lines, report_tables, summarize
     from qcompare.results import load_run
     from qcompare.store import RunStore
 
@@ -136,25 +159,27 @@ def write_html(root: Path, out: Path, metric: str = "average") -> Path:
     body = [f"<h1>qcompare report: {_e(root.name)}</h1>",
             f"<p class='note'>{_e(root.resolve())} · written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by qcompare "
             f"{_e(__version__)} · {len(df)} finished cells of {len(every)}</p>"]
-    failed = [r for r in records if not r.done]
-    if failed:
-        body.append(f"<p class='failed'>{len(failed)} cells did not finish: "
-                    + "; ".join(f"<a href='#cell-{_e(r.id)}'>{_e(r.label)}</a> ({_e(r.error or r.status)})"
-                                for r in failed) + "</p>")
+    for head, some in note_groups(cell_notes(root)):
+        items = "".join(f"<li><a href='#cell-{_e(n.id)}'><code>{_e(n.id)}</code></a> {_e(n.label)}: {_e(n.why)}</li>"
+                        for n in some)
+        body.append(f"<p class='{'note' if some[0].kind == 'model not saved' else 'failed'}'>{_e(head)}:</p><ul>{items}</ul>")
     if df.empty:
         body.append("<p>no finished cells</p>")
     else:
         summary, metrics = summarize(df)
         body.append("<h2>Tables</h2>")
         for title, cols, rows, kinds in report_tables(summary, metrics, root):
-            body.append(f"<h3>{_e(title)}</h3>" + _table(cols, rows, kinds))
+            body.append(f"<h3>{_e(title)}</h3>" + _table(*_key_columns_first(cols, rows), kinds))
         body += [f"<p class='note'>{_e(line)}</p>" for line in footnotes(df, root)]
         body += [f"<p class='note'>{_e(line)}</p>" for line in notes_lines(df)]
         with tempfile.TemporaryDirectory() as folder:
             figures = write_figures(root, folder, metric)
-            if figures:
-                body.append("<h2>Figures</h2>")
-                body += [f"<h3>{_e(p.stem.replace('_', ' '))}</h3>" + _png(p) for p in figures]
+            body.append("<h2>Figures</h2>")
+            body += [f"<h3>{_e(p.stem.replace('_', ' '))}</h3>" + _png(p) for p in figures]
+            if not figures:
+                body.append("<p>" + _e("No figures: only the teacher finished, and every figure compares other "
+                                       "configurations with it." if (df["quantizer"] == "teacher").all() else
+                                       f"No figures: no finished cell has {metric!r}.") + "</p>")
     body.append(f"<h2>Cells ({len(records)})</h2>")
     body += [_cell_section(store, r) for r in records]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>qcompare: {_e(root.name)}</title>"

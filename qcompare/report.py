@@ -6,9 +6,11 @@ post-training quantization (cells with no seed: nothing trained), then distilled
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +183,14 @@ def _fmt(value, half=None, pct=False, digits: int = 3) -> str:
     return f"{text}±{half:.3f}" if half is not None and not math.isnan(half) else text
 
 
+def _amount(value, digits: int = 3) -> str:
+    """A size or a cost: fixed decimals, or two significant digits where the decimals would read 0
+    (a short cell's GPU hours, a tiny model's TFLOP)."""
+    if value is not None and not math.isnan(value) and 0 < abs(value) < 10 ** -digits:
+        return f"{value:.2g}"
+    return _fmt(value, digits=digits)
+
+
 def _count(value) -> str:
     return "—" if value is None or math.isnan(value) else f"{value:,.0f}"
 
@@ -191,10 +201,10 @@ SIZE_AND_COST = {
     "bits/weight": lambda v: _fmt(v, digits=2),  # true: codes + scales + zero points as stored
     "model bits": lambda v: _fmt(v, digits=2),  # every weight, float layers and adapters included
     "nominal bits": lambda v: _fmt(v, digits=2),  # what the format's name promises
-    "MB": _fmt,  # the model at its true size
-    "TFLOP": lambda v: _fmt(v, digits=4),  # logical: as if nothing were cached or shared
-    "time s": _fmt,
-    "GPU h": _fmt,
+    "MB": _amount,  # the model at its true size
+    "TFLOP": lambda v: _amount(v, digits=4),  # logical: as if nothing were cached or shared
+    "time s": _amount,
+    "GPU h": _amount,
     "tokens gen": _count,
 }
 
@@ -231,24 +241,71 @@ TAIL = ["Δ teacher", "Δ PTQ", "recovered", *SIZE_AND_COST]
 def print_report(store_or_path, console: Console, fmt: str = "table", metrics: list[str] | None = None) -> None:
     root = store_or_path.root if isinstance(store_or_path, RunStore) else Path(store_or_path)
     every = load_run(root, include_failed=True)
-    failed = every[every["status"] != "done"] if not every.empty else every
     df = every[every["status"] == "done"].reset_index(drop=True) if not every.empty else every
-    if df.empty:
+    notes = cell_notes(root)
+    if df.empty and fmt == "table":
         console.print(f"no finished cells in {root}")
-        return
     summary, metrics = summarize(df, metrics)
     if fmt != "table":
-        console.print(export(summary, metrics, fmt), soft_wrap=True, highlight=False, markup=False)
+        console.print(export(summary, metrics, fmt, notes, every), soft_wrap=True, highlight=False, markup=False)
         return
-    for title, cols, rows, kinds in report_tables(summary, metrics, root):
-        console.print(_table(title, cols, rows, kinds))
-    for line in footnotes(df, root):
-        console.print(line, style="dim", highlight=False)
-    for line in notes_lines(df):
-        console.print(line, style="yellow", highlight=False)
-    if not failed.empty:
-        console.print(f"[red]{len(failed)} cells not finished[/] (failed, or interrupted: run the recipe again): "
-                      + "; ".join(f"{r.id} ({r.error if isinstance(r.error, str) else r.status})" for r in failed.itertuples()))
+    if not df.empty:
+        for title, cols, rows, kinds in report_tables(summary, metrics, root):
+            console.print(_table(title, cols, rows, kinds))
+        for line in footnotes(df, root):
+            console.print(line, style="dim", highlight=False)
+        for line in notes_lines(df):
+            console.print(line, style="yellow", highlight=False)
+    for head, some in note_groups(notes):
+        console.print(head + ":", style="yellow" if some[0].kind == "model not saved" else "red", highlight=False)
+        for note in some:
+            console.print(f"  {note}", highlight=False)
+
+
+@dataclass(frozen=True)
+class CellNote:
+    """A cell the tables leave out (it did not finish) or cannot fully vouch for (its model was not saved)."""
+
+    id: str
+    label: str
+    kind: str  # "damaged", "not finished" or "model not saved"
+    why: str  # the error line
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.label}: {self.why}"
+
+
+# What each kind of note means for the tables; every format heads its notes with these words.
+NOTE_HEADS = {"damaged": "damaged cells (a file changed or unreadable since the run)",
+              "not finished": "cells not finished, left out of the tables",
+              "model not saved": "finished cells whose model was not saved (save_models = true); their rows stand"}
+RERUN = {True: "running the recipe again retries it", False: "a re-run fails the same way"}
+
+
+def cell_notes(root: Path) -> list[CellNote]:
+    """The cells every report format names beside its tables: damaged ones (``results.damaged_cells``), those
+    that did not finish (failed, interrupted or still running), then finished ones whose model was not saved."""
+    from qcompare.results import damaged_cells
+    from qcompare.runner import still_running
+
+    records = list(RunStore(root).records())
+    notes = [CellNote(cid, label, "damaged", why) for cid, label, why in damaged_cells(root)]
+    for r in records:
+        if r.done:
+            continue
+        why = r.error or ("still running" if still_running(r) else
+                          "interrupted: its process is gone; running the recipe again resumes it")
+        again = RERUN.get(r.rerun_helps)
+        notes.append(CellNote(r.id, r.label, "not finished", why + (f" ({again})" if again else "")))
+    unsaved = [r for r in records if r.done and r.save_error]
+    return notes + [CellNote(r.id, r.label, "model not saved", r.save_error) for r in unsaved]
+
+
+def note_groups(notes: list[CellNote]) -> list[tuple[str, list[CellNote]]]:
+    """The notes under their heading ("2 cells not finished, left out of the tables"), in the order
+    every format shows them."""
+    groups = [(kind, [n for n in notes if n.kind == kind]) for kind in NOTE_HEADS]
+    return [(f"{len(some)} {NOTE_HEADS[kind]}", some) for kind, some in groups if some]
 
 
 def report_tables(summary: pd.DataFrame, metrics: list[str], root: Path):
@@ -349,20 +406,58 @@ def _table(title: str, cols: list[str], rows: list[list[str]], kinds: list[str])
     return table
 
 
-def export(summary: pd.DataFrame, metrics: list[str], fmt: str) -> str:
+def export(summary: pd.DataFrame, metrics: list[str], fmt: str, notes: list[CellNote] = (),
+           cells: pd.DataFrame | None = None) -> str:
+    """The summary as ``fmt``, with the ``notes`` (``cell_notes``) every format carries: after the table in
+    markdown and LaTeX (as comments), as rows and columns in CSV and JSON (``export_rows``)."""
     if fmt not in FORMATS:
         raise QcompareError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
     cols = HEAD + metrics + TAIL
     rows = [_cells(r, metrics) for _, r in summary.iterrows()]
+    groups = note_groups(list(notes))
     if fmt == "markdown":
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c == "configuration" else "---:" for c in cols) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        for head, some in groups:
+            lines += ["", f"**{head}:**", "", *(f"- `{n.id}` {n.label}: {n.why}" for n in some)]
+        return "\n".join(lines)
     if fmt == "latex":
         esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
         body = [" & ".join(esc(c) for c in r) + r" \\" for r in rows]
+        # comments: the facts travel with the source without breaking a table pasted into a float
+        said = [line for head, some in groups for line in (f"% {head}:", *(f"%   {n}" for n in some))]
         return "\n".join([r"\begin{tabular}{l" + "r" * (len(cols) - 1) + "}", r"\toprule",
-                          " & ".join(esc(c) for c in cols) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}"])
-    data = summary.drop(columns=["ids"]).copy()
+                          " & ".join(esc(c) for c in cols) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}"]
+                         + said)
+    data = export_rows(summary, list(notes), cells)
     if fmt == "csv":
-        return data.to_csv(index=False)
+        # text fields quoted, so that a "#" in a label or an error survives read_csv(comment="#")
+        return data.head(0).to_csv(index=False) + data.to_csv(index=False, header=False, quoting=csv.QUOTE_NONNUMERIC)
     return data.to_json(orient="records", indent=2, double_precision=15)
+
+
+def export_rows(summary: pd.DataFrame, notes: list[CellNote], cells: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The rows of --format csv and json: one per configuration, then one per cell that did not finish
+    (kind "not finished", or "damaged" for a cell whose record is unreadable; its settings, no numbers,
+    ``error`` saying why); every row has ``cells`` (its
+    cell ids), ``model not saved`` (its cells whose model was not saved, and why) and ``error``."""
+    # with nothing finished there is no summary: the rows of the cells that did not finish stand alone
+    data = summary.drop(columns=["ids"]) if "ids" in summary else pd.DataFrame(columns=["model", "config", "kind",
+                                                                                       "seeds"])
+    ids = list(summary["ids"]) if "ids" in summary else []
+    unsaved = {n.id: n.why for n in notes if n.kind == "model not saved"}
+    data = data.assign(cells=[" ".join(i) for i in ids],
+                       **{"model not saved": ["; ".join(f"{c}: {unsaved[c]}" for c in i if c in unsaved) or None
+                                              for i in ids]}, error=None)
+    settings = cells.set_index("id") if cells is not None and not cells.empty else pd.DataFrame()
+    keys = [c for c in group_columns(settings) if c in data] if not settings.empty else []
+    added = []
+    listed = {c for i in ids for c in i}
+    for n in (n for n in notes if n.kind == "not finished" or n.kind == "damaged" and n.id not in listed):
+        cell = settings.loc[n.id] if n.id in settings.index else pd.Series(dtype=object)
+        model = cell.get("model", "")
+        added.append({**{k: cell[k] for k in keys if k in cell}, "config": n.label.removeprefix(f"{model} · "),
+                      "kind": n.kind, "seeds": 0, "cells": n.id, "error": n.why})
+    if not added:
+        return data
+    return pd.DataFrame(data.to_dict("records") + added, columns=data.columns)

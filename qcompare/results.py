@@ -137,8 +137,14 @@ def group_columns(df: pd.DataFrame) -> list[str]:
 
 
 def damage_notes(path: str | Path) -> list[str]:
-    """One line per damaged cell of a run folder: what is wrong, and what the tables lack because of it
-    (a cell whose record is unreadable or gone is left out; one whose files changed keeps its row)."""
+    """One line per damaged cell of a run folder (``damaged_cells``)."""
+    return [f"damaged cell {cid} ({label}): {why}" for cid, label, why in damaged_cells(path)]
+
+
+def damaged_cells(path: str | Path) -> list[tuple[str, str, str]]:
+    """(id, label, why) of each damaged cell of a run folder: what is wrong, what the tables lack because of
+    it (a cell whose record is unreadable or gone is left out; one whose files changed keeps its row) and the
+    cure."""
     store = open_run(path)
     lines = []
     for state in store.damaged():
@@ -160,6 +166,6 @@ def damage_notes(path: str | Path) -> list[str]:
                           "of that quantizer's rows")
             else:
                 effect = "left out: its configuration's row has one seed fewer (or is missing)"
-        lines.append(f"damaged cell {state.id} ({state.label}): {what} — {effect}; `qcompare run` recomputes it "
-                     "and keeps the damaged files aside")
+        lines.append((state.id, state.label, f"{what} — {effect}; `qcompare run` recomputes it and keeps the "
+                      "damaged files aside"))
     return lines

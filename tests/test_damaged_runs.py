@@ -56,6 +56,10 @@ def test_damaged_records_are_named_with_the_rows_they_shorten_and_a_rerun_recomp
     assert f"{deleted.name}" in notes and "result.json: missing" in notes and "Δ PTQ and recovered" in notes
     assert f"{binary.name}" in notes and "not UTF-8" in notes and "one seed fewer" in notes
 
+    for fmt, every in (("table", "3 damaged cells"), ("markdown", "**3 damaged cells"), ("json", '"kind":"damaged"')):
+        res = cli.invoke(app, ["report", str(out), "--format", fmt], env={"COLUMNS": "300"})
+        assert res.exit_code == 0 and all(c.name in res.output for c in (truncated, deleted, binary)), res.output
+        assert every in res.output.replace('": "', '":"'), res.output
     res = cli.invoke(app, ["plan", str(recipe), "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert res.output.count("damaged") >= 6  # three rows, three lines

@@ -56,3 +56,42 @@ def test_the_html_report_renders_its_tables_figures_and_cells(test_plugins, writ
 
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (2000, 1400) and pixels.std() > 0.05  # rendered, not a blank page
+
+
+def _html(run: Path, tmp_path: Path) -> str:
+    res = cli.invoke(app, ["report", str(run), "--format", "html", "--out", str(tmp_path / "report.html")])
+    assert res.exit_code == 0, res.output
+    return (tmp_path / "report.html").read_text()
+
+
+def test_the_html_tables_show_the_columns_rows_are_compared_on_first_beside_a_fixed_configuration_column(
+        test_plugins, write_recipe, tmp_path):
+    run = tmp_path / "run"
+    assert cli.invoke(app, ["run", str(write_recipe(BASIC.replace("seeds = [0, 1]", "seeds = [0]"))),
+                            "-o", str(run)]).exit_code == 0
+    source = _html(run, tmp_path)
+    accuracy = source[source.index(": accuracy"):]
+    heads = re.findall(r"<th>([^<]*)</th>", accuracy[:accuracy.index("</thead>")])
+    # on a laptop a wide table scrolls sideways: these come before the tasks, the configuration stays in view
+    assert heads[:7] == ["configuration", "seeds", "± over", "average", "Δ teacher", "Δ PTQ", "recovered"]
+    assert heads[7:] == ["probe/acc", "probe/kl"]
+    assert re.search(r"\.wide td:first-child, \.wide th:first-child \{ position: sticky; left: 0;", source)
+
+
+@pytest.mark.parametrize("recipe_body", [
+    'name = "t"\nmodels = ["{model}"]\n[[evaluators]]\nname = "probe"\n',
+    BASIC.replace("seeds = [0, 1]", "seeds = [0]").replace("bits = [8, 2]", "bits = 2")
+         .replace('name = "keep"', 'name = "nudge"\nfail = true').replace("max_steps = 2", "fail = true"),
+], ids=["teacher only", "every quantized cell failed"])
+def test_a_run_with_only_its_teacher_says_so_instead_of_drawing_one_black_bar(test_plugins, write_recipe, tmp_path,
+                                                                             recipe_body):
+    run = tmp_path / "run"
+    ran = cli.invoke(app, ["run", str(write_recipe(recipe_body)), "-o", str(run)])
+    assert (run / "cells").is_dir(), ran.output
+    source = _html(run, tmp_path)
+    figures = source[source.index("<h2>Figures</h2>"):source.index("<h2>Cells")]
+    assert "<img" not in figures
+    assert "No figures: only the teacher finished" in figures
+    from qcompare.figures import write_figures
+
+    assert write_figures(run, tmp_path / "figs") == []  # the bar chart of one teacher bar was the black block

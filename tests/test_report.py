@@ -180,3 +180,133 @@ def test_quantizers_with_different_parameters_each_get_their_own_ptq_baseline_an
     assert labels["nf3"] == "nf3(group_size=32) · keep"
     assert labels["rtn"].startswith("rtn(") and {"bits=2", "group_size=16"} == set(labels["rtn"][4:-8].split(","))
     assert {"bits=2", "group_size=32"} == set(labels["torchao"][8:-8].split(",")), labels
+
+
+@pytest.fixture
+def extra_plugins():
+    """A quantizer whose models cannot be saved and a second training distiller (a loss of its own),
+    registered for one test."""
+    import qcompare_rtn
+    import testplugins
+
+    from qcompare import hookimpl
+    from qcompare.errors import QcompareError
+    from qcompare.plugins import add_plugin, remove_plugin
+
+    class Unsavable(qcompare_rtn.RTNQuantizer):
+        name = "unsavable"
+
+        def save(self, model, params, folder, context):
+            raise QcompareError("unsavable: this variant has no on-disk format")
+
+    class Echo(testplugins.Nudge):
+        name = "echo"
+
+    class Plugin:
+        @hookimpl
+        def register_quantizers(self, register):
+            register(Unsavable)
+
+        @hookimpl
+        def register_distillers(self, register):
+            register(Echo)
+
+    plugin = Plugin()
+    add_plugin(plugin)
+    yield
+    remove_plugin(plugin)
+
+
+def test_every_format_names_the_cells_it_leaves_out_and_the_models_not_saved(
+        test_plugins, extra_plugins, write_recipe, tmp_path):
+    import io
+
+    import pandas as pd
+
+    recipe = write_recipe(BASIC.replace('name = "rtn"\nbits = [8, 2]', 'name = "unsavable"\nbits = 8')
+                          .replace("seeds = [0, 1]", "seeds = [0]\nsave_models = true")
+                          .replace("max_steps = 2", "max_steps = 2\nfail = [false, true]"))
+    out = tmp_path / "run"
+    assert cli.invoke(app, ["run", str(recipe), "-o", str(out)]).exit_code == 1
+    records = [json.loads(p.read_text()) for p in out.glob("cells/*/result.json")]
+    [failed] = [r for r in records if r["status"] == "failed"]
+    unsaved = sorted(r["id"] for r in records if r.get("save_error"))
+    assert len(unsaved) == 2  # keep and nudge(fail=False); the teacher saves
+    said = {}
+    for fmt in ("table", "markdown", "latex", "csv", "json", "html"):
+        res = cli.invoke(app, ["report", str(out), "--format", fmt, "--out", str(tmp_path / "report.html")],
+                         env={"COLUMNS": "400"})
+        assert res.exit_code == 0, res.output
+        said[fmt] = (tmp_path / "report.html").read_text() if fmt == "html" else res.stdout
+    for fmt, text in said.items():
+        assert all(cell in text for cell in [failed["id"], *unsaved]), fmt
+        assert "nudge was asked to fail" in text and "unsavable: this variant has no on-disk format" in text, fmt
+    assert "1 cells not finished, left out of the tables" in said["markdown"].split("\n|")[-1]  # after the table
+    latex = said["latex"].splitlines()
+    after = latex[latex.index(r"\end{tabular}") + 1:]
+    assert len(after) == 5 and all(line.startswith("% ") for line in after)  # comments: safe inside a float
+    # csv and json: the same rows, each with the same keys; a cell that did not finish is a row of its own
+    for rows in (pd.read_csv(io.StringIO(said["csv"]), comment="#"), pd.DataFrame(json.loads(said["json"]))):
+        assert list(rows["kind"]) == ["teacher", "ptq", "distilled", "not finished"]
+        gone = rows.iloc[-1]
+        assert gone["cells"] == failed["id"] and gone["seeds"] == 0 and pd.isna(gone["average"])
+        assert gone["error"].startswith("RuntimeError: nudge was asked to fail")
+        assert sorted(c for text in rows["model not saved"].dropna() for c in unsaved if text.startswith(c)) == unsaved
+        assert rows["error"].iloc[:-1].isna().all() and rows["average"].iloc[:-1].notna().all()
+
+
+def test_a_cell_label_with_a_hash_survives_read_csv_with_comments(finished_run):
+    import io
+
+    import pandas as pd
+
+    res = cli.invoke(app, ["report", str(finished_run), "--format", "csv"])
+    rows = pd.read_csv(io.StringIO(res.stdout.replace("rtn(bits=2)", "rtn(bits=2)#x")), comment="#")
+    assert len(rows) == 7 and rows["config"].str.contains("#x").sum() == 3 and rows["average"].notna().all()
+
+
+def test_size_and_cost_columns_show_small_amounts_as_numbers():
+    from qcompare.report import SIZE_AND_COST
+
+    # a minute of GPU, a tiny model's training: not "0.000"
+    assert SIZE_AND_COST["GPU h"](1 / 60) == "0.017" and SIZE_AND_COST["GPU h"](3 / 3600) == "0.00083"
+    assert SIZE_AND_COST["TFLOP"](2.4e-6) == "2.4e-06" and SIZE_AND_COST["MB"](0.026) == "0.026"
+
+
+def _figures_drawn(monkeypatch) -> dict:
+    """Each figure write_figures saves, by file name: {file: figure}, kept open for the test to read."""
+    import qcompare.figures
+
+    drawn, save = {}, qcompare.figures._save
+
+    def keep(fig, path):
+        drawn[path.name] = fig
+        fig.tight_layout()
+        fig.savefig(path, dpi=50)
+        return path
+
+    monkeypatch.setattr(qcompare.figures, "_save", keep)
+    return drawn
+
+
+def test_the_bar_chart_writes_each_configurations_number(finished_run, tmp_path, monkeypatch):
+    drawn = _figures_drawn(monkeypatch)
+    assert cli.invoke(app, ["report", str(finished_run), "--figures", str(tmp_path / "figs")]).exit_code == 0
+    summary, _ = summarize(load_run(finished_run))
+    [ax] = drawn["metric_per_configuration.png"].axes
+    assert [t.get_text() for t in ax.texts] == [f"{v:.3f}" for v in summary["average"]]
+
+
+def test_each_distillers_training_loss_has_axes_of_its_own(test_plugins, extra_plugins, write_recipe, tmp_path,
+                                                            monkeypatch):
+    recipe = write_recipe(BASIC.replace("bits = [8, 2]", "bits = 2").replace("seeds = [0, 1]", "seeds = [0]")
+                          + '\n[[distillers]]\nname = "echo"\nmax_steps = 3\n')
+    out = tmp_path / "run"
+    assert cli.invoke(app, ["run", str(recipe), "-o", str(out)]).exit_code == 0
+    drawn = _figures_drawn(monkeypatch)
+    assert cli.invoke(app, ["report", str(out), "--figures", str(tmp_path / "figs")]).exit_code == 0
+    axes = drawn["loss_curves.png"].axes
+    assert [ax.get_ylabel().split()[0] for ax in axes] == ["echo", "nudge"]  # SFT's and GKD's losses, say
+    for ax in axes:
+        [line] = ax.get_lines()
+        assert ax.get_ylabel().split()[0] in line.get_label()
