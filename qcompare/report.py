@@ -58,7 +58,7 @@ def _varying(df: pd.DataFrame, cols: list[str]) -> list[str]:
             continue
         kind = c.split(".", 1)[0]
         values = {_value(v) for v in rows[c]}
-        shared = rows.loc[rows[c].map(_present), kind].nunique() > 1
+        shared = kind == "quantizer" and rows.loc[rows[c].map(_present), kind].nunique() > 1
         if len(values - {None}) > 1 or (shared and len(values) > 1):
             out.append(c)
     return out

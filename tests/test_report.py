@@ -310,3 +310,14 @@ def test_each_distillers_training_loss_has_axes_of_its_own(test_plugins, extra_p
     for ax in axes:
         [line] = ax.get_lines()
         assert ax.get_ylabel().split()[0] in line.get_label()
+
+
+def test_a_distillers_settings_stay_out_of_its_label_where_they_do_not_differ(test_plugins, extra_plugins,
+                                                                              write_recipe, tmp_path):
+    # nudge and echo share their settings, which keep lacks: that is no difference worth a label
+    recipe = write_recipe(BASIC.replace("bits = [8, 2]", "bits = 2") + '\n[[distillers]]\nname = "echo"\n')
+    out = tmp_path / "run"
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(out), "--set", "seeds=[0]"])
+    assert res.exit_code == 0, res.output
+    summary, _ = summarize(load_run(out))
+    assert {c.split(" · ")[1] for c in summary["config"] if " · " in c} == {"keep", "nudge", "echo"}
