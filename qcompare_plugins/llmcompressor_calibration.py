@@ -55,7 +55,16 @@ def skipped_linears(model: nn.Module, params: LlmCompressorParams, quantizer: st
                 f"{quantizer}: group_size {params.group_size} does not divide {t.name}.in_features="
                 f"{t.in_features}; use a group size that divides it, or 0 (per channel)")
     chosen = {t.name for t in targets}  # never an expert router: find_targets keeps those apart
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in chosen]
+    # fused 3-D experts are no Linear layers yet: llm-compressor splits them into one Linear per expert
+    # after this list is read, so a skipped experts module is ignored by a pattern over its future parts
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in chosen] + \
+        [f"re:^{re.escape(name)}\\..*" for name in skipped_experts(model, params)]
+
+
+def skipped_experts(model: nn.Module, params: LlmCompressorParams) -> list[str]:
+    """The fused experts modules ``skip`` leaves in float."""
+    quantized = {t.name for t in find_targets(model, params.skip, ("experts",))}
+    return sorted({t.name for t in find_targets(model, (), ("experts",))} - quantized)
 
 
 def _calibration_set(data, tokenizer, params: LlmCompressorParams, quantizer: str):
@@ -213,8 +222,13 @@ def student_from_calibrated(model: nn.Module, params: LlmCompressorParams) -> nn
 def save_compressed(model: nn.Module, params: LlmCompressorParams, folder) -> None:
     """Write a converted model (torchao int weights on the GPTQ/AWQ grid) as a compressed-tensors
     checkpoint (packed ints), the format llm-compressor itself writes and vLLM serves."""
+    from qcompare.targets import expert_params
     from qcompare_plugins.compressed import save_compressed as save
 
+    kept = [n for n, m in model.named_modules() if n and expert_params(m)]
+    if kept:  # transformers writes them one float Linear per expert, which its compressed-tensors loader misreads
+        raise QcompareError(f"cannot save fused experts left in float ({kept[0]}, ...: skip names them) in a "
+                            "compressed-tensors folder transformers loads back; the cell keeps its results")
     save(model, folder, params.bits, params.group_size, params.symmetric, _scheme(params).weights.actorder)
 
 
@@ -223,6 +237,7 @@ def calibrate(model, params, context, quantizer: str):
     from llmcompressor import oneshot
 
     ignore = skipped_linears(model, params, quantizer)
+    float_experts = skipped_experts(model, params)
     dataset = _calibration_set(context.data, context.tokenizer, params, quantizer)
     modifiers = list(_modifiers(params, ignore, model, quantizer))
     with context.progress.task(f"{quantizer} calibration ({len(dataset)} samples)"), \
@@ -230,11 +245,23 @@ def calibrate(model, params, context, quantizer: str):
         oneshot(model=model, dataset=dataset, recipe=modifiers, processor=context.tokenizer,
                 num_calibration_samples=len(dataset), max_seq_length=params.calibration_length,
                 shuffle_calibration_samples=False)
+    _refuse_experts(model, float_experts)
     recorded = [m for m in modifiers if hasattr(m, "skipped")]
     if recorded:
         skipped = recorded[0].skipped(model)
         context.notes["awq"] = {"mappings": len(recorded[0].mappings), "skipped_smoothing": skipped}
     return model
+
+
+def _refuse_experts(model: nn.Module, names: list[str]) -> None:
+    """Put the skipped experts back as the model's own fused module: llm-compressor split them into one
+    float Linear per expert for calibration, a layout the saved folder's loader would not fuse back."""
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LinearExperts2D):
+            model.set_submodule(name, module.to_experts_module())
 
 
 def convert(student, params, quantizer: str):

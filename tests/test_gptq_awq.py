@@ -225,3 +225,16 @@ def test_bad_params_are_rejected_by_the_schema():
 def test_both_register_through_the_llmcompressor_entry_point():
     quantizers = get_registry().plugins["quantizer"]
     assert quantizers["gptq"].obj is GPTQQuantizer and quantizers["awq"].obj is AWQQuantizer
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_skip_leaves_fused_experts_float_and_their_save_is_refused_in_one_line(tmp_path, method):
+    from qcompare.testing import QUICK_CALIBRATION, check_quantizer
+
+    cls = get_registry().get("quantizer", method)
+    report = check_quantizer(cls, {**QUICK_CALIBRATION, "skip": ["lm_head", "*.experts"]}, layouts=("moe-experts",),
+                             min_coverage=0.0, saves=False)["moe-experts"]
+    # the experts were split into Linear layers for calibration, yet stay float, as skip says
+    assert report["coverage"]["float_in_body"]["3-D expert weights of Qwen3MoeExperts"] > 0.6
+    assert report["fake_vs_converted"]["passed"] and report["coverage"]["left_in_float"] == []
+    assert report["save"]["refused"].startswith("cannot save fused experts left in float (model.layers.0.mlp.experts")
