@@ -183,15 +183,23 @@ def _group(module, attr: str, param) -> str:
     cls = type(module).__name__
     if attr in expert_params(module):
         return f"3-D expert weights of {cls}"
-    if attr == "bias" or param.ndim == 1 and attr != "weight":
-        return "biases" if attr == "bias" else f"{cls}.{attr}"
+    if attr.endswith("bias"):  # a Linear's bias, or experts' gate_up_proj_bias
+        return "biases"
+    if param.ndim == 1 and attr != "weight":
+        return f"{cls}.{attr}"
     return cls
 
 
 def measure(teacher, model, code_bits: float | None = None) -> Footprint:
     """The footprint of ``model`` (converted from ``teacher``): one Weight per teacher parameter."""
+    from qcompare.targets import all_targets
+
     modules = dict(teacher.named_modules())
     weights, claimed = [], set()
+    # the teacher's own tensors (an expert bias named ``gate_up_proj_bias``) are weights of their own,
+    # never the scale overhead of the weight whose name they extend
+    own = {path: set(m._parameters) for path, m in modules.items()}
+    quantizable = {t.qualified for t in all_targets(teacher)}  # weights a format may turn into codes
     for name, param in teacher.named_parameters():
         path, _, attr = name.rpartition(".")
         tmod = modules[path] if path in modules else teacher
@@ -209,12 +217,15 @@ def measure(teacher, model, code_bits: float | None = None) -> Footprint:
         if t is not None and hasattr(t, "shape"):
             shipped, held, overhead = _codes_and_overhead(t, param.numel(), code_bits)
             claimed.add(id(t))
-            overhead += _attributed(here, attr, claimed)
+            overhead += _attributed(here, attr, claimed, keep=own.get(path, set()))
             weights.append(Weight(name, group, part, param.numel(), True, shipped + overhead, held + overhead))
             continue
         # the parameter is gone: its module now keeps codes under other names (RTN's int8 codes),
-        # or in submodules (llm-compressor splits fused 3-D experts into one Linear per expert)
-        found = _codes_for(here, param.numel(), claimed, code_bits) if here is not None else None
+        # or in submodules (llm-compressor splits fused 3-D experts into one Linear per expert). A bias,
+        # a norm, an expert bias (no weight a format quantizes) is never codes: gone, it went with its
+        # layer, in float.
+        found = _codes_for(here, param.numel(), claimed, code_bits) \
+            if here is not None and name in quantizable else None
         if found is None:
             weights.append(Weight(name, group, part, param.numel(), False, float_bits, float_bits))
             continue
@@ -266,12 +277,13 @@ def _codes_for(module, numel: int, claimed: set, code_bits) -> tuple[float, floa
     return (shipped, held) if covered else None
 
 
-def _attributed(module, attr: str, claimed: set, everything: bool = False) -> float:
+def _attributed(module, attr: str, claimed: set, everything: bool = False, keep: set = frozenset()) -> float:
     """Bits of the tensors a module keeps beside a quantized weight for it (``weight_scale``,
-    ``gate_up_proj_zero_point``; with ``everything``, every float tensor not claimed yet)."""
+    ``gate_up_proj_zero_point``; with ``everything``, every float tensor not claimed yet), but never
+    those named in ``keep`` (the teacher's own parameters: a bias named ``gate_up_proj_bias``)."""
     total = 0.0
     for name, t in list(module._parameters.items()) + list(module._buffers.items()):
-        if t is None or id(t) in claimed:
+        if t is None or id(t) in claimed or name in keep:
             continue
         if name.startswith(attr + "_") or everything and name not in ("bias",):
             claimed.add(id(t))

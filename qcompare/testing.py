@@ -43,6 +43,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(head_dim=16, num_experts=4, moe_intermediate_size=32, **MOE),
     "mixtral": dict(num_local_experts=4, **MOE),
     "olmoe": dict(num_experts=4, **MOE),
+    # experts with biases beside their 3-D weights (gate_up_proj_bias), attention sinks
+    "gpt_oss": dict(head_dim=16, num_local_experts=4, layer_types=["sliding_attention", "full_attention"],
+                    sliding_window=8, **MOE),
 }
 # The layouts a quantizer must cope with, each shown by one family.
 LAYOUTS = {

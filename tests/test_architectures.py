@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from qcompare.cli import app
-from qcompare.testing import architecture_matrix, check_quantizer, matrix_markdown, tiny_model
+from qcompare.testing import QUICK_CALIBRATION, architecture_matrix, check_quantizer, matrix_markdown, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 cli = CliRunner()
@@ -132,3 +132,25 @@ max_samples = 8
     # toy-qwen3 has grouped-query attention: v_proj → o_proj cannot be balanced, llm-compressor skips it
     assert awq["skipped_smoothing"] == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
     assert "awq skipped smoothing" in res.output and "self_attn.v_proj" in res.output
+
+
+@pytest.mark.parametrize("name, params", [("torchao", {"bits": 4, "group_size": 32}),
+                                          ("gptq", {"bits": 4, "group_size": 32, **QUICK_CALIBRATION})])
+def test_expert_biases_are_neither_codes_nor_scale_overhead(tmp_path, name, params):
+    """GPT-OSS keeps float biases beside its fused experts (``gate_up_proj_bias``): they count as float,
+    and the bits of the quantized weights are those of their codes, scales and zero points alone."""
+    from qcompare.checks import DEFAULT_MIN_COVERAGE
+    from qcompare.plugins import get_registry
+    from qcompare.targets import all_targets
+    from qcompare.testing import check_one
+
+    cls = get_registry().get("quantizer", name)
+    report = check_one(cls(), cls.Params(**params), "gpt_oss", tmp_path, DEFAULT_MIN_COVERAGE, reload=False)
+    # an independent count over the teacher: the body's Linear and 3-D expert weights, routers left float
+    teacher = tiny_model("gpt_oss")
+    outside = {id(teacher.get_input_embeddings().weight), id(teacher.get_output_embeddings().weight)}
+    body = sum(p.numel() for p in teacher.parameters() if id(p) not in outside)
+    quantized = sum(t.weight.numel() for t in all_targets(teacher) if t.kind in ("linear", "experts")
+                    and id(t.weight) not in outside)
+    assert report["coverage"]["body"] == pytest.approx(quantized / body, abs=1e-6)
+    assert report["size"]["bits_per_weight"] == 4 + (32 + 8) / 32  # int4 codes, an fp32 scale and an int8 zero per 32
