@@ -13,7 +13,6 @@ from torch import nn
 from qcompare.errors import QcompareError
 from qcompare.targets import find_targets
 from qcompare_plugins.compressed import llmcompressor_workarounds
-from qcompare_plugins.llmcompressor_quantizers import GPTQParams, LlmCompressorParams
 from qcompare_plugins.torchao_grids import granularity, weight_only_config
 
 
@@ -23,7 +22,7 @@ from qcompare_plugins.torchao_grids import granularity, weight_only_config
 # --- calibration -----------------------------------------------------------------------
 
 
-def _scheme(params: LlmCompressorParams):
+def _scheme(params):
     """The compressed-tensors weight scheme: int, static scales, groups in column order."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -32,11 +31,11 @@ def _scheme(params: LlmCompressorParams):
         strategy="group" if params.group_size else "channel", group_size=params.group_size or None,
         # "static" keeps groups over consecutive columns (no g_idx permutation): the grid
         # torchao's PerGroup fake quantizer and vLLM's kernels read.
-        actorder="static" if isinstance(params, GPTQParams) else None)
+        actorder="static" if params.method == "gptq" else None)
     return QuantizationScheme(targets=["Linear"], weights=weights)
 
 
-def skipped_linears(model: nn.Module, params: LlmCompressorParams, quantizer: str) -> list[str]:
+def skipped_linears(model: nn.Module, params, quantizer: str) -> list[str]:
     """The names of the Linear layers ``skip`` leaves in float, as llm-compressor's ``ignore`` takes
     them (exact names), after checking the layers that will be quantized: a group size that does
     not divide one fails deep inside llm-compressor."""
@@ -61,13 +60,13 @@ def skipped_linears(model: nn.Module, params: LlmCompressorParams, quantizer: st
         [f"re:^{re.escape(name)}\\..*" for name in skipped_experts(model, params)]
 
 
-def skipped_experts(model: nn.Module, params: LlmCompressorParams) -> list[str]:
+def skipped_experts(model: nn.Module, params) -> list[str]:
     """The fused experts modules ``skip`` leaves in float."""
     quantized = {t.name for t in find_targets(model, params.skip, ("experts",))}
     return sorted({t.name for t in find_targets(model, (), ("experts",))} - quantized)
 
 
-def _calibration_set(data, tokenizer, params: LlmCompressorParams, quantizer: str):
+def _calibration_set(data, tokenizer, params, quantizer: str):
     from datasets import Dataset
 
     if data is None:
@@ -88,9 +87,9 @@ def _calibration_set(data, tokenizer, params: LlmCompressorParams, quantizer: st
                               "attention_mask": [encoded["attention_mask"][i] for i in keep]})
 
 
-def _modifiers(params: LlmCompressorParams, ignore: list[str], model: nn.Module, quantizer: str) -> tuple:
+def _modifiers(params, ignore: list[str], model: nn.Module, quantizer: str) -> tuple:
     groups = {"group_0": _scheme(params)}
-    if isinstance(params, GPTQParams):
+    if params.method == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         return (GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=params.dampening_frac),)
@@ -175,7 +174,7 @@ def _recording_awq():
 # --- the student -----------------------------------------------------------------------
 
 
-def _fake_quantize_config(params: LlmCompressorParams):
+def _fake_quantize_config(params):
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
     # is_dynamic=False + range_learning=True: torchao keeps the scales it is given (instead
@@ -184,7 +183,7 @@ def _fake_quantize_config(params: LlmCompressorParams):
                                   is_symmetric=params.symmetric, is_dynamic=False, range_learning=True)
 
 
-def student_from_calibrated(model: nn.Module, params: LlmCompressorParams) -> nn.Module:
+def student_from_calibrated(model: nn.Module, params) -> nn.Module:
     """Turn a model ``oneshot`` has quantized (compressed-tensors, status frozen) into the
     torchao fake-quant student, in place, on exactly its grid."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -219,7 +218,7 @@ def student_from_calibrated(model: nn.Module, params: LlmCompressorParams) -> nn
     return model
 
 
-def save_compressed(model: nn.Module, params: LlmCompressorParams, folder) -> None:
+def save_compressed(model: nn.Module, params, folder) -> None:
     """Write a converted model (torchao int weights on the GPTQ/AWQ grid) as a compressed-tensors
     checkpoint (packed ints), the format llm-compressor itself writes and vLLM serves."""
     from qcompare.targets import expert_params

@@ -21,7 +21,7 @@ point would leave the integer grid the checkpoint format stores.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
@@ -44,6 +44,8 @@ def _real_group(v):
 
 
 class LlmCompressorParams(Params):
+    # which llm-compressor modifier calibrates (what llmcompressor_calibration dispatches on)
+    method: ClassVar[str] = ""
     bits: Annotated[Literal[2, 3, 4, 8], BeforeValidator(_known_bits)] = Field(
         4, description="bits per weight code (int, weight-only); vLLM serves 4 and 8")
     group_size: Annotated[int, AfterValidator(_real_group)] = Field(
@@ -57,12 +59,13 @@ class LlmCompressorParams(Params):
 
 
 class GPTQParams(LlmCompressorParams):
+    method: ClassVar[str] = "gptq"
     dampening_frac: float = Field(
         0.01, gt=0, lt=1, description="fraction of the Hessian's mean diagonal added to it for stability")
 
 
 class AWQParams(LlmCompressorParams):
-    pass
+    method: ClassVar[str] = "awq"
 
 
 class _LlmCompressorQuantizer(Quantizer):

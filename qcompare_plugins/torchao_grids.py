@@ -15,7 +15,6 @@ from torch import nn
 
 from qcompare.errors import QcompareError
 from qcompare.targets import find_targets, unmatched
-from qcompare_plugins.torchao_quantizer import BITS, GROUP_SIZES, _bits_message, _group_message
 
 
 def granularity(group_size: int):
@@ -88,14 +87,6 @@ def targets(model: nn.Module, params):
         if t.kind in ("experts", "router") and not isinstance(t.module, nn.Linear):
             others.setdefault(t.module, []).append(t.param)
     return linears, embeddings, others
-
-
-def check(params) -> None:
-    """Params built with model_construct skip validation; the runner's never do, tests might."""
-    if params.bits not in BITS:
-        raise QcompareError(_bits_message(params.bits))
-    if params.group_size not in GROUP_SIZES:
-        raise QcompareError(_group_message(params.group_size))
 
 
 def dtype_of(model: nn.Module) -> torch.dtype:

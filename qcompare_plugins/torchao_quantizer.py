@@ -44,6 +44,14 @@ def _group_message(group_size) -> str:
             f"{', '.join(map(str, GROUP_SIZES[1:]))}")
 
 
+def check(params) -> None:
+    """Params built with model_construct skip validation; the runner's never do, tests might."""
+    if params.bits not in BITS:
+        raise QcompareError(_bits_message(params.bits))
+    if params.group_size not in GROUP_SIZES:
+        raise QcompareError(_group_message(params.group_size))
+
+
 def _known_bits(v):
     if v not in BITS:
         raise ValueError(_bits_message(v))
@@ -104,7 +112,7 @@ class TorchaoQuantizer(Quantizer):
     def check_model(self, model, params) -> None:
         """The layers it would quantize exist, the group size divides each, and fused experts get a
         grid they can take (what ``prepare`` checks first)."""
-        from qcompare_plugins.torchao_grids import check, conv1d_to_linear, targets
+        from qcompare_plugins.torchao_grids import conv1d_to_linear, targets
 
         check(params)
         conv1d_to_linear(model, params.skip)
@@ -118,7 +126,7 @@ class TorchaoQuantizer(Quantizer):
         from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, IntxFakeQuantizeConfig, QATConfig
 
         from qcompare_plugins import torchao_experts
-        from qcompare_plugins.torchao_grids import (cast_weights, check, conv1d_to_linear, dtype_of,
+        from qcompare_plugins.torchao_grids import (cast_weights, conv1d_to_linear, dtype_of,
                                                     fake_quantizer_classes, granularity, targets)
 
         check(params)
@@ -156,7 +164,7 @@ class TorchaoQuantizer(Quantizer):
         from torchao.quantization.qat import FakeQuantizedLinear
 
         from qcompare_plugins import torchao_experts
-        from qcompare_plugins.torchao_grids import check, linear_convert_config, unfake, weight_only_config
+        from qcompare_plugins.torchao_grids import linear_convert_config, unfake, weight_only_config
 
         check(params)
         if not any(isinstance(m, FakeQuantizedLinear) for m in student.modules()) and \
