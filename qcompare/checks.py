@@ -213,6 +213,33 @@ class TrainingWatch:
         return check
 
 
+# --- the teacher is left as it was ---------------------------------------------------------
+
+
+def weights_fingerprint(model) -> dict[str, tuple[float, float]]:
+    """Sum and sum of squares (float64) of each parameter and buffer of ``model``: enough to notice any
+    write into the weights, at one pass over them."""
+    import torch
+
+    with torch.no_grad():
+        return {name: (float(t.double().sum()), float(t.double().square().sum()))
+                for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
+
+
+def teacher_unchanged(teacher, before: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """CheckFailed when ``teacher``'s weights differ from ``before`` (``weights_fingerprint``): the teacher is
+    shared by every cell of the process, and one that a quantizer or distiller wrote into (a LoRA distiller
+    that forgot to unshare a trainable weight, a quantizer that declares ``shares_teacher_weights`` and
+    rounds in place) would change every later cell's numbers."""
+    after = weights_fingerprint(teacher)
+    changed = [name for name, was in before.items() if after.get(name) != was]
+    check = {"tensors": len(before), "changed": changed[:20], "passed": not changed}
+    if changed:
+        raise CheckFailed(f"teacher: this cell wrote into the teacher it shares with the run's other cells ({len(changed)} "
+                          f"tensors, e.g. {changed[0]}); it is reloaded for the cells after this one", "teacher", check)
+    return check
+
+
 # --- coverage ----------------------------------------------------------------------------
 
 DEFAULT_MIN_COVERAGE = 0.95  # of the body's weights (all but embeddings and head)

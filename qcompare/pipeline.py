@@ -77,6 +77,10 @@ class InputCache:
             self._data[key] = self._once(f"data {key}", lambda: load_training_data(spec, self.registry))
         return self._data[key]
 
+    def forget(self, name: str) -> None:
+        """Drop the loaded model ``name`` (a cell changed it): the next cell that needs it loads it anew."""
+        self._models.pop(name, None)
+
     def inputs(self, cell: Cell, data_spec) -> CellInputs:
         teacher, tokenizer = self.teacher(cell.model)
         # the teacher row trains nothing: its data is never read, so never loaded
@@ -272,7 +276,10 @@ class CellPipeline:
             dtype_bits = torch.finfo(next(model.parameters()).dtype).bits
             self.size = {**footprint.measure(model, model).as_size(dtype_bits), "dtype": str(checks.model_dtype(model))}
         else:
+            before = checks.weights_fingerprint(self.inputs.teacher)
             model, out.log = self.build()
+            with self.phase("check"):
+                self._check("teacher", checks.teacher_unchanged, self.inputs.teacher, before)
         result = self.evaluate(model)
         if save_to is not None and not self.cell.is_teacher:
             out.save_error = self._save_or_explain(model, save_to)

@@ -246,6 +246,8 @@ class Runner:
                 cost=out.cost, checks=out.checks, notes=out.notes, save_error=out.save_error,
                 group_weighting=out.group_weighting, files=written))
         except Exception as e:  # the sweep goes on; the traceback is kept with the cell
+            if getattr(e, "name", None) == "teacher":  # checks.teacher_unchanged: the next cell loads it anew
+                self.inputs.forget(cell.model)
             record = record.model_copy(update={"status": "failed", "error": error_line(e),
                                                "rerun_helps": transient(e),
                                                "checks": pipeline.checks if pipeline else {},

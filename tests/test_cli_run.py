@@ -145,3 +145,53 @@ def test_which_failures_a_rerun_can_change():
     assert transient(OSError(28, "No space left on device")) and transient(ConnectionError())
     assert not transient(QcompareError("bad group size")) and not transient(ValueError("nan loss"))
     assert not transient(CheckFailed("fake_vs_converted: 0.3 > 0", "fake_vs_converted", {"passed": False}))
+
+
+class Scribble:
+    """A distiller that writes into the teacher it is given (the shared weights), as a LoRA distiller that
+    forgot to unshare a trainable weight would."""
+
+    @hookimpl
+    def register_distillers(self, register):
+        import torch
+
+        from qcompare.api import Distiller, DistillResult
+
+        class ScribblingDistiller(Distiller):
+            name = "scribble"
+            seeded = False
+
+            def distill(self, teacher, student, tokenizer, data, params, context):
+                with torch.no_grad():
+                    teacher.lm_head.weight.mul_(1.5)
+                return DistillResult(student)
+
+        register(ScribblingDistiller)
+
+
+def test_a_cell_that_writes_into_the_teacher_fails_and_later_cells_get_it_back(test_plugins, write_recipe, tmp_path,
+                                                                               tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    from qcompare.plugins import add_plugin, remove_plugin
+    from qcompare.recipe import load_recipe
+    from qcompare.runner import Runner
+    from qcompare.store import RunStore
+
+    scribble = Scribble()
+    add_plugin(scribble)
+    try:  # cells run in recipe order: the scribbling distiller first, then keep and nudge
+        body = BASIC.replace('name = "keep"', 'name = "scribble"\n[[distillers]]\nname = "keep"')
+        recipe = load_recipe(write_recipe(body), ["seeds=[0]", "quantizers[0].bits=[8]"])
+        runner = Runner(recipe, RunStore(tmp_path / "run"))
+        records = runner.run()
+    finally:
+        remove_plugin(scribble)
+    by = {(r.settings.distiller.name if r.settings.distiller else "teacher"): r for r in records}
+    assert by["scribble"].status == "failed" and by["scribble"].error.startswith(
+        "teacher: this cell wrote into the teacher it shares with the run's other cells (1 tensors, e.g. lm_head.weight)")
+    assert by["keep"].done and by["nudge"].done
+    # the cells after it were given the teacher as it is on disk, loaded anew
+    teacher = runner.inputs.teacher(recipe.models[0])[0]
+    assert torch.equal(teacher.lm_head.weight, load_file(tiny_model_dir / "model.safetensors")["lm_head.weight"])
