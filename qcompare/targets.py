@@ -188,3 +188,74 @@ def describe(kinds: Iterable[str]) -> str:
     words = {"linear": "Linear layers", "conv1d": "Conv1D layers", "embedding": "embeddings",
              "experts": "3-D expert weights", "router": "expert routers"}
     return ", ".join(words[k] for k in kinds)
+
+
+def probe_expert_layouts(model) -> dict[str, bool]:
+    """Whether each fused experts module multiplies its inputs by its 3-D weights as (experts, in, out):
+    observed, not read from a flag. One forward pass on a few probe tokens watches every matrix product
+    that takes a slice of an experts weight, and finds which of the weight's axes it contracts with the
+    input. Each module is given transformers' own ``is_transposed`` flag as observed (a family that stores
+    (experts, in, out) without saying so, Llama 4's, would otherwise get its groups along the output);
+    returns {module name: transposed} for the modules the probe saw."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    weights = {}  # storage address -> (module name, parameter)
+    for name, module in model.named_modules():
+        for attr in expert_params(module):
+            p = module._parameters[attr]
+            weights[p.untyped_storage().data_ptr()] = (name, p)
+    if not weights:
+        return {}
+    seen: dict[str, set[int]] = {}
+
+    def axis(view, dim: int, p) -> int | None:
+        """The axis of ``p`` that dimension ``dim`` of its view ``view`` runs along."""
+        hits = [a for a in (1, 2) if p.stride(a) == view.stride(dim) and p.shape[a] == view.shape[dim]]
+        return hits[0] if len(hits) == 1 else None
+
+    def note(t, dim):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.ndim < 2:
+            return
+        found = weights.get(t.untyped_storage().data_ptr())
+        if found is not None:
+            a = axis(t, dim % t.ndim, found[1])
+            if a is not None:
+                seen.setdefault(found[0], set()).add(a)
+
+    # the products an experts forward uses: its eager loop (matmul, linear), bmm, transformers' grouped_mm
+    PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.mm,
+                *([torch._grouped_mm] if hasattr(torch, "_grouped_mm") else [])}
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in PRODUCTS and len(args) >= 2:
+                note(args[0], -1)  # a weight on the left contracts its last axis
+                note(args[1], -2)  # on the right, its second to last
+            elif func is F.linear and len(args) >= 2:
+                note(args[1], -1)  # linear(x, W) contracts W's last axis
+            return func(*args, **kwargs)
+
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(p.device for p in model.parameters())
+    ids = torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), Watch():
+            model(ids)
+    except Exception:  # noqa: BLE001 - a model the probe cannot run keeps its flags
+        return {}
+    finally:
+        model.train(training)
+    out = {}
+    for name, axes in seen.items():
+        if len(axes) == 1:
+            transposed = axes.pop() == 1
+            module = model.get_submodule(name)
+            if getattr(module, "is_transposed", False) != transposed:
+                module.is_transposed = transposed
+            out[name] = transposed
+    return out

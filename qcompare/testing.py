@@ -43,6 +43,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(head_dim=16, num_experts=4, moe_intermediate_size=32, **MOE),
     "mixtral": dict(num_local_experts=4, **MOE),
     "olmoe": dict(num_experts=4, **MOE),
+    # experts stored (experts, in, out) with no flag saying so
+    "llama4_text": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,
+                        interleave_moe_layer_step=1, no_rope_layers=[1, 1], attention_chunk_size=64),
     # experts with biases beside their 3-D weights (gate_up_proj_bias), attention sinks
     "gpt_oss": dict(head_dim=16, num_local_experts=4, layer_types=["sliding_attention", "full_attention"],
                     sliding_window=8, **MOE),

@@ -129,8 +129,11 @@ class TorchaoQuantizer(Quantizer):
         from qcompare_plugins.torchao_grids import (cast_weights, conv1d_to_linear, dtype_of,
                                                     fake_quantizer_classes, granularity, targets)
 
+        from qcompare.targets import probe_expert_layouts
+
         check(params)
         conv1d_to_linear(model, params.skip)  # GPT-2's Conv1D layers: Linear layers while trained and converted
+        probe_expert_layouts(model)  # fused experts' input axis as their forward uses them, groups along it
         linears, embeddings, others = targets(model, params)
         _check_others(others, params)
         if params.packing == "tinygemm":

@@ -154,3 +154,29 @@ def test_expert_biases_are_neither_codes_nor_scale_overhead(tmp_path, name, para
                     and id(t.weight) not in outside)
     assert report["coverage"]["body"] == pytest.approx(quantized / body, abs=1e-6)
     assert report["size"]["bits_per_weight"] == 4 + (32 + 8) / 32  # int4 codes, an fp32 scale and an int8 zero per 32
+
+
+def test_fused_experts_stored_input_first_without_a_flag_get_their_groups_along_the_input(tmp_path):
+    """Llama 4 keeps its experts as (experts, in, out) and says so nowhere: the input axis is found from what
+    the forward multiplies (a probe), so torchao's groups run along the input features, as on a Linear."""
+    from qcompare.checks import probe_logits
+    from qcompare.plugins import get_registry
+    from qcompare.targets import find_targets, probe_expert_layouts
+
+    model = tiny_model("llama4_text")
+    experts = model.model.layers[0].feed_forward.experts
+    assert not hasattr(experts, "is_transposed")  # transformers' own flag is absent for this family
+    assert set(probe_expert_layouts(model).values()) == {True} and experts.is_transposed
+    hidden, inner = model.config.hidden_size, model.config.intermediate_size
+    assert {t.param: t.in_features for t in find_targets(model, (), ("experts",))
+            if t.name == "model.layers.0.feed_forward.experts"} == {"gate_up_proj": hidden, "down_proj": inner}
+    quantizer = get_registry().get("quantizer", "torchao")()
+    params = quantizer.Params(bits=4, group_size=32)
+    student = quantizer.prepare(copy.deepcopy(tiny_model("llama4_text")), params, None)
+    before = probe_logits(student)
+    model = quantizer.convert(student, params, None)
+    assert torch.equal(probe_logits(model), before)  # fake ≡ converted on the probed layout
+    codes = model.model.layers[0].feed_forward.experts._buffers
+    # each expert's rows hold its input features, and the groups run along them (32 of 64 or 128 inputs)
+    assert codes["gate_up_proj"].shape[1] == hidden and codes["down_proj"].shape[1] == inner
+    assert tuple(codes["gate_up_proj"].block_size) == (1, 32) == tuple(codes["down_proj"].block_size)
