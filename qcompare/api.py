@@ -123,7 +123,8 @@ class CellContext:
     # subfolder of its own there); None outside a run (e.g. a model rebuilt by export).
     shared_dir: Path | None = None
     # What a plugin wants the cell's record to say about how it ran (e.g. AWQ smoothing it
-    # skipped): ``context.notes["awq"] = {...}``. Stored in result.json; the report shows it.
+    # skipped): ``context.notes["awq"] = {...}``. Stored in result.json; the report shows a string note as
+    # it is, and a dict note by its "summary" line (an empty summary: nothing to show).
     notes: dict = field(default_factory=dict)
     # The cells of the run (this one included) that train on the same batches as this one: same
     # model, data, seed and ``Distiller.batch_key``; 1 when none shares them (what a cache of

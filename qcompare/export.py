@@ -105,6 +105,8 @@ def export_cell(run_dir: Path, cell: str, to: Path, overwrite: bool = False,
             recipe_text = store.recipe.read_text() if store.recipe.is_file() else ""
             (staging / "README.md").write_text(model_card(record, store.root.name, staging, rebuilt, recipe_text,
                                                           proof, selection))
+            for path in staging.rglob("*"):  # safetensors writes its files private (0600): a model is to share
+                path.chmod(0o755 if path.is_dir() else 0o644)
         except QcompareError:
             raise
         except Exception as e:

@@ -347,13 +347,10 @@ def notes_lines(df: pd.DataFrame) -> list[str]:
     for (label, text), _ in df[df["notes"] != ""].groupby([df["label"].str.replace(r" · seed \d+$", "", regex=True),
                                                            "notes"], sort=False):
         for plugin, note in json.loads(text).items():
-            skipped = note.get("skipped_smoothing") if isinstance(note, dict) else None
-            if skipped:
-                shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-                out.append(f"{label}: {plugin} skipped smoothing of {len(skipped)} layers ({shown}); "
-                           "llm-compressor found their shapes incompatible (grouped-query attention's v_proj → o_proj)")
-            elif not (isinstance(note, dict) and "skipped_smoothing" in note):
-                out.append(f"{label}: {plugin}: {json.dumps(note)}")
+            # a line as the plugin wrote it (a string, or a dict's "summary": empty when it has nothing to say)
+            said = note.get("summary", json.dumps(note)) if isinstance(note, dict) else str(note)
+            if said:
+                out.append(f"{label}: {plugin}: {said}")
     return out
 
 

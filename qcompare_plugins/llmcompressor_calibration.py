@@ -248,7 +248,11 @@ def calibrate(model, params, context, quantizer: str):
     recorded = [m for m in modifiers if hasattr(m, "skipped")]
     if recorded:
         skipped = recorded[0].skipped(model)
-        context.notes["awq"] = {"mappings": len(recorded[0].mappings), "skipped_smoothing": skipped}
+        shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        summary = (f"skipped smoothing of {len(skipped)} layers ({shown}); llm-compressor found their shapes "
+                   "incompatible (grouped-query attention's v_proj → o_proj)") if skipped else ""
+        context.notes["awq"] = {"mappings": len(recorded[0].mappings), "skipped_smoothing": skipped,
+                                "summary": summary}
     return model
 
 

@@ -131,7 +131,7 @@ max_samples = 8
     awq = record["notes"]["awq"]
     # toy-qwen3 has grouped-query attention: v_proj → o_proj cannot be balanced, llm-compressor skips it
     assert awq["skipped_smoothing"] == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
-    assert "awq skipped smoothing" in res.output and "self_attn.v_proj" in res.output
+    assert "awq: skipped smoothing of 2 layers" in res.output and "self_attn.v_proj" in res.output
 
 
 @pytest.mark.parametrize("name, params", [("torchao", {"bits": 4, "group_size": 32}),

@@ -348,6 +348,7 @@ def test_a_plugins_own_format_is_saved_as_itself_and_every_load_goes_through_the
     own = json.loads((to / "qcompare_format.json").read_text())
     assert (own["quantizer"], own["params"], own["module"]) == ("nf3", {"group_size": 64, "skip": ["lm_head"]},
                                                                 "qcompare_nf3")
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in to.iterdir())  # readable by all, as a shared model is
     exported, model, card = card_loads(to)  # the card's code: qcompare.load_pretrained, not transformers
     assert torch.equal(exported, evaluated), (exported - evaluated).abs().max()
     assert {type(m.base_layer).__name__ for m in model.modules() if hasattr(m, "lora_A")} == {"NF3Linear"}
