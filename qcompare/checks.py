@@ -86,12 +86,18 @@ class Comparison:
                 "passed": self.within(rtol)}
 
 
+def dtype_tolerance(model_or_dtype) -> float:
+    """The relative tolerance of two computations of one model in its dtype (a model, a torch dtype, or its
+    name as a record stores it): a few units in the last place; 1e-2 for a dtype not in ``DTYPE_RTOL``."""
+    dtype = model_or_dtype if isinstance(model_or_dtype, str) else \
+        str(model_or_dtype if not hasattr(model_or_dtype, "parameters") else model_dtype(model_or_dtype))
+    return DTYPE_RTOL.get(dtype, 1e-2)
+
+
 def tolerance(quantizer, params, model) -> float:
     """The relative tolerance of fake ≡ converted: the quantizer's own, else the dtype's default."""
     rtol = quantizer.fake_quant_tolerance(params)
-    if rtol is None:
-        rtol = DTYPE_RTOL.get(str(model_dtype(model)), 1e-2)
-    return float(rtol)
+    return float(dtype_tolerance(model) if rtol is None else rtol)
 
 
 def fake_vs_converted(student_logits, model_logits, rtol: float) -> dict[str, Any]:

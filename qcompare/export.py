@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from qcompare.card import model_card
-from qcompare.checks import DTYPE_RTOL, CheckFailed, Fingerprint, model_dtype, reload
+from qcompare.checks import CheckFailed, Fingerprint, dtype_tolerance, reload
 from qcompare.errors import QcompareError
 from qcompare.record import CellRecord
 from qcompare.store import RunStore, changed_files, open_run
@@ -155,7 +155,7 @@ def prove_copy(record: CellRecord, folder: Path, evaluated: Fingerprint | None, 
         say(f"warning: cell {record.id} was run before qcompare kept probe logits; its saved model is exported "
             "without the reload check (run the cell again to have it checked)")
         return {"reload": "not checked: the cell keeps no probe logits (made by an older qcompare)"}
-    rtol = DTYPE_RTOL.get(record.size.get("dtype", "torch.float32"), 1e-2)
+    rtol = dtype_tolerance(record.size.get("dtype", "torch.float32"))
     return {"reload": reload(folder, evaluated, rtol)}
 
 
@@ -195,7 +195,7 @@ def rebuild(record: CellRecord, folder: Path, say: Callable[[str], None],
         model, _ = pipeline.build()
         if evaluated is not None:
             comparison = evaluated.compare(model)
-            rtol = DTYPE_RTOL.get(str(model_dtype(model)), 1e-2)
+            rtol = dtype_tolerance(model)
             if not comparison.within(rtol):
                 raise CheckFailed(
                     f"cell {record.id}: the rebuilt model differs from the evaluated one by up to "

@@ -299,7 +299,7 @@ class CellPipeline:
         self.save(model, folder)
         with self.phase("check"):
             self._check("reload", checks.reload, folder, self.fingerprint,
-                        checks.DTYPE_RTOL.get(str(checks.model_dtype(model)), 1e-2), self.context.device)
+                        checks.dtype_tolerance(model), self.context.device)
             try:  # a folder larger than the model it holds still loads: the cell says so, and keeps it
                 self.checks["saved_size"] = checks.saved_size(folder, self.size)
             except checks.CheckFailed as e:

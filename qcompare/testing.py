@@ -182,7 +182,7 @@ def check_one(quantizer, params, family: str, folder: Path, min_coverage: float,
     report["saved_size"] = checks.saved_size(saved, report["size"])
     fingerprint = checks.Fingerprint.of(model, model_logits)
     if reload:
-        report["reload"] = checks.reload(saved, fingerprint, checks.DTYPE_RTOL["torch.float32"])
+        report["reload"] = checks.reload(saved, fingerprint, checks.dtype_tolerance("torch.float32"))
     else:
         report["saved"], report["fingerprint"] = saved, fingerprint
     return report
@@ -232,7 +232,7 @@ def architecture_matrix(folder: Path, families=MATRIX_FAMILIES, quantizers=MATRI
                            fake_vs_converted=report["fake_vs_converted"]["max_abs_diff"])
                 pending.append((row, report["saved"], report["fingerprint"]))
             rows.append(row)
-    results = checks.reload_all([(saved, fp) for _, saved, fp in pending], checks.DTYPE_RTOL["torch.float32"])
+    results = checks.reload_all([(saved, fp) for _, saved, fp in pending], checks.dtype_tolerance("torch.float32"))
     for (row, _, _), result in zip(pending, results):
         if isinstance(result, checks.CheckFailed):
             row.update(status="failed", reason=str(result))
@@ -351,7 +351,7 @@ def check_quantizer(quantizer_cls, params: dict | Any = None, layouts=tuple(LAYO
                 saved.append(layout)
         # every saved folder reloaded in one fresh process, as its model card says
         reloads = checks.reload_all([(results[k].pop("saved"), results[k].pop("fingerprint")) for k in saved],
-                                    checks.DTYPE_RTOL["torch.float32"])
+                                    checks.dtype_tolerance("torch.float32"))
         for layout, result in zip(saved, reloads):
             if isinstance(result, checks.CheckFailed):
                 raise AssertionError(f"{quantizer_cls.name} on {layout} ({LAYOUTS[layout]}): {result}")
