@@ -81,8 +81,8 @@ def export_cell(run_dir: Path, cell: str, to: Path, overwrite: bool = False,
     staging.chmod(0o755)  # mkdtemp makes it private; an exported model is meant to be shared
     probe = store.cell(record.id).probe
     evaluated = Fingerprint.load(probe) if probe.is_file() else None
-    folder = store.cell(record.id).folder
-    changed = changed_files(folder, {k: v for k, v in record.files.items() if k.startswith("model/")})
+    changed = [what for name, what in changed_files(store.cell(record.id).folder, record.files).items()
+               if name.startswith("model/")]
     if changed:
         raise QcompareError(f"cell {record.id}: its saved model ({saved}) is not what the run wrote ("
                             f"{'; '.join(changed[:3])}); run the recipe again to recompute and save it, or delete "

@@ -151,7 +151,7 @@ def damaged_cells(path: str | Path) -> list[tuple[str, str, str]]:
         what = "; ".join(state.problems)
         if state.record is not None:
             effect = ("its row stands (result.json is intact), but "
-                      + ("`--compare` cannot pair its items" if any(p.startswith("items.json") for p in state.problems)
+                      + ("`--compare` cannot pair its items" if "items.json" in state.damage
                          else "its saved files are not what the run wrote (export refuses them)"))
         else:
             settings = store.cell(state.id).settings

@@ -271,8 +271,7 @@ class Runner:
             if not state.damaged:
                 continue
             # the record itself, or the files it names (a saved model's files: the whole model folder)
-            names = [p.split(":", 1)[0] for p in state.problems]
-            names = ["model" if n.startswith("model/") else n for n in names]
+            names = ["model" if n.startswith("model/") else n for n in state.damage]
             if state.record is not None:
                 names.append(files.result.name)  # its record describes files that are no more
             moved = files.set_aside(names) if self.writes else []

@@ -83,38 +83,42 @@ def file_digests(folder: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def changed_files(folder: Path, digests: dict[str, dict[str, Any]]) -> list[str]:
-    """The files of ``digests`` that are gone or differ now, one phrase each ("model/model.safetensors: 812
-    bytes, not 4,096"). A file whose size and modification time are as recorded is taken as it was; one
+def changed_files(folder: Path, digests: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The files of ``digests`` that are gone or differ now, each with its phrase ("model/model.safetensors:
+    812 bytes, not 4,096"). A file whose size and modification time are as recorded is taken as it was; one
     whose time moved (copied, touched) is hashed."""
-    problems = []
+    problems = {}
     for name, was in digests.items():
         path = folder / name
         try:
             stat = path.stat()
         except OSError:
-            problems.append(f"{name}: missing")
+            problems[name] = f"{name}: missing"
             continue
         if stat.st_size != was["bytes"]:
-            problems.append(f"{name}: {stat.st_size:,} bytes, not {was['bytes']:,}")
+            problems[name] = f"{name}: {stat.st_size:,} bytes, not {was['bytes']:,}"
         elif stat.st_mtime_ns != was.get("mtime_ns") and _sha256(path) != was["sha256"]:
-            problems.append(f"{name}: its contents changed (SHA-256 differs)")
+            problems[name] = f"{name}: its contents changed (SHA-256 differs)"
     return problems
 
 
 @dataclass
 class CellState:
-    """What a cell folder holds: its record if readable, and what is damaged in it (one phrase each):
-    the record itself (``record`` None) or a file the record names (the record stands)."""
+    """What a cell folder holds: its record if readable, and what is damaged in it, by file: the record
+    itself (``record`` None) or files the record names (the record stands)."""
 
     id: str
     label: str
     record: CellRecord | None
-    problems: list[str]
+    damage: dict[str, str]  # the damaged file (its path in the cell folder) -> what is wrong, one phrase
+
+    @property
+    def problems(self) -> list[str]:
+        return list(self.damage.values())
 
     @property
     def damaged(self) -> bool:
-        return bool(self.problems)
+        return bool(self.damage)
 
 
 def _items_json(items) -> dict:
@@ -160,27 +164,31 @@ class CellFiles:
             label = _settings_label(settings)
         except (OSError, ValueError):
             settings = None
+        name = self.result.name
+
+        def unreadable(what: str) -> CellState:
+            return CellState(self.folder.name, label, None, {name: f"{name}: {what}"})
+
         try:
             raw = json.loads(self.result.read_bytes().decode("utf-8"))
         except FileNotFoundError:
-            gone = [f"{self.result.name}: missing (deleted, or the cell was stopped as it started)"] \
-                if settings is not None else []
-            return CellState(self.folder.name, label, None, gone)
+            if settings is None:  # a cell not started yet
+                return CellState(self.folder.name, label, None, {})
+            return unreadable("missing (deleted, or the cell was stopped as it started)")
         except UnicodeDecodeError as e:
-            return CellState(self.folder.name, label, None, [f"{self.result.name}: not UTF-8 text (byte {e.start})"])
+            return unreadable(f"not UTF-8 text (byte {e.start})")
         except json.JSONDecodeError as e:
-            return CellState(self.folder.name, label, None,
-                             [f"{self.result.name}: not valid JSON ({e.msg} at line {e.lineno}: truncated?)"])
+            return unreadable(f"not valid JSON ({e.msg} at line {e.lineno}: truncated?)")
         except OSError as e:
-            return CellState(self.folder.name, label, None, [f"{self.result.name}: unreadable ({e.strerror})"])
+            return unreadable(f"unreadable ({e.strerror})")
         try:
             record = read_record(raw, self.result)
         except QcompareError as e:
             if "newer qcompare" in str(e):
                 raise
-            return CellState(self.folder.name, label, None, [f"{self.result.name}: {str(e).split(': ', 1)[-1]}"])
-        problems = changed_files(self.folder, record.files) if verify and record.done else []
-        return CellState(record.id, record.label or label, record, problems)
+            return unreadable(str(e).split(": ", 1)[-1])
+        damage = changed_files(self.folder, record.files) if verify and record.done else {}
+        return CellState(record.id, record.label or label, record, damage)
 
     def write_items(self, items: dict) -> None:
         """Per-item scores (``qcompare.api.Items`` per task; a plain list is one unnamed metric)."""
