@@ -84,10 +84,15 @@ class LmEvalEvaluator(Evaluator):
         known = task_names(folders)
         for t in names:
             if t not in known:
-                close = difflib.get_close_matches(t, sorted(known), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                where = ", ".join(str(f) for f in folders) or "no task folders"
-                raise QcompareError(f"lm_eval: unknown task {t!r}{hint}: not an lm-eval task nor in {where}; {OFFLINE_HINT}")
+                raise unknown_task(t, sorted(known), folders)
+
+
+def unknown_task(name: str, known: list[str], folders: list[Path]) -> QcompareError:
+    """The one line for a task name lm-eval does not know (at validate, and when a cell evaluates)."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    where = ", ".join(str(f) for f in folders) or "no task folders"
+    return QcompareError(f"lm_eval: unknown task {name!r}{hint}: not an lm-eval task nor in {where}; {OFFLINE_HINT}")
 
 
 _INDEX = """import json, sys
@@ -145,10 +150,7 @@ def _task_manager_for(tasks: list[str], folders: list[Path]):
     full = _task_manager(tuple(folders), include_defaults=True)
     for t in tasks:
         if not _known(full, t):
-            close = difflib.get_close_matches(t, full.all_tasks, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            where = ", ".join(str(f) for f in folders) or "no task folders"
-            raise QcompareError(f"lm_eval: unknown task {t!r}{hint}: not an lm-eval task nor in {where}; {OFFLINE_HINT}")
+            raise unknown_task(t, full.all_tasks, folders)
     return full
 
 
