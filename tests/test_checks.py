@@ -20,6 +20,7 @@ from qcompare.testing import check_quantizer
 cli = CliRunner()
 import qcompare_rtn  # noqa: E402  the example plugin, as a third party writes it (pyproject's pythonpath)
 import qcompare_rtn.grids  # noqa: E402
+from unsavable import UnsavableRTN  # noqa: E402
 
 QUICK = {"gptq": {"calibration_samples": 16, "calibration_length": 64},
          "awq": {"calibration_samples": 16, "calibration_length": 64}}
@@ -216,17 +217,6 @@ def test_true_sizes_tell_bit_widths_apart_and_nominal_stays_apart(test_plugins, 
 
 
 # --- qcompare.testing holds a plugin to what the runner needs ------------------------------------
-
-
-class UnsavableRTN(qcompare_rtn.RTNQuantizer):
-    """Declares in one line that it cannot be saved."""
-
-    name = "unsavable"
-
-    def save(self, model, params, folder, context):
-        from qcompare.errors import QcompareError
-
-        raise QcompareError("unsavable: this variant has no on-disk format")
 
 
 class DequantizedSaveRTN(qcompare_rtn.RTNQuantizer):

@@ -114,24 +114,10 @@ def test_plan_tells_a_running_cell_from_an_interrupted_one(run):
 
 
 def test_export_states_the_real_reason_a_model_was_not_saved(test_plugins, write_recipe, tmp_path):
-    import qcompare_rtn
+    import unsavable as plugin
 
-    from qcompare import hookimpl
-    from qcompare.errors import QcompareError
     from qcompare.plugins import add_plugin, remove_plugin
 
-    class Unsavable(qcompare_rtn.RTNQuantizer):
-        name = "unsavable"
-
-        def save(self, model, params, folder, context):
-            raise QcompareError("unsavable: this variant has no on-disk format")
-
-    class Plugin:
-        @hookimpl
-        def register_quantizers(self, register):
-            register(Unsavable)
-
-    plugin = Plugin()
     add_plugin(plugin)
     try:
         recipe = write_recipe(BASIC.replace('name = "rtn"\nbits = [8, 2]', 'name = "unsavable"\nbits = 8')

@@ -186,18 +186,11 @@ def test_quantizers_with_different_parameters_each_get_their_own_ptq_baseline_an
 def extra_plugins():
     """A quantizer whose models cannot be saved and a second training distiller (a loss of its own),
     registered for one test."""
-    import qcompare_rtn
     import testplugins
+    from unsavable import UnsavableRTN
 
     from qcompare import hookimpl
-    from qcompare.errors import QcompareError
     from qcompare.plugins import add_plugin, remove_plugin
-
-    class Unsavable(qcompare_rtn.RTNQuantizer):
-        name = "unsavable"
-
-        def save(self, model, params, folder, context):
-            raise QcompareError("unsavable: this variant has no on-disk format")
 
     class Echo(testplugins.Nudge):
         name = "echo"
@@ -205,7 +198,7 @@ def extra_plugins():
     class Plugin:
         @hookimpl
         def register_quantizers(self, register):
-            register(Unsavable)
+            register(UnsavableRTN)
 
         @hookimpl
         def register_distillers(self, register):
