@@ -83,11 +83,13 @@ def _distributions() -> dict[str, list[str]]:
     return metadata.packages_distributions()
 
 
-def make_plugin_manager(extra: list | None = None) -> pluggy.PluginManager:
+def make_plugin_manager(extra: list | None = None, only: set[str] | None = None) -> pluggy.PluginManager:
+    """A plugin manager with the entry points ``only`` names (default: what ``QCOMPARE_PLUGINS`` allows, else
+    all) and the in-process plugins ``extra``."""
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     allowed = os.environ.get("QCOMPARE_PLUGINS")
-    names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    names = only if only is not None else None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
     for ep in metadata.entry_points(group=GROUP):
         if names is not None and ep.name not in names:
             continue
@@ -213,16 +215,10 @@ def quantizer_for_format(record: dict, folder) -> type[Quantizer]:
     import importlib
 
     name, ep_name, module = record["quantizer"], record.get("entry_point"), record.get("module")
-    pm = pluggy.PluginManager(GROUP)
-    pm.add_hookspecs(hookspecs)
     points = list(metadata.entry_points(group=GROUP, name=ep_name)) if ep_name else []
     try:
-        if points:
-            pm.register(points[0].load(), name=ep_name)
-            pm.qcompare_entry_points = [ep_name]
-        elif module:
-            loaded = importlib.import_module(module)
-            pm.register(loaded)
+        pm = make_plugin_manager(only={ep_name}) if points else \
+            make_plugin_manager([importlib.import_module(module)], only=set()) if module else None
     except ImportError:
         pm = None
     found = _collect(pm).plugins["quantizer"].get(name) if pm is not None else None
