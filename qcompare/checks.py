@@ -158,15 +158,10 @@ class TrainingWatch:
             return
         with torch.no_grad():
             for path, params in self.layers.items():
-                self.before[path] = [self._fingerprint(p) for _, p in params]
+                self.before[path] = [tensor_fingerprint(p) for _, p in params]
                 for _, p in params:
                     if p.requires_grad:
                         self.handles.append(p.register_post_accumulate_grad_hook(self._hook(path)))
-
-    @staticmethod
-    def _fingerprint(p) -> tuple[float, float]:
-        x = p.detach().double()
-        return float(x.sum()), float(x.square().sum())
 
     def _hook(self, path: str):
         def hook(p):
@@ -198,7 +193,7 @@ class TrainingWatch:
             return check
         with torch.no_grad():
             moved = {path for path, params in self.layers.items()
-                     if any(self._fingerprint(p) != was for (_, p), was in zip(params, self.before[path]))}
+                     if any(tensor_fingerprint(p) != was for (_, p), was in zip(params, self.before[path]))}
         frozen = [path for path, params in self.layers.items() if not any(p.requires_grad for _, p in params)]
         unreached = [path for path in self.layers if path not in self.reached and path not in frozen]
         still = [path for path in self.layers if path not in moved]
@@ -222,14 +217,20 @@ class TrainingWatch:
 # --- the teacher is left as it was ---------------------------------------------------------
 
 
-def weights_fingerprint(model) -> dict[str, tuple[float, float]]:
-    """Sum and sum of squares (float64) of each parameter and buffer of ``model``: enough to notice any
-    write into the weights, at one pass over them."""
+def tensor_fingerprint(t) -> tuple[float, float]:
+    """Sum and Euclidean norm of ``t``, accumulated in float64 (no float64 copy of ``t``): enough to notice
+    any write into it."""
     import torch
 
     with torch.no_grad():
-        return {name: (float(t.double().sum()), float(t.double().square().sum()))
-                for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
+        x = t if t.is_floating_point() else t.double()  # integer codes: their (small) copy
+        return float(x.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(x, dtype=torch.float64))
+
+
+def weights_fingerprint(model) -> dict[str, tuple[float, float]]:
+    """``tensor_fingerprint`` of each floating-point parameter and buffer of ``model``."""
+    return {name: tensor_fingerprint(t) for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_floating_point()}
 
 
 def teacher_unchanged(teacher, before: dict[str, tuple[float, float]]) -> dict[str, Any]:
