@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 
 
 def toy_paths():
-    from qcompare.plugins import get_registry
+    from qcompare.sdk.registry import get_registry
 
     registry = get_registry()
     return registry.models["toy-qwen3"].obj[0], registry.datasets["toy-chat"].obj[0]

@@ -79,7 +79,7 @@ def shaped_model(folder: Path, shape: dict, dtype: str) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from qcompare.plugins import get_registry
+    from qcompare.sdk.registry import get_registry
 
     toy = get_registry().models["toy-qwen3"].obj[0]
     tokenizer = AutoTokenizer.from_pretrained(toy)
@@ -171,8 +171,8 @@ def guarded(fn, *a, **k) -> dict:
 
 
 def estimated_peak(shape: dict, a: argparse.Namespace) -> float:
-    """``qcompare plan``'s estimate for this setting, in GiB (qcompare.memory)."""
-    from qcompare.memory import Shapes, cell_memory
+    """``qcompare plan``'s estimate for this setting, in GiB (qcompare.engine.memory)."""
+    from qcompare.engine.memory import Shapes, cell_memory
     from qcompare_plugins.distillers.gkd import GKDParams
 
     config = {**shape, "model_type": "qwen3"}
@@ -192,8 +192,8 @@ def the_step(args, result: dict, save) -> None:
     sys.path.insert(0, str(HERE))
     from gpu_step import SHAPES, one_setting, peak_tflops
 
-    from qcompare.data import load_model
-    from qcompare.plugins import get_registry
+    from qcompare.engine.inputs import load_model
+    from qcompare.sdk.registry import get_registry
 
     shape = SHAPES["tiny" if args.tiny else "qwen3-4b"]
     torch.manual_seed(0)

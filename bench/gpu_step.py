@@ -118,7 +118,7 @@ def chats(tokenizer, n: int, prompt: int, answer: int, seed: int) -> list[dict]:
 def one_setting(lmbda: float, args, teacher, tokenizer, folder: Path) -> dict:
     from datasets import Dataset
 
-    from qcompare.api import CellContext
+    from qcompare.sdk.api import CellContext
     from qcompare_plugins.distillers.common import check_data, compiled_rounding, fp32_master_weights, run_training
     from qcompare_plugins.distillers.cost import CostMeter, count_params
     from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams
@@ -200,8 +200,8 @@ def main():
 
     from common import table  # bench/common.py: also one CPU thread and offline, as every bench
 
-    from qcompare.data import load_model
-    from qcompare.plugins import get_registry
+    from qcompare.engine.inputs import load_model
+    from qcompare.sdk.registry import get_registry
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32

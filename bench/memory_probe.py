@@ -1,4 +1,4 @@
-"""GPU: measure the two per-token terms of ``qcompare.memory`` on a random-weight model with
+"""GPU: measure the two per-token terms of ``qcompare.engine.memory`` on a random-weight model with
 Qwen3-4B's shapes (a few layers): the activations one decoder layer keeps for backward per token
 (bf16 weights; fp32 master weights under bf16 autocast; with gradient checkpointing) and the
 live fp32 [tokens, vocab] tensors of TRL's generalized JSD at its peak (forward and backward).
@@ -19,7 +19,7 @@ import torch
 from transformers import Qwen3Config, Qwen3Model
 
 sys.path.insert(0, ".")
-from qcompare.memory import Shapes, layer_activation_elements  # noqa: E402
+from qcompare.engine.memory import Shapes, layer_activation_elements  # noqa: E402
 
 SHAPE = dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8,
              head_dim=128, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
@@ -89,7 +89,7 @@ def step(lora: bool, batch: int = 4) -> dict:
 
     from transformers import Qwen3ForCausalLM
 
-    from qcompare.memory import cell_memory
+    from qcompare.engine.memory import cell_memory
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

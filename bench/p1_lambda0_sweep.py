@@ -81,9 +81,9 @@ def run_plain(steps: int, folder: Path, threads: int) -> float:
 
 
 def run_qcompare(steps: int, folder: Path, workers: int) -> tuple[float, list[dict]]:
-    from qcompare.recipe import load_recipe
-    from qcompare.runner import Runner
-    from qcompare.store import RunStore
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.engine.runner import Runner
+    from qcompare.results.store import RunStore
 
     path = folder / f"p1-{workers}.toml"
     path.write_text(RECIPE.format(lrs=json.dumps(LRS), batch=BATCH, max_length=MAX_LENGTH, steps=steps, workers=workers))
@@ -119,9 +119,9 @@ def shaped_model(folder: Path) -> Path:
 
 CACHE_RUN = """
 import json, resource, sys, time
-from qcompare.recipe import load_recipe
-from qcompare.runner import Runner
-from qcompare.store import RunStore
+from qcompare.engine.recipe import load_recipe
+from qcompare.engine.runner import Runner
+from qcompare.results.store import RunStore
 t0 = time.perf_counter()
 records = Runner(load_recipe(sys.argv[1]), RunStore(sys.argv[2])).run()
 assert all(r.done for r in records), [r.error for r in records]

@@ -23,7 +23,7 @@ SETTINGS = dict(lmbda=1.0, beta=0.5, learning_rate=1e-9, per_device_train_batch_
 
 
 def qcompare_steps(teacher, tokenizer, data, steps: int, folder: Path, rollouts: str = "auto") -> list[float]:
-    from qcompare.api import CellContext
+    from qcompare.sdk.api import CellContext
     from qcompare_plugins.distillers.common import check_data, run_training
     from qcompare_plugins.distillers.cost import CostMeter
     from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams

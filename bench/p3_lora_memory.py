@@ -69,9 +69,9 @@ def child(layout: str, steps: int, checkpointing: bool) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from qcompare.recipe import load_recipe
-    from qcompare.runner import Runner
-    from qcompare.store import RunStore
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.engine.runner import Runner
+    from qcompare.results.store import RunStore
     from qcompare_plugins.torchao_quantizer import TorchaoQuantizer
 
     TorchaoQuantizer.shares_teacher_weights = layout == "qcompare"

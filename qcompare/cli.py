@@ -39,7 +39,7 @@ SetOpt = Annotated[
 
 def _version(value: bool):
     if value:
-        from qcompare import __version__
+        from qcompare.version import __version__
 
         console.print(f"qcompare {__version__}")
         raise typer.Exit()
@@ -55,7 +55,7 @@ def main_options(
 @contextmanager
 def user_errors():
     """Bad input becomes one line per mistake on stderr and exit code 2, never a traceback."""
-    from qcompare.checks import CheckFailed
+    from qcompare.sdk.checks import CheckFailed
 
     try:
         yield
@@ -68,19 +68,19 @@ def user_errors():
 
 def _load(recipe: Path, overrides, output: Path | None = None, executor: str | None = None, structure: bool = False):
     """The recipe and its run store; with ``structure``, also each model's layout checked against
-    each quantizer from its config (qcompare.structure): every problem is a line of one error."""
+    each quantizer from its config (qcompare.engine.structure): every problem is a line of one error."""
     from qcompare.errors import RecipeError
-    from qcompare.recipe import load_recipe
-    from qcompare.runner import default_output
-    from qcompare.store import RunStore
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.engine.runner import default_output
+    from qcompare.results.store import RunStore
 
     overrides = list(overrides or [])
     if executor:
         overrides.append(f"executor.name={executor!r}".replace("'", '"'))
     r = load_recipe(recipe, overrides)
     if structure:
-        from qcompare.plugins import get_registry
-        from qcompare.structure import problems
+        from qcompare.sdk.registry import get_registry
+        from qcompare.engine.structure import problems
 
         found, notes = problems(r, get_registry())
         for note in notes:
@@ -95,7 +95,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None):
     """Check a recipe against every plugin's schema; list every mistake at once."""
     with user_errors():
         r, _ = _load(recipe, set_, structure=True)
-    from qcompare.cells import expand
+    from qcompare.engine.cells import expand
 
     console.print(f"[green]ok[/] {recipe}: {len(expand(r))} cells")
 
@@ -111,7 +111,7 @@ def _duration(seconds: float | None) -> str:
 def _memory_lines(cells, estimates, device: str, gpu_memory: float | None) -> list[str]:
     """The expected peak per distinct memory shape of the cells to run, its biggest parts, and for
     one that will not fit the device, the recipe changes that would each make it fit."""
-    from qcompare.memory import device_capacity, fixes, gib, summary
+    from qcompare.engine.memory import device_capacity, fixes, gib, summary
 
     groups: dict[str, list] = {}
     for cell in cells:
@@ -148,10 +148,10 @@ def plan(
     (FLOPs, wall time, GPU-hours, peak memory), before running anything."""
     from rich.table import Table
 
-    from qcompare.estimate import estimate_cells, guess_device, plan_notes
-    from qcompare.memory import gib
-    from qcompare.plugins import get_registry
-    from qcompare.runner import plan as plan_cells
+    from qcompare.engine.estimate import estimate_cells, guess_device, plan_notes
+    from qcompare.engine.memory import gib
+    from qcompare.sdk.registry import get_registry
+    from qcompare.engine.runner import plan as plan_cells
 
     with user_errors():
         if device not in (None, "cpu", "cuda"):
@@ -204,7 +204,7 @@ def plan(
 
 def _status_lines(rows, store) -> list[str]:
     """What plan says of damaged and interrupted cells: what is wrong, and what a run will do."""
-    from qcompare.runner import resume_step
+    from qcompare.engine.runner import resume_step
 
     lines = []
     for cell, status in rows:
@@ -237,10 +237,10 @@ def run(
     In a terminal a live display shows the cells with an ETA, the running cell's phase and steps,
     and a line per finished cell; written to a file, the run prints one line as each cell starts
     and one as it ends."""
-    from qcompare.display import RunDisplay
-    from qcompare.output import own_stream
-    from qcompare.report import print_report
-    from qcompare.runner import Runner, launcher_ranks
+    from qcompare.engine.progress import RunDisplay
+    from qcompare.engine.capture import own_stream
+    from qcompare.reports.tables import print_report
+    from qcompare.engine.runner import Runner, launcher_ranks
 
     first = launcher_ranks()[0] == 0  # under torchrun every process runs the cells; the first one speaks
     # the display keeps a stream of its own: a cell's libraries write into the cell's log
@@ -311,7 +311,7 @@ def plugins():
     and entry point it came from (QCOMPARE_PLUGINS=name,name loads only those entry points)."""
     from rich.table import Table
 
-    from qcompare.plugins import KINDS, get_registry
+    from qcompare.sdk.registry import KINDS, get_registry
 
     with user_errors():
         reg = get_registry(clashes_allowed=True)
@@ -368,8 +368,8 @@ def report(
     figures: Annotated[Optional[Path], typer.Option(help="Write PNG figures into this folder.")] = None,
 ):
     """Print the comparison tables of a run folder; compare two configurations; pivot; export; plot."""
-    from qcompare.report import FORMATS, print_report
-    from qcompare.store import open_run
+    from qcompare.reports.tables import FORMATS, print_report
+    from qcompare.results.store import open_run
 
     with user_errors():
         if fmt not in (*FORMATS, "html"):
@@ -377,27 +377,27 @@ def report(
         if (rows is None) != (cols is None):
             raise QcompareError("a pivot needs both --rows and --cols")
         store = open_run(run_dir)
-        from qcompare.recipe import report_settings
+        from qcompare.engine.recipe import report_settings
 
         settings = report_settings(store.root)
         if compare:
-            from qcompare.compare import print_comparison
+            from qcompare.reports.compare import print_comparison
 
             print_comparison(store.root, *compare, console, metric, margin if margin is not None else settings.margin,
                              pool)
         elif rows:
-            from qcompare.pivots import print_pivot
+            from qcompare.reports.pivots import print_pivot
 
             print_pivot(store.root, rows, cols, metric, console, fold, settings.select_on)
         elif fmt == "html":
-            from qcompare.html_report import write_html
+            from qcompare.reports.html import write_html
 
             path = write_html(store.root, out or store.root / "report.html", metric)
             console.print(f"[green]wrote[/] {path}", highlight=False)
         else:
             print_report(store, console, fmt)
         if figures:
-            from qcompare.figures import write_figures
+            from qcompare.reports.figures import write_figures
 
             for path in write_figures(store.root, figures, metric):
                 err_console.print(f"wrote {path}")
@@ -411,7 +411,7 @@ def paper(
 ):
     """Write the founding study's tables (markdown and LaTeX, with verdicts) from the runs of
     recipes/paper/ (paper_<study>) or of their toy twins (toy_paper_<study>)."""
-    from qcompare.paper import write
+    from qcompare.study.paper import write
 
     with user_errors():
         md, tex, missing = write(runs, out, margin)

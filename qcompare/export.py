@@ -1,9 +1,9 @@
 """``qcompare export`` and ``export_best``: a finished cell as a Hugging Face model folder.
 
 The weights come from the cell's saved ``model/`` folder (recipe option ``save_models``) or,
-when the run did not keep them, from re-running the cell's phases (qcompare.pipeline: same
+when the run did not keep them, from re-running the cell's phases (qcompare.engine.pipeline: same
 settings, same seed), so an exported model is always the one that was evaluated. How a model
-is written is qcompare.saving's; the model card is qcompare.card's.
+is written is qcompare.sdk.saving's; the model card is qcompare.engine.card's.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from qcompare.card import model_card
-from qcompare.checks import CheckFailed, Fingerprint, dtype_tolerance, reload
+from qcompare.engine.card import model_card
+from qcompare.sdk.checks import CheckFailed, Fingerprint, dtype_tolerance, reload
 from qcompare.errors import QcompareError
-from qcompare.record import CellRecord
-from qcompare.store import RunStore, changed_files, open_run
+from qcompare.results.record import CellRecord
+from qcompare.results.store import RunStore, changed_files, open_run
 
 
 
@@ -42,8 +42,8 @@ def best_cell(root: Path, metric: str, select_on: str | None = None) -> tuple[Ce
     """The best finished non-teacher cell: the configuration with the best mean over seeds, then its
     best seed, chosen on ``select_on`` (a validation metric apart from the reported ones) when
     given, else on ``metric`` itself. Returns the record and a line saying how it was chosen."""
-    from qcompare.pivots import best_configuration, lower_is_better
-    from qcompare.results import group_columns, load_run, metric_column
+    from qcompare.reports.pivots import best_configuration, lower_is_better
+    from qcompare.results.frame import group_columns, load_run, metric_column
 
     df = load_run(root)
     df = df[df["quantizer"] != "teacher"] if not df.empty else df
@@ -140,7 +140,7 @@ def replace_folder(new: Path, to: Path) -> None:
 def export_best(run_dir: Path, metric: str, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
     """Export the best cell by ``metric`` (chosen on the recipe's ``[report] select_on`` when it
     names one) to ``<run_dir>/best/`` (replacing an earlier export)."""
-    from qcompare.recipe import report_settings
+    from qcompare.engine.recipe import report_settings
 
     record, how = best_cell(Path(run_dir), metric, report_settings(Path(run_dir)).select_on)
     to = export_cell(run_dir, record.id, Path(run_dir) / "best", overwrite=True, say=say, selection=how)
@@ -163,12 +163,12 @@ def rebuild(record: CellRecord, folder: Path, say: Callable[[str], None],
             evaluated: Fingerprint | None = None) -> dict:
     """Re-run the cell's phases (prepare → distill → convert), check the result against the evaluated
     model, save it into ``folder`` and check that the folder reloads to it; return what was checked."""
-    from qcompare.api import CellContext
-    from qcompare.cells import Cell, data_identity
-    from qcompare.pipeline import CellPipeline, InputCache
-    from qcompare.plugins import get_registry
-    from qcompare.recipe import DataSpec
-    from qcompare.runner import pick_device
+    from qcompare.sdk.api import CellContext
+    from qcompare.engine.cells import Cell, data_identity
+    from qcompare.engine.pipeline import CellPipeline, InputCache
+    from qcompare.sdk.registry import get_registry
+    from qcompare.engine.recipe import DataSpec
+    from qcompare.engine.runner import pick_device
 
     cell = Cell.from_settings(record.settings)
     if cell.id != record.id:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qcompare import checks, footprint
+from qcompare.sdk import checks, footprint
 from qcompare.errors import QcompareError
 
 # Shared shape of every tiny model: a forward pass takes milliseconds.
@@ -150,8 +150,8 @@ def check_one(quantizer, params, family: str, folder: Path, min_coverage: float,
     holds the line, and nothing is reloaded). With
     ``reload=False`` the saved folder is not reloaded here: the report's ``saved`` and ``fingerprint`` let
     a caller reload many at once (``checks.reload_all``, one process per batch)."""
-    from qcompare.api import CellContext
-    from qcompare.saving import save_converted
+    from qcompare.sdk.api import CellContext
+    from qcompare.sdk.saving import save_converted
     tokenizer = tiny_tokenizer()
     teacher = tiny_model(family, vocab_size=128)
     context = CellContext(cell_dir=folder, seed=0, device="cpu", tokenizer=tokenizer, teacher=teacher,
@@ -207,7 +207,7 @@ MATRIX_QUANTIZERS = (("torchao int2", "torchao", {"bits": 2, "group_size": 0}),
 def architecture_matrix(folder: Path, families=MATRIX_FAMILIES, quantizers=MATRIX_QUANTIZERS) -> list[dict]:
     """Every family × quantizer through the runner's checks: a row each, with what happened
     (``ok``, ``refused`` with its line, or ``failed`` with the failed check's line)."""
-    from qcompare.plugins import get_registry
+    from qcompare.sdk.registry import get_registry
 
     registry, rows, pending = get_registry(), [], []
     for family in families:

@@ -5,7 +5,7 @@
 
 --run runs each twin of recipes/toy/paper/ that the document uses (λ, learning rate, steps, batch ×
 rollout, β) into runs/toy_paper_<study> with `qcompare run` (finished cells are kept, so an
-interrupted run resumes), then writes the page from those run folders (qcompare.miniature).
+interrupted run resumes), then writes the page from those run folders (qcompare.study.miniature).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from qcompare.miniature import STUDIES, findings, markdown
+from qcompare.study.miniature import STUDIES, findings, markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def run_twins(runs: Path, workers: int) -> None:
 
 def wall_minutes(runs: Path) -> float:
     """First cell's start to last cell's finish, summed over the twins' run folders."""
-    from qcompare.store import open_run
+    from qcompare.results.store import open_run
 
     total = 0.0
     for study in STUDIES:

@@ -59,7 +59,7 @@ def command_output(args: list[str]) -> str:
 
 def markdown_table(run: Path) -> str:
     """`qcompare report --format markdown`, its accuracy, Δ and size columns (proxies and cost left out)."""
-    from qcompare.results import load_run, primary_metrics
+    from qcompare.results.frame import load_run, primary_metrics
 
     df = load_run(run)
     keep = ["configuration", "seeds", "± over", *primary_metrics(df.columns, df.attrs.get("groups")), "average",
@@ -81,11 +81,11 @@ def compare_example(run: Path, a: str, b: str) -> str:
 
 
 def run_lines(run: Path) -> str:
-    """The two lines a run written to a file prints for one cell (qcompare.display)."""
+    """The two lines a run written to a file prints for one cell (qcompare.engine.progress)."""
     from rich.text import Text
 
-    from qcompare.display import outcome
-    from qcompare.store import open_run
+    from qcompare.engine.progress import outcome
+    from qcompare.results.store import open_run
 
     record = next(r for r in open_run(run).records() if r.label == ONE_CELL)
     return f"```text\nstart {record.label}\n{record.label} — {Text.from_markup(outcome(record)).plain}\n```"
@@ -111,7 +111,7 @@ def number(n: int) -> str:
 
 def timing(run: Path) -> str:
     """How long the reference run took, from its records' own times."""
-    from qcompare.store import open_run
+    from qcompare.results.store import open_run
 
     records = [r for r in open_run(run).records() if r.started_at and r.finished_at]
     spans = sorted((datetime.fromisoformat(r.started_at), datetime.fromisoformat(r.finished_at)) for r in records)
@@ -131,7 +131,7 @@ def timing(run: Path) -> str:
 
 
 def bits_note(summary) -> str:
-    from qcompare.results import setting_text
+    from qcompare.results.frame import setting_text
 
     int4 = summary[(summary["kind"] == "ptq") & (summary["quantizer.bits"].map(setting_text) == "4")].iloc[0]
     return ("\"± over\" says what each interval is over: Student's t over the seeds, or, for a configuration run "
@@ -145,7 +145,7 @@ def bits_note(summary) -> str:
 
 def int2_story(run: Path, summary, metrics: list[str]) -> str:
     """What INT2 costs and what training wins back, on what the chat data covers and on what it does not."""
-    from qcompare.results import setting_text
+    from qcompare.results.frame import setting_text
 
     int2 = summary[summary["quantizer.bits"].map(setting_text) == "2"]
     teacher = summary[summary["kind"] == "teacher"].iloc[0]
@@ -175,7 +175,7 @@ def int2_story(run: Path, summary, metrics: list[str]) -> str:
 
 def lambda_story(run: Path) -> str:
     """λ=1 against λ=0 in words that follow the comparison's numbers and verdict, then GKD against PTQ."""
-    from qcompare.compare import compare
+    from qcompare.reports.compare import compare
 
     c = compare(run, *LAMBDA, margin=MARGIN)[0]
     seeds = number(min(c.seeds_a, c.seeds_b))
@@ -204,8 +204,8 @@ def lambda_story(run: Path) -> str:
 
 def blocks(run: Path = REFERENCE) -> dict[str, str]:
     """Each generated block of README.md, by name, from a run folder of the demo."""
-    from qcompare.report import summarize
-    from qcompare.results import load_run
+    from qcompare.reports.tables import summarize
+    from qcompare.results.frame import load_run
 
     summary, metrics = summarize(load_run(run))
     return {
@@ -233,7 +233,7 @@ def ship(run: Path, to: Path = REFERENCE) -> None:
     """Copy what the README's numbers are read from: the recipe, each cell's settings and record, and
     the files its record names (per-item scores, probe logits, training log: `qcompare report` checks
     them against the record's digests). Output logs, cost.json (the record holds it) and models stay behind."""
-    from qcompare.store import open_run
+    from qcompare.results.store import open_run
 
     store = open_run(run)
     if store.recipe.read_text() != RECIPE.read_text():

@@ -17,7 +17,7 @@ os.environ.setdefault("QCOMPARE_CACHE", tempfile.mkdtemp(prefix="qcompare-test-c
 import pytest
 import torch
 import testplugins
-from qcompare.plugins import add_plugin, remove_plugin
+from qcompare.sdk.registry import add_plugin, remove_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_RTN = ROOT / "examples" / "qcompare-rtn"

@@ -39,7 +39,8 @@ def test_every_family_by_every_quantizer_and_the_page_that_says_so(tmp_path):
 
 
 def test_fused_experts_train_through_the_fake_quantizer_and_teacher_mode_switches_them_off():
-    from qcompare_plugins.distillers.shared_teacher import fake_quantizers, teacher_mode
+    from qcompare.sdk import fake_quantizers
+    from qcompare_plugins.distillers.shared_teacher import teacher_mode
     from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
 
     teacher = tiny_model("qwen3_moe")
@@ -139,9 +140,9 @@ max_samples = 8
 def test_expert_biases_are_neither_codes_nor_scale_overhead(tmp_path, name, params):
     """GPT-OSS keeps float biases beside its fused experts (``gate_up_proj_bias``): they count as float,
     and the bits of the quantized weights are those of their codes, scales and zero points alone."""
-    from qcompare.checks import DEFAULT_MIN_COVERAGE
-    from qcompare.plugins import get_registry
-    from qcompare.targets import all_targets
+    from qcompare.sdk.checks import DEFAULT_MIN_COVERAGE
+    from qcompare.sdk.registry import get_registry
+    from qcompare.sdk.targets import all_targets
     from qcompare.testing import check_one
 
     cls = get_registry().get("quantizer", name)
@@ -159,9 +160,9 @@ def test_expert_biases_are_neither_codes_nor_scale_overhead(tmp_path, name, para
 def test_fused_experts_stored_input_first_without_a_flag_get_their_groups_along_the_input(tmp_path):
     """Llama 4 keeps its experts as (experts, in, out) and says so nowhere: the input axis is found from what
     the forward multiplies (a probe), so torchao's groups run along the input features, as on a Linear."""
-    from qcompare.checks import probe_logits
-    from qcompare.plugins import get_registry
-    from qcompare.targets import find_targets, probe_expert_layouts
+    from qcompare.sdk.checks import probe_logits
+    from qcompare.sdk.registry import get_registry
+    from qcompare.sdk.targets import find_targets, probe_expert_layouts
 
     model = tiny_model("llama4_text")
     experts = model.model.layers[0].feed_forward.experts

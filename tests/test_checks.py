@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from qcompare import hookimpl
 from qcompare.cli import app
-from qcompare.plugins import add_plugin, get_registry, remove_plugin
+from qcompare.sdk.registry import add_plugin, get_registry, remove_plugin
 from qcompare.testing import check_quantizer
 
 cli = CliRunner()
@@ -60,7 +60,7 @@ class DefaultSaveRTN(qcompare_rtn.RTNQuantizer):
     """Keeps the base class's save: plain save_pretrained of modules transformers does not know."""
 
     name = "plainsave"
-    save = qcompare_rtn.RTNQuantizer.__mro__[1].save  # qcompare.api.Quantizer.save
+    save = qcompare_rtn.RTNQuantizer.__mro__[1].save  # qcompare.sdk.api.Quantizer.save
 
 
 class RoundedRTN(qcompare_rtn.RTNQuantizer):
@@ -183,8 +183,8 @@ def test_a_quantizer_that_leaves_the_body_float_fails_unless_the_recipe_allows_i
 
 
 def test_min_coverage_is_checked_and_changes_no_cell_id(test_plugins, write_recipe):
-    from qcompare.cells import expand
-    from qcompare.recipe import load_recipe
+    from qcompare.engine.cells import expand
+    from qcompare.engine.recipe import load_recipe
 
     bad = write_recipe(RECIPE.format(quantizer="rtn", bits=4, extra="", qextra="min_coverage = 1.5"), "bad.toml")
     res = cli.invoke(app, ["validate", str(bad)])

@@ -96,7 +96,7 @@ class Meddle:
     def register_distillers(self, register):
         import torch
 
-        from qcompare.api import Distiller, DistillResult
+        from qcompare.sdk.api import Distiller, DistillResult
 
         class MeddlingDistiller(Distiller):
             name = "meddle"
@@ -113,10 +113,10 @@ class Meddle:
 def test_a_distiller_cannot_change_the_teacher_later_cells_use(test_plugins, write_recipe, tmp_path):
     import torch
 
-    from qcompare.plugins import add_plugin, remove_plugin
-    from qcompare.recipe import load_recipe
-    from qcompare.runner import Runner
-    from qcompare.store import RunStore
+    from qcompare.sdk.registry import add_plugin, remove_plugin
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.engine.runner import Runner
+    from qcompare.results.store import RunStore
 
     meddle = Meddle()
     add_plugin(meddle)
@@ -138,7 +138,7 @@ def test_a_distiller_cannot_change_the_teacher_later_cells_use(test_plugins, wri
 def test_which_failures_a_rerun_can_change():
     import torch
 
-    from qcompare.checks import CheckFailed
+    from qcompare.sdk.checks import CheckFailed
     from qcompare.errors import QcompareError, transient
 
     assert transient(MemoryError()) and transient(torch.OutOfMemoryError("CUDA out of memory"))
@@ -155,7 +155,7 @@ class Scribble:
     def register_distillers(self, register):
         import torch
 
-        from qcompare.api import Distiller, DistillResult
+        from qcompare.sdk.api import Distiller, DistillResult
 
         class ScribblingDistiller(Distiller):
             name = "scribble"
@@ -174,10 +174,10 @@ def test_a_cell_that_writes_into_the_teacher_fails_and_later_cells_get_it_back(t
     import torch
     from safetensors.torch import load_file
 
-    from qcompare.plugins import add_plugin, remove_plugin
-    from qcompare.recipe import load_recipe
-    from qcompare.runner import Runner
-    from qcompare.store import RunStore
+    from qcompare.sdk.registry import add_plugin, remove_plugin
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.engine.runner import Runner
+    from qcompare.results.store import RunStore
 
     scribble = Scribble()
     add_plugin(scribble)

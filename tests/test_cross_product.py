@@ -1,7 +1,7 @@
 """How a recipe expands into cells, and how cell ids follow their settings."""
 
-from qcompare.cells import expand
-from qcompare.recipe import load_recipe
+from qcompare.engine.cells import expand
+from qcompare.engine.recipe import load_recipe
 
 from conftest import BASIC
 
@@ -42,7 +42,7 @@ def test_cell_id_is_stable_and_follows_settings(test_plugins, write_recipe):
 
 
 def test_runtime_parameters_leave_cell_ids_alone(monkeypatch, write_recipe):
-    from qcompare.plugins import get_registry
+    from qcompare.sdk.registry import get_registry
 
     monkeypatch.setenv("QCOMPARE_PLUGINS", "local,torchao,distillers")
     body = """

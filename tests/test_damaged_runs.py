@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import BASIC
 from qcompare.cli import app
-from qcompare.results import damage_notes, load_run
+from qcompare.results.frame import damage_notes, load_run
 
 cli = CliRunner()
 
@@ -116,7 +116,7 @@ def test_plan_tells_a_running_cell_from_an_interrupted_one(run):
 def test_export_states_the_real_reason_a_model_was_not_saved(test_plugins, write_recipe, tmp_path):
     import unsavable as plugin
 
-    from qcompare.plugins import add_plugin, remove_plugin
+    from qcompare.sdk.registry import add_plugin, remove_plugin
 
     add_plugin(plugin)
     try:

@@ -11,9 +11,9 @@ import torch
 from pydantic import ValidationError
 from tiny_chat import make_context, make_data, make_student, make_teacher, make_tokenizer
 
-from qcompare.api import CellProgress
+from qcompare.sdk.api import CellProgress
 from qcompare.errors import QcompareError
-from qcompare.plugins import get_registry
+from qcompare.sdk.registry import get_registry
 from qcompare_plugins.distillers import GKDDistiller, NoDistiller, SFTDistiller
 from qcompare_plugins.distillers.common import TrainingDivergedError
 from qcompare_plugins.distillers.cost import SAVED_NAME as COST_FILE, CostMeter
@@ -294,7 +294,7 @@ def test_gkd_cost_says_which_rollouts_and_loss_a_cell_used(world, tmp_path):
 
 
 def test_the_8bit_optimizer_trains_with_torchao_and_an_added_parameter_keeps_earlier_cell_ids(world, tmp_path):
-    from qcompare.recipe import PluginChoice, added_defaults, runtime_keys
+    from qcompare.engine.recipe import PluginChoice, added_defaults, runtime_keys
 
     def choice(**params):
         resolved = SFTParams(**params)

@@ -22,11 +22,11 @@ def _defines(source: str, name: str) -> bool:
                      source, re.M) is not None
 
 
-# a module of the project by its short name (`estimate.memory` names qcompare/estimate.py's memory)
+# a module of the project by its short name (`estimate.memory` names qcompare/engine/estimate.py's memory)
 # (but `cost.loss` and `provenance.processes` are a record's fields, as the docs quote them)
 STEMS = {p.stem: p.relative_to(ROOT).as_posix() for top in ("qcompare", "qcompare_plugins")
          for p in (ROOT / top).rglob("*.py") if p.stem not in ("__init__", "__main__", "cost", "provenance")}
-# a class of the project by its name (`Runner.run` names qcompare/runner.py's Runner.run)
+# a class of the project by its name (`Runner.run` names qcompare/engine/runner.py's Runner.run)
 CLASSES: dict[str, list[str]] = {}
 for _p in [p for top in ("qcompare", "qcompare_plugins") for p in (ROOT / top).rglob("*.py")]:
     for _c in re.findall(r"^class\s+([A-Za-z_][A-Za-z0-9_]*)", _p.read_text(), re.M):

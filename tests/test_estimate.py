@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qcompare.cli import app
-from qcompare.estimate import logical_flops
+from qcompare.engine.estimate import logical_flops
 from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams
 from qcompare_plugins.distillers.sft import SFTDistiller, SFTParams
 

@@ -14,9 +14,9 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from qcompare import hookimpl
-from qcompare.api import CellContext, CellProgress
+from qcompare.sdk.api import CellContext, CellProgress
 from qcompare.errors import QcompareError
-from qcompare.plugins import add_plugin, get_registry, remove_plugin
+from qcompare.sdk.registry import add_plugin, get_registry, remove_plugin
 
 TASKS = Path(__file__).parent / "data" / "evaltasks"
 HELDOUT = TASKS / "heldout.jsonl"

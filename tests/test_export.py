@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 import testplugins
 from qcompare import hookimpl
-from qcompare.api import EvalResult, Evaluator
+from qcompare.sdk.api import EvalResult, Evaluator
 from qcompare.cli import app
-from qcompare.plugins import add_plugin, remove_plugin
+from qcompare.sdk.registry import add_plugin, remove_plugin
 
 cli = CliRunner()
 IDS = torch.randint(3, 400, (2, 12), generator=torch.Generator().manual_seed(7))
@@ -147,7 +147,7 @@ def test_a_failed_forced_export_keeps_the_earlier_export(toy_plugins, monkeypatc
     before = {p.relative_to(to): p.read_bytes() for p in to.rglob("*") if p.is_file()}
     assert "model.safetensors" in {p.name for p in before}
 
-    from qcompare.pipeline import CellPipeline
+    from qcompare.engine.pipeline import CellPipeline
 
     def broken(self, student):
         raise RuntimeError("out of memory\nsecond line")
@@ -218,7 +218,7 @@ def test_saving_a_torchao_lora_student_writes_the_base_and_a_peft_adapter_beside
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from qcompare.saving import save_converted
+    from qcompare.sdk.saving import save_converted
     from qcompare_plugins.toy import MODEL
     from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
 
@@ -358,8 +358,8 @@ def test_a_plugins_own_format_is_saved_as_itself_and_every_load_goes_through_the
     on_disk = card.split("## On disk")[1].split("##")[0]
     assert "the quantizer `nf3`'s own format" in on_disk and "(1.00× the true size above)" in on_disk
     # a later recipe naming the folder as its model loads it through the plugin too (not as random weights)
-    from qcompare.data import load_model
-    from qcompare.plugins import get_registry
+    from qcompare.engine.inputs import load_model
+    from qcompare.sdk.registry import get_registry
 
     again, _ = load_model(str(to), get_registry(), "cpu")
     with torch.no_grad():

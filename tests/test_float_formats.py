@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from qcompare import checks, footprint
+from qcompare.sdk import checks, footprint
 from qcompare.errors import QcompareError
 from qcompare.testing import check_quantizer, tiny_config, tiny_model
 from qcompare_plugins.float_formats import (BnbParams, BnbQuantizer, FP8Params, FP8Quantizer, MXFP4Quantizer,
@@ -142,7 +142,8 @@ def test_gradients_pass_straight_through_to_the_exact_rounded_weight():
 
 @pytest.mark.parametrize("name", ["nvfp4", "bnb"])
 def test_a_weight_sharing_student_runs_as_its_teacher_with_quantizers_off(name):
-    from qcompare_plugins.distillers.shared_teacher import fake_quantizers, teacher_mode
+    from qcompare.sdk import fake_quantizers
+    from qcompare_plugins.distillers.shared_teacher import teacher_mode
 
     quantizer = QUANTIZERS[name]()
     teacher = tiny_model("qwen3")
@@ -230,7 +231,7 @@ def test_true_bits_count_every_block_scale(name, params):
 
 
 def test_the_pareto_front_keeps_what_no_other_point_beats():
-    from qcompare.figures import pareto_front
+    from qcompare.reports.figures import pareto_front
 
     points = [(4.25, 0.90), (4.5, 0.95), (5.25, 0.94), (5.25, 0.97), (8.4, 0.97), (4.5, 0.93)]
     assert pareto_front(points) == [(4.25, 0.90), (4.5, 0.95), (5.25, 0.97)]

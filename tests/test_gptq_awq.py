@@ -14,7 +14,7 @@ from safetensors import safe_open
 from tiny_chat import make_context, make_data, make_teacher, make_tokenizer
 
 from qcompare.errors import QcompareError
-from qcompare.plugins import get_registry
+from qcompare.sdk.registry import get_registry
 from qcompare_plugins.evaluators.kl import token_kl
 from qcompare_plugins.llmcompressor_calibration import student_from_calibrated
 from qcompare_plugins.llmcompressor_quantizers import AWQParams, AWQQuantizer, GPTQParams, GPTQQuantizer
@@ -95,7 +95,7 @@ def test_trained_student_keeps_its_grid_converts_exactly_and_reloads_from_compre
     with torch.no_grad():
         converted = real(batch).logits
     assert torch.equal(converted, trained), (converted - trained).abs().max()
-    from qcompare.footprint import measure
+    from qcompare.sdk.footprint import measure
 
     assert measure(world[1], real).memory_bytes < sum(t.numel() * 4 for t in world[1].state_dict().values())
 
@@ -138,7 +138,7 @@ def test_lora_student_converts_exactly_and_its_checkpoint_holds_the_quantized_ba
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qcompare.saving import lora_layers, without_adapters
+    from qcompare.sdk.saving import lora_layers, without_adapters
 
     params, ctx, batch = GPTQParams(calibration_samples=16, calibration_length=64), context(tmp_path, world), ids(world)
     student = GPTQQuantizer().prepare(copy.deepcopy(world[1]), params, ctx)

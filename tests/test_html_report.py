@@ -92,6 +92,6 @@ def test_a_run_with_only_its_teacher_says_so_instead_of_drawing_one_black_bar(te
     figures = source[source.index("<h2>Figures</h2>"):source.index("<h2>Cells")]
     assert "<img" not in figures
     assert "No figures: only the teacher finished" in figures
-    from qcompare.figures import write_figures
+    from qcompare.reports.figures import write_figures
 
     assert write_figures(run, tmp_path / "figs") == []  # the bar chart of one teacher bar was the black block

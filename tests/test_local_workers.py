@@ -79,10 +79,10 @@ def test_a_forked_worker_builds_its_own_runner_not_the_drivers_display(test_plug
     import multiprocessing
     import threading
 
-    from qcompare.api import CellProgress
-    from qcompare.recipe import load_recipe
-    from qcompare.runner import CellJob, Runner
-    from qcompare.store import RunStore
+    from qcompare.sdk.api import CellProgress
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.engine.runner import CellJob, Runner
+    from qcompare.results.store import RunStore
 
     held = threading.Lock()
 

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from qcompare.cli import app
-from qcompare.estimate import Estimate
-from qcompare.memory import (ACTIVATION_FACTOR, GIB, JSD_LOSS_TENSORS, Shapes, cell_memory, fixes,
+from qcompare.engine.estimate import Estimate
+from qcompare.engine.memory import (ACTIVATION_FACTOR, GIB, JSD_LOSS_TENSORS, Shapes, cell_memory, fixes,
                              lora_parameters)
 from qcompare_plugins.distillers.gkd import GKDParams
 

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from conftest import BASIC
 from qcompare import hookimpl
-from qcompare.api import EvalResult, Evaluator
+from qcompare.sdk.api import EvalResult, Evaluator
 from qcompare.cli import app
-from qcompare.plugins import add_plugin, remove_plugin
+from qcompare.sdk.registry import add_plugin, remove_plugin
 
 cli = CliRunner()
 LIBRARY = logging.getLogger("qcompare-test-library")  # a library's logger, with its own handler
@@ -85,7 +85,7 @@ def test_verbose_shows_what_the_libraries_print(noisy, tmp_path):
 
 
 def test_what_a_cell_hands_a_stream_keeps_working_after_it(tmp_path, capfd):
-    from qcompare.output import cell_output
+    from qcompare.engine.capture import cell_output
 
     with cell_output(tmp_path / "output.log"):
         late = logging.StreamHandler(sys.stderr)  # a library imported during the cell

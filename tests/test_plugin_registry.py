@@ -5,10 +5,10 @@ import pytest
 from typer.testing import CliRunner
 
 from qcompare import hookimpl
-from qcompare.api import Quantizer
+from qcompare.sdk.api import Quantizer
 from qcompare.cli import app
 from qcompare.errors import QcompareError
-from qcompare.plugins import add_plugin, get_registry, make_plugin_manager, remove_plugin
+from qcompare.sdk.registry import add_plugin, get_registry, make_plugin_manager, remove_plugin
 
 
 class Clash:

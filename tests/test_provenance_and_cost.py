@@ -21,7 +21,7 @@ cli = CliRunner()
 
 PLUGIN = '''
 from qcompare import hookimpl
-from qcompare.api import Distiller, DistillResult
+from qcompare.sdk.api import Distiller, DistillResult
 
 
 class Touch(Distiller):
@@ -58,8 +58,8 @@ def touch_plugin(tmp_path, monkeypatch, test_plugins):
     import importlib
     import sys
 
-    from qcompare import provenance, runner
-    from qcompare.plugins import add_plugin, remove_plugin
+    from qcompare.engine import provenance, runner
+    from qcompare.sdk.registry import add_plugin, remove_plugin
 
     folder = tmp_path / "touchplugin"
     folder.mkdir()
@@ -142,10 +142,10 @@ def test_the_data_files_a_cell_reads_by_name_count_in_its_identity(tmp_path):
     rewritten in place: a cell's identity holds every file it reads by name (registered training
     data, an evaluator's texts, lm-eval's task folders), so such a rebuild makes its cells stale
     instead of mixing old and new results."""
-    from qcompare.cells import expand
-    from qcompare.plugins import get_registry
-    from qcompare.recipe import load_recipe
-    from qcompare.runner import plugin_identities
+    from qcompare.engine.cells import expand
+    from qcompare.sdk.registry import get_registry
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.engine.runner import plugin_identities
 
     texts = tmp_path / "texts.jsonl"
     texts.write_text('{"text": "bado drinks tea ."}\n')
@@ -185,10 +185,10 @@ def test_the_data_files_a_cell_reads_by_name_count_in_its_identity(tmp_path):
 
 
 def test_cached_teacher_work_counts_in_every_cell_and_the_saving_is_the_runs(tmp_path):
-    from qcompare.recipe import load_recipe
-    from qcompare.report import print_report
-    from qcompare.runner import Runner
-    from qcompare.store import RunStore
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.reports.tables import print_report
+    from qcompare.engine.runner import Runner
+    from qcompare.results.store import RunStore
     from qcompare_plugins.distillers.teacher_cache import clear_memory
     from rich.console import Console
 
@@ -276,7 +276,7 @@ def test_full_fine_tuning_of_a_bf16_student_keeps_updates_bf16_would_round_away(
 
 
 def test_a_first_build_run_folder_still_reads_and_a_newer_one_says_so(tmp_path):
-    from qcompare.results import load_run
+    from qcompare.results.frame import load_run
 
     cell = tmp_path / "run" / "cells" / "0123456789ab"
     cell.mkdir(parents=True)

@@ -30,9 +30,9 @@ def test_the_readme_quotes_the_reference_run_as_the_code_reports_it_today():
 
 
 def test_the_reference_run_is_a_whole_run_of_the_demo_recipe():
-    from qcompare.cells import expand
-    from qcompare.recipe import load_recipe
-    from qcompare.store import open_run
+    from qcompare.engine.cells import expand
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.results.store import open_run
 
     store = open_run(readme_numbers.REFERENCE)
     assert store.recipe.read_text() == readme_numbers.RECIPE.read_text(), \
@@ -57,10 +57,10 @@ def test_the_demo_reproduces_the_reference_runs_cells(tmp_path):
     with OMP_NUM_THREADS=1, as the tests run, KL moves in its 7th digit (1e-7 relative), hence the
     tolerance on KL alone. The reference cell read the teacher from the run's teacher cache; the rerun
     computes it, so this also checks the cache changes nothing."""
-    from qcompare.cells import expand
-    from qcompare.recipe import load_recipe
-    from qcompare.runner import Runner
-    from qcompare.store import RunStore, open_run
+    from qcompare.engine.cells import expand
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.engine.runner import Runner
+    from qcompare.results.store import RunStore, open_run
 
     reference = open_run(readme_numbers.REFERENCE)
     recipe = load_recipe(readme_numbers.RECIPE)

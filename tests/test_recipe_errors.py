@@ -158,7 +158,7 @@ def test_a_model_id_the_hub_does_not_know_is_refused_and_an_unreachable_hub_is_s
                                                                                     monkeypatch):
     import huggingface_hub
 
-    from qcompare import structure
+    from qcompare.engine import structure
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(structure, "_hub", {})
@@ -183,10 +183,10 @@ def test_a_model_id_the_hub_does_not_know_is_refused_and_an_unreachable_hub_is_s
 
 
 def test_a_model_that_cannot_be_loaded_fails_once_and_later_cells_at_once(test_plugins, monkeypatch):
-    from qcompare import data
+    from qcompare.engine import inputs as data
     from qcompare.errors import QcompareError
-    from qcompare.pipeline import InputCache
-    from qcompare.plugins import get_registry
+    from qcompare.engine.pipeline import InputCache
+    from qcompare.sdk.registry import get_registry
 
     tries = []
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qcompare.cli import app
-from qcompare.recipe import load_recipe
+from qcompare.engine.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 STUDIES = [RECIPES / "qwen3_int4.toml", *sorted((RECIPES / "paper").glob("*.toml"))]
@@ -85,7 +85,7 @@ def other_architectures(tmp_path_factory):
     """Random-weight models of other families that speak the toy tokenizer."""
     from transformers import AutoTokenizer
 
-    from qcompare.plugins import get_registry
+    from qcompare.sdk.registry import get_registry
     from qcompare_plugins.toy.archs import tiny_model
 
     toy = get_registry().models["toy-qwen3"].obj[0]
@@ -153,7 +153,7 @@ def test_the_paper_in_miniature_is_written_from_the_twins_runs(twin_runs, tmp_pa
                            str(twin_runs), "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     page = out.read_text()
-    from qcompare.miniature import STUDY, VERDICTS
+    from qcompare.study.miniature import STUDY, VERDICTS
 
     for title in ("Main table: the on-policy share λ", "Compute: on-policy against off-policy", "Learning-rate sweep",
                   "Short against long training", "Batch size × rollout length at λ = 1", "The generalized JSD's β"):

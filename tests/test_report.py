@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from conftest import BASIC
 from qcompare.cli import app
-from qcompare.report import MIN_GAP, summarize
-from qcompare.results import load_run
-from qcompare.stats import mean_ci
+from qcompare.reports.tables import MIN_GAP, summarize
+from qcompare.results.frame import load_run
+from qcompare.results.stats import mean_ci
 
 cli = CliRunner()
 
@@ -158,7 +158,7 @@ def test_quantizers_with_different_parameters_each_get_their_own_ptq_baseline_an
         test_plugins, write_recipe, tmp_path, monkeypatch):
     import qcompare_nf3
 
-    from qcompare.plugins import add_plugin, remove_plugin
+    from qcompare.sdk.registry import add_plugin, remove_plugin
 
     monkeypatch.setenv("QCOMPARE_PLUGINS", "local,torchao")  # a built-in beside two third-party quantizers
     add_plugin(qcompare_nf3)
@@ -190,7 +190,7 @@ def extra_plugins():
     from unsavable import UnsavableRTN
 
     from qcompare import hookimpl
-    from qcompare.plugins import add_plugin, remove_plugin
+    from qcompare.sdk.registry import add_plugin, remove_plugin
 
     class Echo(testplugins.Nudge):
         name = "echo"
@@ -259,7 +259,7 @@ def test_a_cell_label_with_a_hash_survives_read_csv_with_comments(finished_run):
 
 
 def test_size_and_cost_columns_show_small_amounts_as_numbers():
-    from qcompare.report import SIZE_AND_COST
+    from qcompare.reports.tables import SIZE_AND_COST
 
     # a minute of GPU, a tiny model's training: not "0.000"
     assert SIZE_AND_COST["GPU h"](1 / 60) == "0.017" and SIZE_AND_COST["GPU h"](3 / 3600) == "0.00083"
@@ -268,9 +268,9 @@ def test_size_and_cost_columns_show_small_amounts_as_numbers():
 
 def _figures_drawn(monkeypatch) -> dict:
     """Each figure write_figures saves, by file name: {file: figure}, kept open for the test to read."""
-    import qcompare.figures
+    import qcompare.reports.figures
 
-    drawn, save = {}, qcompare.figures._save
+    drawn, save = {}, qcompare.reports.figures._save
 
     def keep(fig, path):
         drawn[path.name] = fig
@@ -278,7 +278,7 @@ def _figures_drawn(monkeypatch) -> dict:
         fig.savefig(path, dpi=50)
         return path
 
-    monkeypatch.setattr(qcompare.figures, "_save", keep)
+    monkeypatch.setattr(qcompare.reports.figures, "_save", keep)
     return drawn
 
 

@@ -12,7 +12,7 @@ import torch
 from tiny_chat import make_teacher, make_tokenizer
 from transformers import GenerationConfig
 
-from qcompare.plugins import get_registry
+from qcompare.sdk.registry import get_registry
 from qcompare_plugins.distillers.rollouts import weights_rounded_once
 
 

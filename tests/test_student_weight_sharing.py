@@ -9,10 +9,10 @@ import torch
 
 from types import SimpleNamespace
 
-from qcompare.pipeline import weight_sharing_copy
-from qcompare.recipe import load_recipe
-from qcompare.runner import Runner
-from qcompare.store import RunStore
+from qcompare.engine.pipeline import weight_sharing_copy
+from qcompare.engine.recipe import load_recipe
+from qcompare.engine.runner import Runner
+from qcompare.results.store import RunStore
 
 RECIPE = """
 name = "share"
@@ -161,7 +161,7 @@ class Stop(Exception):
 
 @pytest.mark.parametrize("case", ["full fine-tuning", "gptq"])
 def test_full_fine_tuning_or_gptq_gets_a_deep_copy(tmp_path, monkeypatch, case):
-    from qcompare.plugins import get_registry
+    from qcompare.sdk.registry import get_registry
 
     if case == "gptq":
         kw = dict(quantizer="gptq", qparams="bits = 4\ngroup_size = 32", distiller="none", dparams="")

@@ -10,7 +10,8 @@ from tiny_chat import make_context, make_data, make_student, make_teacher, make_
 from qcompare.errors import QcompareError
 from qcompare_plugins.distillers import GKDDistiller
 from qcompare_plugins.distillers.gkd import GKDParams
-from qcompare_plugins.distillers.shared_teacher import fake_quantizers, share_base_weights, teacher_mode
+from qcompare.sdk import fake_quantizers
+from qcompare_plugins.distillers.shared_teacher import share_base_weights, teacher_mode
 from qcompare_plugins.distillers.teacher_cache import clear_memory
 
 TINY = dict(max_steps=4, max_length=64, learning_rate=1e-3, per_device_train_batch_size=2, max_new_tokens=8)
@@ -25,7 +26,7 @@ def world():
 def run_cell(tmp_path, name, seed=0, peers=4):
     """A cell of a run folder, as the runner hands it to plugins: one of ``peers`` cells (a sweep)
     that train on the same batches."""
-    from qcompare.store import RunStore
+    from qcompare.results.store import RunStore
 
     store = RunStore(tmp_path / "run")
     return make_context(store.cell_dir(name), seed=seed, shared_dir=store.shared, peers=peers)
@@ -84,7 +85,7 @@ def test_the_hidden_state_cache_is_exact_at_a_large_vocabulary_and_far_smaller(t
 
 
 def test_auto_caches_hidden_states_only_when_other_cells_share_the_batches_and_the_body_dominates():
-    from qcompare.api import ModelFacts
+    from qcompare.sdk.api import ModelFacts
     from qcompare_plugins.distillers.gkd import cache_choice
 
     params = GKDParams(lmbda=0.0)
@@ -263,7 +264,7 @@ def test_teacher_mode_switches_off_the_torchao_plugins_fake_quantizers(world, tm
 
     from peft import LoraConfig, get_peft_model
 
-    from qcompare.plugins import get_registry
+    from qcompare.sdk.registry import get_registry
 
     tokenizer, teacher, _ = world
     quantizer = get_registry().get("quantizer", "torchao")
@@ -281,9 +282,9 @@ def test_teacher_mode_switches_off_the_torchao_plugins_fake_quantizers(world, tm
 def test_a_lambda0_sweep_through_the_runner_runs_the_teacher_once(tmp_path):
     import json
 
-    from qcompare.recipe import load_recipe
-    from qcompare.runner import Runner
-    from qcompare.store import RunStore
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.engine.runner import Runner
+    from qcompare.results.store import RunStore
 
     clear_memory()
     recipe = tmp_path / "sweep.toml"

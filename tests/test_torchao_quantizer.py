@@ -169,8 +169,8 @@ def test_unsupported_bit_width_is_rejected_by_schema_recipe_and_prepare(teachers
     with pytest.raises(ValidationError, match="allowed: 2, 3, 4, 8"):
         TorchaoParams(bits=5)
     monkeypatch.setenv("QCOMPARE_PLUGINS", "torchao")
-    from qcompare.plugins import get_registry
-    from qcompare.recipe import expand_plugin
+    from qcompare.sdk.registry import get_registry
+    from qcompare.engine.recipe import expand_plugin
 
     errors: list[str] = []
     expand_plugin("quantizer", {"name": "torchao", "bits": [4, 5], "group_size": 48}, "quantizers[0]",
@@ -232,7 +232,7 @@ def test_convert_needs_a_prepared_student(teachers):
 
 
 def test_true_size_counts_codes_at_their_width_and_scales_and_zero_points_as_stored(teachers):
-    from qcompare.footprint import measure
+    from qcompare.sdk.footprint import measure
 
     teacher = teachers["qwen3"]
     float_bytes = measure(teacher, teacher).memory_bytes
@@ -267,7 +267,7 @@ def test_bits_per_weight_counts_scale_and_zero_point_per_group():
 
 
 def test_true_size_counts_tied_weights_once(teachers):
-    from qcompare.footprint import measure
+    from qcompare.sdk.footprint import measure
 
     gemma = teachers["gemma"]
     assert gemma.lm_head.weight is gemma.model.embed_tokens.weight
@@ -281,7 +281,7 @@ def test_true_size_counts_tied_weights_once(teachers):
 
 def test_torchao_registers_through_its_entry_point(monkeypatch):
     monkeypatch.setenv("QCOMPARE_PLUGINS", "torchao")
-    from qcompare.plugins import get_registry
+    from qcompare.sdk.registry import get_registry
 
     assert get_registry().get("quantizer", "torchao") is TorchaoQuantizer
 
@@ -294,9 +294,9 @@ def test_toy_model_student_equals_converted_and_int2_hurts_more_than_int4(monkey
     from transformers import AutoModelForCausalLM
 
     if not (Path(qcompare_plugins.toy.__file__).parent / "model" / "config.json").exists():
-        pytest.skip("the toy model (qcompare_plugins/toy/model) is not built yet")
+        pytest.skip("the toy model (plugins/toy/model) is not built yet")
     monkeypatch.delenv("QCOMPARE_PLUGINS", raising=False)
-    from qcompare.plugins import get_registry
+    from qcompare.sdk.registry import get_registry
 
     folder = get_registry().models["toy-qwen3"].obj[0]
     teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

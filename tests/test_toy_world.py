@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qcompare.plugins import get_registry
+from qcompare.sdk.registry import get_registry
 from qcompare_plugins.toy import HELDOUT, MODEL, MOE_MODEL, NARROW_MODEL, TASKS, TRAIN
 from qcompare_plugins.toy.world import (FUNCTION_WORDS, LORE, benchmarks, chat_rows, heldout_texts, make_world,
                                         next_words, pretrain_texts, seq_terms)

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 import testplugins
 from qcompare.cli import app
 from qcompare.errors import QcompareError
-from qcompare.extras import require
-from qcompare.plugins import add_plugin, remove_plugin
+from qcompare.sdk.extras import require
+from qcompare.sdk.registry import add_plugin, remove_plugin
 
 cli = CliRunner()
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import BASIC
 from qcompare.cli import app
-from qcompare.verdicts import Side, Structure, compare
+from qcompare.reports.verdicts import Side, Structure, compare
 
 cli = CliRunner()
 
@@ -108,8 +108,8 @@ def test_selectors_take_one_configuration_and_name_what_else_they_match(seeded_r
 
 
 def test_items_pair_by_id_through_reordered_and_edited_task_files(seeded_run):
-    from qcompare.compare import compare as compare_cells
-    from qcompare.results import load_run
+    from qcompare.reports.compare import compare as compare_cells
+    from qcompare.results.frame import load_run
 
     args = ("bits=2,max_steps=3", "bits=2,max_steps=1")
     before, *_ = compare_cells(seeded_run, *args)
@@ -140,8 +140,8 @@ def test_pivot_cells_hold_one_configuration_or_say_what_they_folded(seeded_run):
 
 
 def test_the_table_says_what_its_intervals_are_over_and_shows_training_that_hurt(seeded_run):
-    from qcompare.report import summarize
-    from qcompare.results import load_run
+    from qcompare.reports.tables import summarize
+    from qcompare.results.frame import load_run
 
     summary, _ = summarize(load_run(seeded_run))
     distilled = summary[summary["kind"] == "distilled"]
@@ -152,9 +152,9 @@ def test_the_table_says_what_its_intervals_are_over_and_shows_training_that_hurt
 
 
 def test_the_comparison_is_the_tables_own_difference_with_groups_weighted_as_lm_eval(tmp_path):
-    from qcompare.compare import compare as compare_cells
-    from qcompare.report import summarize
-    from qcompare.results import load_run
+    from qcompare.reports.compare import compare as compare_cells
+    from qcompare.reports.tables import summarize
+    from qcompare.results.frame import load_run
 
     recipe = tmp_path / "r.toml"
     recipe.write_text("""

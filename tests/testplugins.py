@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from qcompare import hookimpl
-from qcompare.api import Distiller, DistillResult, EvalResult, Evaluator, Items, Params
+from qcompare.sdk.api import Distiller, DistillResult, EvalResult, Evaluator, Items, Params
 
 
 class NudgeParams(Params):

@@ -12,7 +12,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from qcompare.api import CellContext, CellProgress
+from qcompare.sdk.api import CellContext, CellProgress
 
 SPECIAL = ["<pad>", "<unk>", "<|end|>", "<|user|>", "<|assistant|>"]
 WORDS = ["what", "is", "plus", "it", "maybe"] + [str(i) for i in range(40)]

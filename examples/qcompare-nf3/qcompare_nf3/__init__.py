@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from qcompare import hookimpl
-from qcompare.api import Params, Quantizer
+from qcompare.sdk import hookimpl, Params, Quantizer
 
 
 class NF3Params(Params):

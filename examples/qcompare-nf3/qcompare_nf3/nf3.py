@@ -12,9 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qcompare.errors import QcompareError
-from qcompare.saving import load_state, save_state
-from qcompare.targets import find_targets
+from qcompare.sdk import find_targets, load_state, QcompareError, save_state
 
 
 def _levels() -> list[float]:

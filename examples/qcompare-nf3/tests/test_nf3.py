@@ -2,7 +2,7 @@
 
 import pytest
 
-from qcompare.testing import check_quantizer
+from qcompare.sdk import check_quantizer
 from qcompare_nf3 import NF3Quantizer
 
 

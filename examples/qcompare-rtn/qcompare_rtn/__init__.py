@@ -14,8 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from qcompare import hookimpl
-from qcompare.api import Params, Quantizer
+from qcompare.sdk import hookimpl, Params, Quantizer
 
 
 class RTNParams(Params):

@@ -9,9 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from qcompare.errors import QcompareError
-from qcompare.saving import save_int_grid
-from qcompare.targets import find_targets
+from qcompare.sdk import find_targets, QcompareError, save_int_grid
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """The example quantizer passes the checks qcompare's runner makes of every quantizer."""
 
-from qcompare.testing import check_quantizer
+from qcompare.sdk import check_quantizer
 from qcompare_rtn import RTNQuantizer
 
 

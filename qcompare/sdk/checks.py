@@ -1,0 +1,476 @@
+"""The checks that guard a cell's result, run at its phase boundaries for every quantizer.
+
+A check measures, records what it measured in the cell's record (``checks``), and raises
+``CheckFailed`` — one line saying what is wrong — when the result cannot be trusted, so the
+cell fails instead of storing numbers that look fine. ``qcompare.testing`` runs the same
+functions on tiny models, so a plugin author's tests and the runner agree by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qcompare.errors import QcompareError
+
+PROBE_SHAPE = (2, 16)  # sequences x tokens of the fixed probe batch
+# Default tolerance of fake ≡ converted, relative to the largest probe logit, by the dtype the
+# model computes in: a few units in the last place (a quantizer that is exact declares 0).
+DTYPE_RTOL = {"torch.float32": 1e-5, "torch.float64": 1e-9, "torch.bfloat16": 2e-2, "torch.float16": 4e-3}
+
+
+class CheckFailed(QcompareError):
+    """A cell's result failed one of the runner's checks; ``check`` holds what was measured."""
+
+    def __init__(self, message: str, name: str, check: dict):
+        super().__init__(message)
+        self.name, self.check = name, check
+
+
+def probe_ids(model):
+    """A fixed batch of token ids inside the model's vocabulary (the same for every cell)."""
+    import torch
+
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
+    return ids.to(_device(model))
+
+
+def _device(model):
+    return next(p.device for p in model.parameters())
+
+
+def probe_logits(model, ids=None):
+    """fp32 logits of ``model`` on the probe batch, in eval mode (the mode it is left in is kept)."""
+    import torch
+
+    ids = probe_ids(model) if ids is None else ids
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(ids.to(_device(model))).logits.float().cpu()
+    finally:
+        model.train(training)
+
+
+def model_dtype(model):
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+@dataclass
+class Comparison:
+    """Two models' logits on the probe batch: the largest difference and top-1 agreement."""
+
+    max_abs_diff: float
+    top1_agreement: float
+    scale: float  # the largest |logit| of the reference
+
+    @classmethod
+    def of(cls, reference, other) -> "Comparison":
+        import torch
+
+        if reference.shape != other.shape:
+            return cls(float("inf"), 0.0, float(reference.abs().max()))
+        diff = (reference - other).abs()
+        finite = torch.isfinite(other).all()
+        agree = (reference.argmax(-1) == other.argmax(-1)).float().mean()
+        return cls(float(diff.max()) if finite else float("inf"), float(agree), float(reference.abs().max()))
+
+    def within(self, rtol: float) -> bool:
+        return self.max_abs_diff <= rtol * max(1.0, self.scale)
+
+    def as_dict(self, rtol: float) -> dict[str, Any]:
+        return {"max_abs_diff": self.max_abs_diff, "top1_agreement": round(self.top1_agreement, 6),
+                "tolerance": rtol * max(1.0, self.scale), "probe_tokens": PROBE_SHAPE[0] * PROBE_SHAPE[1],
+                "passed": self.within(rtol)}
+
+
+def dtype_tolerance(model_or_dtype) -> float:
+    """The relative tolerance of two computations of one model in its dtype (a model, a torch dtype, or its
+    name as a record stores it): a few units in the last place; 1e-2 for a dtype not in ``DTYPE_RTOL``."""
+    dtype = model_or_dtype if isinstance(model_or_dtype, str) else \
+        str(model_or_dtype if not hasattr(model_or_dtype, "parameters") else model_dtype(model_or_dtype))
+    return DTYPE_RTOL.get(dtype, 1e-2)
+
+
+def tolerance(quantizer, params, model) -> float:
+    """The relative tolerance of fake ≡ converted: the quantizer's own, else the dtype's default."""
+    rtol = quantizer.fake_quant_tolerance(params)
+    return float(dtype_tolerance(model) if rtol is None else rtol)
+
+
+def fake_vs_converted(student_logits, model_logits, rtol: float) -> dict[str, Any]:
+    """Compare the trained student's probe logits (taken before ``convert``, which may work in
+    place) with the converted model's; raise CheckFailed when they differ beyond ``rtol``."""
+    comparison = Comparison.of(student_logits, model_logits)
+    check = comparison.as_dict(rtol)
+    if not check["passed"]:
+        exact = "exactly" if rtol == 0 else f"within {check['tolerance']:.3g}"
+        raise CheckFailed(
+            f"fake ≡ converted failed: the converted model's logits differ from the trained student's by up to "
+            f"{comparison.max_abs_diff:.3g} on the probe batch (top-1 agreement {comparison.top1_agreement:.1%}; "
+            f"the quantizer promises {exact}): its convert does not compute what its fake quantizer trained",
+            "fake_vs_converted", check)
+    return check
+
+
+# --- training reaches the quantized weights ------------------------------------------------
+
+
+# A straight-through gradient reaches nearly every element of a layer's weight (x^T·δ is dense); one
+# that stops at the rounding still reaches the elements its scale is computed from (one per group).
+REACHED_SHARE = 0.5
+
+
+class TrainingWatch:
+    """Watches a student while a distiller trains it: has each layer of the body (each weight a quantizer
+    may put on a grid, found in the teacher) received a gradient on at least half of its elements in some
+    backward pass, and has it moved by the end?
+
+    A fake quantizer without a straight-through gradient, or one that freezes the weights it rounds,
+    leaves a distiller training only norms, embeddings and head; the distilled row would then equal PTQ
+    and read as "distillation does not help". Installed before ``distill`` (a gradient hook per weight
+    that stops looking once a gradient reached it, and a fingerprint of each weight); ``verdict``
+    after it. A LoRA distiller trains adapters instead of the base weights: then each adapted layer's
+    ``lora_B`` (zero at start) must have left zero."""
+
+    def __init__(self, teacher, student, adapters: bool):
+        import torch
+
+        from qcompare.sdk.targets import find_targets
+
+        self.adapters = adapters
+        head = teacher.get_output_embeddings()
+        paths = [t.name for t in find_targets(teacher, kinds=("linear", "conv1d", "experts"))
+                 if t.module is not head]
+        self.layers: dict[str, list[tuple[str, Any]]] = {}
+        for path in dict.fromkeys(paths):
+            try:
+                module = student.get_submodule(path)
+            except AttributeError:
+                continue
+            self.layers[path] = [(n, p) for n, p in module.named_parameters() if "lora_" not in n]
+        self.reached: set[str] = set()
+        self.handles = []
+        self.before: dict[str, list[tuple[float, float]]] = {}
+        if adapters:
+            return
+        with torch.no_grad():
+            for path, params in self.layers.items():
+                self.before[path] = [tensor_fingerprint(p) for _, p in params]
+                for _, p in params:
+                    if p.requires_grad:
+                        self.handles.append(p.register_post_accumulate_grad_hook(self._hook(path)))
+
+    def _hook(self, path: str):
+        def hook(p):
+            if path not in self.reached and p.grad is not None and \
+                    int(p.grad.count_nonzero()) >= REACHED_SHARE * p.grad.numel():
+                self.reached.add(path)
+        return hook
+
+    def verdict(self, student) -> dict[str, Any]:
+        """What was measured (``layers``, ``reached``, ``moved``); CheckFailed naming the layers that were
+        not trained."""
+        import torch
+
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if self.adapters:
+            adapted = {}
+            for name, p in student.named_parameters():
+                if "lora_B" in name:
+                    adapted.setdefault(name.split(".lora_B")[0], []).append(p)
+            moved = [k for k, ps in adapted.items() if any(bool(p.detach().count_nonzero()) for p in ps)]
+            still = [k for k in adapted if k not in moved]
+            check = {"trained": "LoRA adapters", "layers": len(adapted), "moved": len(moved), "passed": not still}
+            if still:
+                raise CheckFailed(f"training: {len(still)} of {len(adapted)} LoRA adapters never left their initial "
+                                  f"zero (e.g. {still[0]}): no gradient reached them, or the learning rate stayed 0 "
+                                  "(a warm-up as long as the run?)", "training", check)
+            return check
+        with torch.no_grad():
+            moved = {path for path, params in self.layers.items()
+                     if any(tensor_fingerprint(p) != was for (_, p), was in zip(params, self.before[path]))}
+        frozen = [path for path, params in self.layers.items() if not any(p.requires_grad for _, p in params)]
+        unreached = [path for path in self.layers if path not in self.reached and path not in frozen]
+        still = [path for path in self.layers if path not in moved]
+        check = {"trained": "weights", "layers": len(self.layers), "reached": len(self.reached), "moved": len(moved),
+                 "passed": not (frozen or unreached or still)}
+        if frozen or unreached or still:
+            if frozen:
+                why = f"{len(frozen)} of {len(self.layers)} layers of the body are frozen (e.g. {frozen[0]})"
+            elif unreached:
+                why = (f"{len(unreached)} of {len(self.layers)} layers of the body never received a gradient on "
+                       f"{REACHED_SHARE:.0%} of their weights (e.g. {unreached[0]}): the fake quantizer does not pass "
+                       "gradients straight through")
+            else:
+                why = (f"{len(still)} of {len(self.layers)} layers of the body did not move (e.g. {still[0]}): the "
+                       "learning rate stayed 0 (a warm-up as long as the run?)")
+            raise CheckFailed(f"training: {why}; the distiller trained only what is left, so this cell's numbers "
+                              "would read as distillation that does not help", "training", check)
+        return check
+
+
+# --- the teacher is left as it was ---------------------------------------------------------
+
+
+def tensor_fingerprint(t) -> tuple[float, float]:
+    """Sum and Euclidean norm of ``t``, accumulated in float64 (no float64 copy of ``t``): enough to notice
+    any write into it."""
+    import torch
+
+    with torch.no_grad():
+        x = t if t.is_floating_point() else t.double()  # integer codes: their (small) copy
+        return float(x.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(x, dtype=torch.float64))
+
+
+def weights_fingerprint(model) -> dict[str, tuple[float, float]]:
+    """``tensor_fingerprint`` of each floating-point parameter and buffer of ``model``."""
+    return {name: tensor_fingerprint(t) for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_floating_point()}
+
+
+def teacher_unchanged(teacher, before: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """CheckFailed when ``teacher``'s weights differ from ``before`` (``weights_fingerprint``): the teacher is
+    shared by every cell of the process, and one that a quantizer or distiller wrote into (a LoRA distiller
+    that forgot to unshare a trainable weight, a quantizer that declares ``shares_teacher_weights`` and
+    rounds in place) would change every later cell's numbers."""
+    after = weights_fingerprint(teacher)
+    changed = [name for name, was in before.items() if after.get(name) != was]
+    check = {"tensors": len(before), "changed": changed[:20], "passed": not changed}
+    if changed:
+        raise CheckFailed(f"teacher: this cell wrote into the teacher it shares with the run's other cells ({len(changed)} "
+                          f"tensors, e.g. {changed[0]}); it is reloaded for the cells after this one", "teacher", check)
+    return check
+
+
+# --- coverage ----------------------------------------------------------------------------
+
+DEFAULT_MIN_COVERAGE = 0.95  # of the body's weights (all but embeddings and head)
+
+
+def expected_on_grid(teacher, quantizer, params) -> list[str]:
+    """The body's Linear-like weights (Linear, Conv1D, fused experts; not the head, embeddings or routers)
+    that ``quantizer`` must put on a grid: all but those its ``skip`` parameter names (the recipe's, where
+    the quantizer has one) or its ``kept_float`` declares."""
+    from qcompare.sdk.targets import find_targets
+
+    skip = [*(getattr(params, "skip", None) or ()), *quantizer.kept_float(params)]
+    head, embeddings = teacher.get_output_embeddings(), teacher.get_input_embeddings()
+    return [t.qualified for t in find_targets(teacher, skip, kinds=("linear", "conv1d", "experts"))
+            if t.module is not head and t.module is not embeddings]
+
+
+def coverage(footprint, minimum: float, expected: list[str] | None = None) -> dict[str, Any]:
+    """Which weights ended on a low-bit grid; CheckFailed when the body's share is below ``minimum``, or
+    when a weight of ``expected`` (``expected_on_grid``) stayed float — one projection left in float is
+    a few percent of the body and passes any share, so it is checked by name."""
+    from qcompare.sdk.footprint import coverage_problem
+
+    on_grid = {w.name for w in footprint.weights if w.quantized}
+    left = [name for name in expected or () if name not in on_grid]
+    check = {"body": round(footprint.body_coverage, 6), "model": round(footprint.model_coverage, 6),
+             "minimum": minimum, "float_in_body": {g: round(s, 6) for g, s in footprint.float_groups().items()},
+             "left_in_float": left, "passed": footprint.body_coverage >= minimum and not left}
+    problem = coverage_problem(footprint, minimum)
+    if problem:
+        raise CheckFailed(problem, "coverage", check)
+    if left:
+        shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        raise CheckFailed(f"coverage: {len(left)} Linear-like weights of the body stayed float that neither the "
+                          f"recipe's skip nor the quantizer names: {shown} — quantize them, or add them to skip",
+                          "coverage", check)
+    return check
+
+
+# --- a saved folder ships what the converted model holds -----------------------------------
+
+SAVED_SIZE_RTOL = 0.10  # headers, shape tensors, a format's own small tables
+
+
+def saved_size(folder, size: dict[str, Any]) -> dict[str, Any]:
+    """The tensor bytes a saved folder ships (every ``*.safetensors`` file) against the converted model's
+    true size (``size["packed_bytes"]``: codes at the format's width) and what it holds in memory (codes
+    as held, which a format may ship unpacked): CheckFailed when the folder ships more than both, or less
+    than either, by over ``SAVED_SIZE_RTOL`` — a folder of dequantized weights, say, whose model card
+    would claim the true size."""
+    from qcompare.sdk.saving import tensor_bytes
+
+    on_disk = sum(tensor_bytes(folder).values())
+    true, memory = size["packed_bytes"], size.get("memory_bytes") or size["packed_bytes"]
+    low, high = (1 - SAVED_SIZE_RTOL) * min(true, memory), (1 + SAVED_SIZE_RTOL) * max(true, memory)
+    n = size.get("parameters")
+    check = {"saved_bytes": on_disk, "true_bytes": true, "memory_bytes": memory,
+             "saved_bits_per_weight": 8 * on_disk / n if n else None, "ratio_to_true": on_disk / true if true else None,
+             "tolerance": SAVED_SIZE_RTOL, "passed": low <= on_disk <= high}
+    if not check["passed"]:
+        raise CheckFailed(
+            f"saved size: the folder ships {on_disk:,} bytes of tensors, {on_disk / true:.2f}× the converted model's "
+            f"true size ({true:,} bytes; {memory:,} held in memory; allowed ±{SAVED_SIZE_RTOL:.0%}): "
+            + ("it ships more than the model holds (dequantized or float weights?)" if on_disk > high
+               else "it ships less than the model holds (weights missing?)"), "saved_size", check)
+    return check
+
+
+# --- a saved model reloads as the evaluated one ------------------------------------------
+
+FINGERPRINT_COLUMNS = 512  # vocabulary columns of the probe logits a cell keeps
+
+
+@dataclass
+class Fingerprint:
+    """A model's probe logits, small enough to keep with every cell: the logits at a fixed sample
+    of vocabulary columns, the full-vocabulary argmax and largest |logit| at each position."""
+
+    ids: Any
+    columns: Any
+    logits: Any
+    argmax: Any
+    scale: float
+
+    @classmethod
+    def of(cls, model, logits=None) -> "Fingerprint":
+        import torch
+
+        ids = probe_ids(model).cpu()
+        logits = probe_logits(model, ids) if logits is None else logits
+        vocab = logits.shape[-1]
+        if vocab <= FINGERPRINT_COLUMNS:
+            columns = torch.arange(vocab)
+        else:
+            columns = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:FINGERPRINT_COLUMNS].sort().values
+        return cls(ids, columns, logits[..., columns].contiguous(), logits.argmax(-1), float(logits.abs().max()))
+
+    def compare(self, model) -> Comparison:
+        logits = probe_logits(model, self.ids)
+        if logits.shape[-1] <= int(self.columns.max()):
+            return Comparison(float("inf"), 0.0, self.scale)
+        sub = logits[..., self.columns]
+        diff = float((sub - self.logits).abs().max()) if sub.isfinite().all() else float("inf")
+        agree = float((logits.argmax(-1) == self.argmax).float().mean())
+        return Comparison(diff, agree, self.scale)
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"ids": self.ids, "columns": self.columns, "logits": self.logits, "argmax": self.argmax},
+                  str(path), metadata={"scale": repr(self.scale)})
+
+    @classmethod
+    def load(cls, path) -> "Fingerprint":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            scale = float(f.metadata()["scale"])
+        return cls(tensors["ids"], tensors["columns"], tensors["logits"], tensors["argmax"], scale)
+
+
+# Run in a fresh Python: the folder is loaded by exactly the code its model card shows (nothing this
+# process has imported or patched can help it), then its probe logits are written for comparison.
+_RELOAD = """\
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+jobs = json.loads(sys.argv[1])
+for job in jobs:
+    stage = "load"
+    try:
+        scope = {}
+        exec(job["code"], scope)
+        model = scope["model"].eval()
+        if job["device"] != "cpu":
+            model = model.to(job["device"])
+        stage = "forward"
+        probe = load_file(job["probe"])
+        with torch.no_grad():
+            logits = model(probe["ids"].to(job["device"])).logits.float().cpu()
+        save_file({"logits": logits[..., probe["columns"]].contiguous(), "argmax": logits.argmax(-1)}, job["out"])
+        print("QCOMPARE-RELOAD", json.dumps({"folder": job["folder"], "ok": True}), flush=True)
+    except Exception as e:
+        line = (str(e).strip().splitlines() or [""])[0][:300]
+        print("QCOMPARE-RELOAD", json.dumps({"folder": job["folder"], "ok": False, "stage": stage,
+                          "error": f"{type(e).__name__}: {line}"}), flush=True)
+"""
+
+
+def reload(folder, fingerprint: Fingerprint, rtol: float, device: str = "cpu") -> dict[str, Any]:
+    """Load ``folder`` in a fresh Python process exactly as its model card tells a user to, and
+    compare its probe logits with the evaluated model's; CheckFailed if it does not load, fails
+    its forward pass, or loads as another model."""
+    result = reload_all([(folder, fingerprint)], rtol, device)[0]
+    if isinstance(result, CheckFailed):
+        raise result
+    return result
+
+
+def reload_all(items: list, rtol: float, device: str = "cpu") -> list:
+    """``reload`` for several (folder, fingerprint) pairs, a check dict or a CheckFailed for each.
+    Folders that need ``qcompare.compat`` and folders that do not load in separate processes, so
+    one never lends the other its patches."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from qcompare.sdk.saving import load_code, needs_compat
+
+    results: dict[int, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="qcompare-reload-") as scratch:
+        for compat in (False, True):
+            jobs = []
+            for i, (folder, fingerprint) in enumerate(items):
+                if needs_compat(folder) != compat:
+                    continue
+                probe, out = Path(scratch) / f"probe-{i}.safetensors", Path(scratch) / f"logits-{i}.safetensors"
+                fingerprint.save(probe)
+                jobs.append({"index": i, "folder": str(folder), "code": "\n".join(load_code(folder, str(folder))),
+                             "probe": str(probe), "out": str(out), "device": device})
+            if not jobs:
+                continue
+            # a fresh interpreter on this one's import path: a plugin that loads its own format is found
+            # where this process found it (installed, or put on the path by a test or a notebook)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            done = subprocess.run([sys.executable, "-c", _RELOAD, json.dumps(jobs)], capture_output=True, text=True,
+                                  env=env)
+            reports = {r["folder"]: r for r in (json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
+                                                if line.startswith("QCOMPARE-RELOAD "))}
+            for job in jobs:
+                report = reports.get(job["folder"])
+                if report is None:  # the process itself died (out of memory, a crash in native code)
+                    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                    report = {"ok": False, "stage": "load", "error": tail}
+                results[job["index"]] = _judge(report, job, items[job["index"]][1], rtol, load_file)
+    return [results[i] for i in range(len(items))]
+
+
+def _judge(report: dict, job: dict, fingerprint: Fingerprint, rtol: float, load_file):
+    if not report["ok"]:
+        if report["stage"] == "load":
+            loader = "qcompare.load_pretrained" if "qcompare.load_pretrained" in job["code"] \
+                else "AutoModelForCausalLM.from_pretrained"
+            what = f"does not load with the model card's code ({loader})"
+        else:
+            what = "loads, but its forward pass fails"
+        return CheckFailed(f"reload: the saved folder {what} ({report['error']})", "reload",
+                           {"passed": False, "error": report["error"]})
+    got = load_file(job["out"])
+    diff = float((got["logits"] - fingerprint.logits).abs().max()) if got["logits"].shape == fingerprint.logits.shape \
+        and got["logits"].isfinite().all() else float("inf")
+    agree = float((got["argmax"] == fingerprint.argmax).float().mean()) if got["argmax"].shape == \
+        fingerprint.argmax.shape else 0.0
+    comparison = Comparison(diff, agree, fingerprint.scale)
+    check = comparison.as_dict(rtol)
+    if not check["passed"]:
+        return CheckFailed(
+            f"reload: the saved folder loads as a different model: its logits differ from the evaluated model's "
+            f"by up to {comparison.max_abs_diff:.3g} on the probe batch (top-1 agreement "
+            f"{comparison.top1_agreement:.1%}; allowed {check['tolerance']:.3g})", "reload", check)
+    return check
