@@ -21,11 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
-
-from qcompare.sdk import FakeQuantizer
-
-FakeQuantizer.register(FakeQuantizerBase)  # as in torchao_grids: whichever the student came through
 
 _CLASSES: dict = {}
 

@@ -16,8 +16,6 @@ from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
 from qcompare.sdk import FakeQuantizer, find_targets, QcompareError, unmatched
 
-FakeQuantizer.register(FakeQuantizerBase)  # torchao's rounding keeps the SDK's contract (enabled, forward)
-
 
 def granularity(group_size: int):
     from torchao.quantization import PerAxis, PerGroup

@@ -102,7 +102,8 @@ class Meddle:
             name = "meddle"
             seeded = False  # it trains nothing (a seeded distiller must reach the quantized weights)
 
-            def distill(self, teacher, student, tokenizer, data, params, context):
+            def distill(self, student, params, context):
+                teacher = context.teacher
                 teacher.forward = lambda *a, **k: None
                 teacher.to(torch.bfloat16).train()
                 return DistillResult(student)
@@ -161,7 +162,8 @@ class Scribble:
             name = "scribble"
             seeded = False
 
-            def distill(self, teacher, student, tokenizer, data, params, context):
+            def distill(self, student, params, context):
+                teacher = context.teacher
                 with torch.no_grad():
                     teacher.lm_head.weight.mul_(1.5)
                 return DistillResult(student)

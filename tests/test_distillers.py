@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import copy
 import math
 import os
@@ -83,7 +85,7 @@ def test_gkd_params_reject_bad_values(bad):
 def test_none_returns_the_student_untouched(world, tmp_path):
     tokenizer, teacher, data = world
     student = make_student(teacher)
-    result = NoDistiller().distill(teacher, student, tokenizer, data, NoDistiller.Params(), make_context(tmp_path))
+    result = NoDistiller().distill(student, NoDistiller.Params(), make_context(tmp_path, teacher=teacher, tokenizer=tokenizer, data=data))
     assert result.student is student and result.log == []
     assert result.cost["train_seconds"] == 0 and result.cost["steps"] == 0
 
@@ -92,7 +94,7 @@ def test_none_returns_the_student_untouched(world, tmp_path):
 def test_missing_data_asks_for_the_recipe_field(world, tmp_path, cls):
     tokenizer, teacher, _ = world
     with pytest.raises(QcompareError, match=r"\[data\] train"):
-        cls().distill(teacher, make_student(teacher, False), tokenizer, None, cls.Params(), make_context(tmp_path))
+        cls().distill(make_student(teacher, False), cls.Params(), make_context(tmp_path, teacher=teacher, tokenizer=tokenizer, data=None))
 
 
 def test_bad_data_names_what_was_found(world, tmp_path):
@@ -100,10 +102,10 @@ def test_bad_data_names_what_was_found(world, tmp_path):
     student = make_student(teacher, False)
     wrong = data.rename_column("messages", "conversation")
     with pytest.raises(QcompareError, match=r"'messages' column.*found columns: \['conversation'\]"):
-        GKDDistiller().distill(teacher, student, tokenizer, wrong, GKDParams(), make_context(tmp_path))
+        GKDDistiller().distill(student, GKDParams(), make_context(tmp_path, teacher=teacher, tokenizer=tokenizer, data=wrong))
     no_answer = data.map(lambda row: {"messages": row["messages"][:1]})
     with pytest.raises(QcompareError, match="row 0"):
-        SFTDistiller().distill(teacher, student, tokenizer, no_answer, SFTParams(), make_context(tmp_path))
+        SFTDistiller().distill(student, SFTParams(), make_context(tmp_path, teacher=teacher, tokenizer=tokenizer, data=no_answer))
 
 
 def test_sft_trains_the_student_on_the_answers(world, tmp_path):
@@ -111,7 +113,7 @@ def test_sft_trains_the_student_on_the_answers(world, tmp_path):
     student, teacher_before = make_student(teacher), weights(teacher)
     before, bar = weights(student), Bar()
     context = make_context(tmp_path, progress=CellProgress(bar.start))
-    result = SFTDistiller().distill(teacher, student, tokenizer, data, SFTParams(**TINY, save_steps=2), context)
+    result = SFTDistiller().distill(student, SFTParams(**TINY, save_steps=2), replace(context, teacher=teacher, tokenizer=tokenizer, data=data))
     assert [e["step"] for e in result.log] == [1, 2, 3, 4]
     assert all(math.isfinite(e["loss"]) for e in result.log)
     assert result.log[-1]["loss"] < result.log[0]["loss"]
@@ -145,7 +147,7 @@ def test_lora_student_keeps_its_adapters_and_converts_to_the_same_function(world
     tokenizer, teacher, data = world
     untrained = make_student(teacher)
     student = make_student(teacher)
-    result = SFTDistiller().distill(teacher, student, tokenizer, data, SFTParams(**TINY, lora_r=4), make_context(tmp_path))
+    result = SFTDistiller().distill(student, SFTParams(**TINY, lora_r=4), make_context(tmp_path, teacher=teacher, tokenizer=tokenizer, data=data))
     trained = result.student
     assert type(trained) is type(untrained) and any("lora_A" in name for name, _ in trained.named_modules())
     converted = copy.deepcopy(trained)
@@ -163,7 +165,7 @@ def test_gkd_off_and_on_policy_split_their_cost(world, tmp_path):
     costs = {}
     for lmbda in (0.0, 1.0):
         params = GKDParams(**TINY, lmbda=lmbda, max_new_tokens=8)
-        result = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path / str(lmbda)))
+        result = GKDDistiller().distill(make_student(teacher), params, make_context(tmp_path / str(lmbda), teacher=teacher, tokenizer=tokenizer, data=data))
         assert len(result.log) == 4 and all(e["on_policy"] == lmbda for e in result.log)
         costs[lmbda] = result.cost
     off, on = costs[0.0], costs[1.0]
@@ -178,7 +180,7 @@ def test_gkd_off_and_on_policy_split_their_cost(world, tmp_path):
 def test_gkd_seq_kd_trains_on_teacher_rollouts(world, tmp_path):
     tokenizer, teacher, data = world
     params = GKDParams(**TINY, lmbda=0.0, seq_kd=True, max_new_tokens=8)
-    result = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path))
+    result = GKDDistiller().distill(make_student(teacher), params, make_context(tmp_path, teacher=teacher, tokenizer=tokenizer, data=data))
     assert all(e["teacher_rollout"] == 1.0 and e["on_policy"] == 0.0 for e in result.log)
     cost = result.cost
     assert cost["rollout_seconds"] > 0 and cost["tokens_generated"] > 0
@@ -190,7 +192,7 @@ def test_gkd_seq_kd_trains_on_teacher_rollouts(world, tmp_path):
 def _gkd_losses(world, tmp_path, seed, **extra):
     tokenizer, teacher, data = world
     params = GKDParams(**{**TINY, "lmbda": 0.5, "max_new_tokens": 8, **extra})
-    result = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path, seed=seed))
+    result = GKDDistiller().distill(make_student(teacher), params, make_context(tmp_path, seed=seed, teacher=teacher, tokenizer=tokenizer, data=data))
     return [(e["step"], e["loss"], e["on_policy"]) for e in result.log]
 
 
@@ -203,16 +205,16 @@ def test_gkd_same_seed_gives_the_same_loss_curve(world, tmp_path):
 def test_gkd_resumes_an_interrupted_cell_from_its_checkpoint(world, tmp_path):
     tokenizer, teacher, data = world
     params = GKDParams(**{**TINY, "max_steps": 6, "lmbda": 0.5, "max_new_tokens": 8, "save_steps": 2})
-    whole = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path / "whole"))
+    whole = GKDDistiller().distill(make_student(teacher), params, make_context(tmp_path / "whole", teacher=teacher, tokenizer=tokenizer, data=data))
 
     cell = tmp_path / "cell"
     bar = Bar(stop_at=5)  # dies after step 5's work, before its checkpoint; the last one is step 4
     with pytest.raises(KeyboardInterrupt):
-        GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(cell, progress=CellProgress(bar.start)))
+        GKDDistiller().distill(make_student(teacher), params, make_context(cell, progress=CellProgress(bar.start), teacher=teacher, tokenizer=tokenizer, data=data))
     assert [p.name for p in (cell / "checkpoints").iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-4"]
 
     bar = Bar()
-    resumed = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(cell, progress=CellProgress(bar.start)))
+    resumed = GKDDistiller().distill(make_student(teacher), params, make_context(cell, progress=CellProgress(bar.start), teacher=teacher, tokenizer=tokenizer, data=data))
     assert bar.calls == [4, 1, 1]  # the bar starts at the checkpoint; the rerun trains 2 steps
     assert [e["step"] for e in resumed.log] == list(range(1, 7))
     for a, b in zip(whole.log, resumed.log):
@@ -245,13 +247,11 @@ def test_an_unreadable_cost_file_restarts_the_count_instead_of_failing_the_resum
     params = SFTParams(**{**TINY, "save_steps": 2})
     cell = tmp_path / "cell"
     with pytest.raises(KeyboardInterrupt):
-        SFTDistiller().distill(teacher, make_student(teacher, False), tokenizer, data, params,
-                               make_context(cell, progress=CellProgress(Bar(stop_at=3).start)))
+        SFTDistiller().distill(make_student(teacher, False), params, make_context(cell, progress=CellProgress(Bar(stop_at=3).start), teacher=teacher, tokenizer=tokenizer, data=data))
     saved = cell / "checkpoints" / "checkpoint-2" / COST_FILE
     saved.write_text(saved.read_text()[:20])  # truncated mid-write by an older version
     with pytest.warns(UserWarning, match="unreadable .*counts from zero"):
-        resumed = SFTDistiller().distill(teacher, make_student(teacher, False), tokenizer, data, params,
-                                         make_context(cell))
+        resumed = SFTDistiller().distill(make_student(teacher, False), params, make_context(cell, teacher=teacher, tokenizer=tokenizer, data=data))
     assert [e["step"] for e in resumed.log][-1] == 4
     assert resumed.cost["steps"] == 2  # the two steps trained after the resume
 
@@ -262,13 +262,13 @@ def test_a_nan_loss_fails_the_cell_naming_the_step(world, tmp_path):
     with torch.no_grad():
         student.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(TrainingDivergedError, match="loss is nan at step 1"):
-        GKDDistiller().distill(teacher, student, tokenizer, data, GKDParams(**TINY, lmbda=0.0), make_context(tmp_path))
+        GKDDistiller().distill(student, GKDParams(**TINY, lmbda=0.0), make_context(tmp_path, teacher=teacher, tokenizer=tokenizer, data=data))
 
 
 def test_tensorboard_events_outlive_the_deleted_checkpoints(world, tmp_path):
     tokenizer, teacher, data = world
     context = make_context(tmp_path, report_to=["tensorboard"])
-    SFTDistiller().distill(teacher, make_student(teacher, False), tokenizer, data, SFTParams(**TINY, save_steps=2), context)
+    SFTDistiller().distill(make_student(teacher, False), SFTParams(**TINY, save_steps=2), replace(context, teacher=teacher, tokenizer=tokenizer, data=data))
     assert list((tmp_path / "tensorboard").glob("**/events.out.tfevents.*"))
     assert not context.checkpoint_dir.exists()
 
@@ -284,11 +284,10 @@ def test_gkd_static_rollouts_train_exactly_as_the_training_student_generates(wor
 def test_gkd_cost_says_which_rollouts_and_loss_a_cell_used(world, tmp_path):
     tokenizer, teacher, data = world
     params = GKDParams(**TINY, lmbda=1.0, max_new_tokens=4, rollouts="static")
-    cost = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, make_context(tmp_path)).cost
+    cost = GKDDistiller().distill(make_student(teacher), params, make_context(tmp_path, teacher=teacher, tokenizer=tokenizer, data=data)).cost
     assert cost["rollouts"].startswith("static: static KV cache") and cost["rollout_compiles"] >= 1
     assert cost["loss"].startswith("full: the student's output head is a FakeQuantizedLinear")
-    auto = GKDDistiller().distill(teacher, make_student(teacher, skip_head=True), tokenizer, data,
-                                  params.model_copy(update={"rollouts": "auto"}), make_context(tmp_path / "auto")).cost
+    auto = GKDDistiller().distill(make_student(teacher, skip_head=True), params.model_copy(update={"rollouts": "auto"}), make_context(tmp_path / "auto", teacher=teacher, tokenizer=tokenizer, data=data)).cost
     assert auto["rollouts"].startswith("dynamic: rollouts = 'auto' on CPU") and "rollout_compiles" not in auto
     assert auto["loss"].startswith("full: loss_kernel = 'auto' on CPU")
 

@@ -79,7 +79,7 @@ def make_context(tmp_path, tokenizer, teacher, bars=None):
 
 def evaluate(name, model, tokenizer, context, **params):
     evaluator = get_registry().get("evaluator", name)
-    return evaluator().evaluate(model, tokenizer, evaluator.Params(**params), context)
+    return evaluator().evaluate(model, evaluator.Params(**params), context)
 
 
 def test_evaluators_register_through_entry_point():

@@ -24,7 +24,8 @@ class Logits(Evaluator):
 
     name = "logits"
 
-    def evaluate(self, model, tokenizer, params, context):
+    def evaluate(self, model, params, context):
+        tokenizer = context.tokenizer
         with torch.no_grad():
             logits = model(IDS).logits
         torch.save(logits, context.cell_dir / "logits.pt")

@@ -28,7 +28,8 @@ class Noisy(Evaluator):
 
     name = "noisy"
 
-    def evaluate(self, model, tokenizer, params, context):
+    def evaluate(self, model, params, context):
+        tokenizer = context.tokenizer
         from tqdm import tqdm
 
         print("PRINTED by a library")

@@ -30,7 +30,8 @@ class Touch(Distiller):
 
     name = "touch"
 
-    def distill(self, teacher, student, tokenizer, data, params, context):
+    def distill(self, student, params, context):
+        teacher = context.teacher
         import torch
         ids = torch.randint(3, teacher.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
         student(ids).logits.float().pow(2).mean().backward()
@@ -258,15 +259,14 @@ def test_full_fine_tuning_of_a_bf16_student_keeps_updates_bf16_would_round_away(
     assert torch.equal(plain.lm_head.weight, before)
     # the distiller: fp32 master weights, the steps add up, the student is bf16 again after
     ours = student()
-    result = SFTDistiller().distill(teacher, ours, tokenizer, data, params, make_context(tmp_path / "ours"))
+    result = SFTDistiller().distill(ours, params, make_context(tmp_path / "ours", teacher=teacher, tokenizer=tokenizer, data=data))
     assert result.cost["master_weights"] == "fp32"
     assert ours.lm_head.weight.dtype == torch.bfloat16
     moved = (ours.lm_head.weight != before).float().mean().item()
     assert moved > 0.5, moved
     # LoRA keeps its fp32 adapters on a frozen base: nothing is cast
     lora = student()
-    result = SFTDistiller().distill(teacher, lora, tokenizer, data, params.model_copy(update={"lora_r": 4}),
-                                    make_context(tmp_path / "lora"))
+    result = SFTDistiller().distill(lora, params.model_copy(update={"lora_r": 4}), make_context(tmp_path / "lora", teacher=teacher, tokenizer=tokenizer, data=data))
     assert result.cost["master_weights"] == "as the model"
     assert {p.dtype for n, p in lora.named_parameters() if "lora_" not in n} == {torch.bfloat16}
     assert {p.dtype for n, p in lora.named_parameters() if "lora_" in n} == {torch.float32}

@@ -3,6 +3,8 @@ student with adapters and fake quantization off is the teacher)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny_chat import make_context, make_data, make_student, make_teacher, make_tokenizer
@@ -34,7 +36,7 @@ def run_cell(tmp_path, name, seed=0, peers=4):
 
 def distill(world, context, **params):
     tokenizer, teacher, data = world
-    result = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, GKDParams(**{**TINY, **params}), context)
+    result = GKDDistiller().distill(make_student(teacher), GKDParams(**{**TINY, **params}), replace(context, teacher=teacher, tokenizer=tokenizer, data=data))
     return [(e["step"], e["loss"]) for e in result.log], result.cost
 
 
@@ -155,7 +157,7 @@ def test_lora_training_with_the_shared_teacher_matches_two_copies(world, tmp_pat
     for shared in (False, True):
         params = GKDParams(**TINY, lmbda=0.5, lora_r=4, shared_teacher=shared)
         context = make_context(tmp_path / str(shared), seed=3)
-        result = GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, params, context)
+        result = GKDDistiller().distill(make_student(teacher), params, replace(context, teacher=teacher, tokenizer=tokenizer, data=data))
         assert result.cost["teacher_layout"] == ("shared" if shared else "separate")
         curves[shared] = [(e["step"], e["loss"], e["on_policy"]) for e in result.log]
     assert [c[2] for c in curves[True]] == [c[2] for c in curves[False]] and 0 < sum(c[2] for c in curves[True]) < 4
@@ -174,14 +176,14 @@ def test_sharing_is_refused_when_the_quantizer_changed_the_weights(world, tmp_pa
     reason = share_base_weights(teacher, student)
     assert reason and "o_proj" in reason
     params = GKDParams(**TINY, lmbda=0.0, lora_r=4)
-    result = GKDDistiller().distill(teacher, student, tokenizer, data, params, make_context(tmp_path))
+    result = GKDDistiller().distill(student, params, make_context(tmp_path, teacher=teacher, tokenizer=tokenizer, data=data))
     assert result.cost["teacher_layout"].startswith("separate (") and "o_proj" in result.cost["teacher_layout"]
 
 
 def test_use_vllm_says_what_to_install_or_why_not(world, tmp_path):
     tokenizer, teacher, data = world
     with pytest.raises(QcompareError, match="vllm|vLLM") as e:
-        GKDDistiller().distill(teacher, make_student(teacher), tokenizer, data, GKDParams(**TINY, use_vllm=True), make_context(tmp_path))
+        GKDDistiller().distill(make_student(teacher), GKDParams(**TINY, use_vllm=True), make_context(tmp_path, teacher=teacher, tokenizer=tokenizer, data=data))
     assert "\n" not in str(e.value)
     assert "pip install vllm" in str(e.value) or "DistillationTrainer" in str(e.value)
 

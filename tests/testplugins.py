@@ -33,7 +33,8 @@ class Nudge(Distiller):
     name = "nudge"
     Params = NudgeParams
 
-    def distill(self, teacher, student, tokenizer, data, params, context):
+    def distill(self, student, params, context):
+        teacher = context.teacher
         if params.fail:
             raise RuntimeError("nudge was asked to fail")
         if params.kill_once and not Path(params.kill_once).exists():
@@ -66,7 +67,7 @@ class Keep(Distiller):
     name = "keep"
     seeded = False
 
-    def distill(self, teacher, student, tokenizer, data, params, context):
+    def distill(self, student, params, context):
         return DistillResult(student)
 
 
@@ -80,7 +81,8 @@ class Probe(Evaluator):
     name = "probe"
     Params = ProbeParams
 
-    def evaluate(self, model, tokenizer, params, context):
+    def evaluate(self, model, params, context):
+        tokenizer = context.tokenizer
         ids = torch.randint(3, context.teacher.config.vocab_size, (params.sequences, 8),
                             generator=torch.Generator().manual_seed(1234))
         with torch.no_grad():

@@ -107,45 +107,31 @@ class GKDDistiller(Distiller):
                 "student_rollout_tokens": params.lmbda * tokens, "teacher_rollout_tokens": teacher_rolls * tokens,
                 "generated_tokens": (params.lmbda + teacher_rolls) * sequences * params.max_new_tokens}
 
-    def distill(self, teacher, student, tokenizer, data, params: GKDParams, context: CellContext) -> DistillResult:
+    def distill(self, student, params: GKDParams, context: CellContext) -> DistillResult:
         from .common import (as_before_training, check_data, check_tokenizer, compiled_rounding, fp32_master_weights,
                              run_training)
         from .cost import CostMeter
-        from .shared_teacher import share_base_weights, unshare_trainable
-        from .teacher_cache import TeacherCache
+        from .teacher_source import TeacherSource
+
+        teacher, tokenizer, data = context.teacher, context.tokenizer, context.data
 
         data = check_data(data, self.name)
         check_tokenizer(tokenizer)
         check_vllm(params)
         meter = CostMeter(context.device)
-        # the student's own copy of the base weights is freed here; the teacher's stays
-        layout = "separate"
-        if params.lora_r and params.shared_teacher:
-            refused = share_base_weights(teacher, student)
-            layout = "shared" if refused is None else f"separate ({refused})"
+        # where the teacher's outputs come from, decided here once (the trainer only asks it)
+        source = TeacherSource.share(teacher, student, params, meter)
         with as_before_training(student), fp32_master_weights(student, params) as master, \
                 compiled_rounding(student, params) as compiled:
             trainer = self.make_trainer(teacher, student, tokenizer, data, params, context, meter)
-            if layout == "shared":
-                unshare_trainable(trainer.model, teacher)
-                storage = {p.data_ptr() for p in teacher.parameters()}
-                if any(p.data_ptr() in storage for p in trainer.model.parameters()):
-                    trainer.shared_teacher = True
-                else:  # the trainer cast or moved the student: its weights are no longer the teacher's
-                    layout = "separate (the trainer copied the student's weights)"
-            mode, why = cache_choice(params, facts_of(teacher), context.peers)
-            cache = None if mode == "off" else TeacherCache.for_run(
-                teacher, context.shared_dir, params.teacher_cache_max_gb, params.teacher_cache_disk_gb, mode)
-            trainer.teacher_cache = cache
+            source.attach(trainer, cache_choice(params, facts_of(teacher), context.peers), params, context.shared_dir)
             try:
                 result = run_training(self.name, trainer, meter, teacher, params, context)
             finally:
-                if cache is not None:
-                    cache.save()
-        result.cost["teacher_layout"] = layout
+                source.save()
+        result.cost.update(source.cost())
         result.cost["master_weights"] = "fp32" if master else "as the model"
         result.cost["rounding"] = f"compiled ({compiled} weight quantizers)" if compiled else "eager"
-        result.cost["teacher_cache"] = f"{mode if cache is not None else 'off'}: {why}"
         result.cost["loss"] = f"{trainer.loss_path}: {trainer.loss_why}"
         if params.lmbda > 0:
             engine = trainer.engine
@@ -153,10 +139,6 @@ class GKDDistiller(Distiller):
             if engine is not None:
                 result.cost["rollout_compiles"] = engine.compiles
                 result.cost["rollout_compile_seconds"] = engine.compile_seconds
-        if trainer.cache_fallback:
-            result.cost["teacher_cache"] = f"off: {trainer.cache_fallback}"
-        if cache is not None:
-            result.cost["teacher_cache_bytes"] = cache.disk_bytes()
         return result
 
     def make_trainer(self, teacher, student, tokenizer, data, params, context, meter, callbacks=None):

@@ -1,5 +1,5 @@
 """The GKD trainer: TRL's experimental GKDTrainer with measured cost, an fp32 loss, per
-micro-batch normalisation, the run's teacher cache and the shared LoRA teacher."""
+micro-batch normalisation, and its teacher outputs from the cell's TeacherSource."""
 
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ from .chat_tokens import ReusedChatCollator  # noqa: E402
 from .chunked_loss import (backbone_hidden, generalized_jsd, liger_jsd, liger_problem, padding_free,  # noqa: E402
                            plain_head)
 from .common import MeteredTrainerMixin, lora_config, training_kwargs  # noqa: E402
-from .shared_teacher import teacher_mode  # noqa: E402
 from .rollouts import RolloutEngine, weights_rounded_once  # noqa: E402
-from .teacher_cache import TeacherCache  # noqa: E402
+from .teacher_source import TeacherSource  # noqa: E402
 
 
 def jsd_loss(student_logits, teacher_logits, labels, beta: float):
@@ -46,16 +45,12 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
       them, so an on-policy batch was scaled by (generated tokens / data answer tokens)
       and λ changed the step size as well as the data.
 
-    Teacher logits come from the run's teacher cache when an earlier cell ran the batch, else
-    from the float teacher or, with ``shared_teacher``, from the LoRA student itself with
-    adapters and fake quantization off (tests/test_teacher_sharing.py).
+    Teacher outputs come from ``teacher_source`` (``teacher_source.py``), which ``distill`` settles once
+    per cell: the float teacher or the shared LoRA student in teacher mode, and the run's cache.
     """
 
     distiller_name = "gkd"
-    teacher_cache: TeacherCache | None = None
-    shared_teacher: bool = False  # set by GKDDistiller.distill once the weights are shared
-    cache_fallback: str | None = None  # why a hidden-state cache was given up (not bitwise), if it was
-    _cache_checked = False
+    teacher_source: TeacherSource  # set by TeacherSource.attach
     params = None  # the cell's GKDParams, set by make_trainer (loss_kernel, rollouts, padding_free)
     rollouts_why: str = ""
     _engine = None  # the RolloutEngine, False when the student cannot have one
@@ -98,10 +93,14 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
             loss = self.chunked_loss(model, inputs)
             return (loss, None) if return_outputs else loss
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        teacher_logits = self.teacher_logits(model, inputs, student_outputs.logits.shape[-1])
+        teacher_logits = self.teacher_source.logits(model, inputs, student_outputs.logits.shape[-1], self._on_policy())
         # logits at i predict token i+1; labels are -100 on prompt and padding
         loss = jsd_loss(student_outputs.logits[:, :-1, :], teacher_logits, inputs["labels"][:, 1:], self.beta)
         return (loss, student_outputs) if return_outputs else loss
+
+    def _on_policy(self) -> bool:
+        """Whether this step's batch was generated (a rollout): the teacher cache serves only data batches."""
+        return getattr(self, "_rollout_by", None) is not None
 
     @property
     def engine(self) -> RolloutEngine | None:
@@ -133,17 +132,17 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
             return "full", "as the recipe says (loss_kernel = 'full')"
         if self.params.loss_kernel == "liger":
             student = self.accelerator.unwrap_model(model)
-            with self._as_teacher(model) as teacher:
+            with self.teacher_source.model(model) as teacher:
                 why = liger_problem(next(student.parameters()).device.type, student, teacher)
                 why = why or next((f"the {w}'s {p}" for w, p in (("student", plain_head(student)),
                                                                  ("teacher", plain_head(teacher))) if p), None)
             if why is not None:
                 raise QcompareError(f"gkd: loss_kernel = 'liger' {why}")
             return "liger", "liger-kernel's fused linear JSD from the final hidden states"
-        if self.teacher_cache is not None and self.teacher_cache.mode == "logits":
+        if self.teacher_source.cache_mode() == "logits":
             return "full", "the teacher cache keeps logits (teacher_cache = 'hidden' serves the tiled loss)"
         student = self.accelerator.unwrap_model(model)
-        with self._as_teacher(model) as teacher:
+        with self.teacher_source.model(model) as teacher:
             for who, m in (("student", student), ("teacher", teacher)):
                 why = plain_head(m)
                 if why is not None:
@@ -164,103 +163,12 @@ class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
 
         def loss(batch):
             hidden = backbone_hidden(student, batch)
-            teacher_hidden = self.teacher_hidden(model, inputs, batch)
+            teacher_hidden = self.teacher_source.hidden(model, inputs, batch, self._on_policy(), backbone_hidden)
             jsd = liger_jsd if self.loss_path == "liger" else generalized_jsd
-            with self._as_teacher(model) as teacher:
+            with self.teacher_source.model(model) as teacher:
                 return jsd(hidden[:, :-1], student, teacher_hidden[:, :-1], teacher, batch["labels"][:, 1:], self.beta)
 
         return self._redirect(model, student, loss, batch)
-
-    def teacher_hidden(self, model, inputs, batch):
-        """The input of the teacher's head at every position of ``batch`` (``inputs`` as the model
-        sees it: padded or padding-free): from the run's hidden-state cache on an off-policy data
-        batch that an earlier cell computed, else from one teacher backbone forward (kept for later
-        cells). The tiled loss projects it, so a served batch is exactly a fresh one."""
-        cache = self.teacher_cache if getattr(self, "_rollout_by", None) is None else None
-        # a padding-free batch is another tensor for the teacher: its hidden states are kept apart
-        key = cache.key(inputs) + (":padding-free" if batch is not inputs else "") if cache is not None else None
-        cached = cache.get(key) if cache is not None else None
-        tokens = inputs["attention_mask"].sum().item()
-        if cached is not None:
-            self.meter.add("teacher_cached_tokens", tokens)
-            self.meter.add("teacher_cached_batches", 1)
-            return cached.to(inputs["input_ids"].device)
-        with self.meter.time("teacher_forward_seconds"), torch.no_grad(), self._as_teacher(model) as teacher:
-            hidden = backbone_hidden(teacher, batch)
-        self.meter.add("teacher_tokens", tokens)
-        self.meter.add("teacher_forwards", 1)
-        if cache is not None:
-            cache.store(inputs, key, hidden)
-        return hidden
-
-    def teacher_logits(self, model, inputs, vocab: int):
-        """The teacher's shifted logits: from the run's cache on an off-policy data batch that
-        an earlier cell computed, else from one teacher forward (kept for later cells)."""
-        cache = self.teacher_cache if getattr(self, "_rollout_by", None) is None else None
-        key = cache.key(inputs) if cache is not None else None
-        if cache is not None:
-            cached = cache.get(key)
-            if cached is not None:
-                self.meter.add("teacher_cached_tokens", inputs["attention_mask"].sum().item())
-                self.meter.add("teacher_cached_batches", 1)
-                if cache.mode == "logits":
-                    return cache.expand(inputs, cached, vocab)
-                with self.meter.time("teacher_head_seconds"), torch.no_grad(), self._as_teacher(model) as teacher:
-                    head = teacher.get_output_embeddings()
-                    self.meter.add("teacher_head_flops", 2 * head.weight.numel() * cached.shape[0] * cached.shape[1])
-                    return head_logits(teacher, cached.to(inputs["input_ids"].device))[:, :-1, :]
-        tokens = inputs["attention_mask"].sum().item()
-        captured = []
-        with self.meter.time("teacher_forward_seconds"), torch.no_grad(), self._as_teacher(model) as teacher:
-            hook = (teacher.get_output_embeddings().register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-                    if cache is not None and cache.mode == "hidden" else None)
-            try:
-                outputs = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            finally:
-                if hook is not None:
-                    hook.remove()
-            if captured and not self._cache_checked:  # once per cell: recomputing the head is exact here
-                self._cache_checked = True
-                again = head_logits(teacher, captured[0])
-                if again.shape != outputs.logits.shape or not torch.equal(again, outputs.logits):
-                    self.cache_fallback = (f"recomputing {type(teacher).__name__}'s output head from its input did "
-                                           "not give the same logits bit for bit; every batch ran the teacher")
-                    self.teacher_cache, cache = None, None
-        self.meter.add("teacher_tokens", tokens)
-        self.meter.add("teacher_forwards", 1)
-        logits = outputs.logits[:, :-1, :]
-        if cache is not None:
-            cache.store(inputs, key, captured[0] if cache.mode == "hidden" else logits)
-        return logits
-
-    @contextlib.contextmanager
-    def _as_teacher(self, model):
-        """The model that computes the teacher's outputs: the float teacher, or the LoRA student
-        with its adapters and fake quantizers off when they share weights."""
-        if self.shared_teacher:
-            student = self.accelerator.unwrap_model(model)
-            with teacher_mode(student):
-                yield student
-        else:
-            self.teacher_model.eval()
-            yield self.teacher_model
-
-
-def head_logits(model, hidden):
-    """The logits ``model`` computes from the input of its output head: the head, then what the
-    model applies after it (Gemma's soft-capping, Cohere's scale, Granite's scaling), in its order."""
-    logits = model.get_output_embeddings()(hidden)
-    config = getattr(model.config, "text_config", None) or model.config
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = logits / cap
-        logits = torch.tanh(logits)
-        logits = logits * cap
-    if getattr(config, "logit_scale", None) is not None and config.model_type.startswith("cohere"):
-        logits = logits * config.logit_scale
-    if getattr(config, "logits_scaling", None) is not None:
-        logits = logits / config.logits_scaling
-    return logits
 
 
 @contextlib.contextmanager
@@ -306,6 +214,8 @@ def make_trainer(teacher, student, tokenizer, data, params, context, meter, call
     )
     trainer._init_meter(meter)
     trainer.params = params
+    # the float teacher, no cache: what a trainer made on its own uses (GKDDistiller.distill attaches its own)
+    TeacherSource(teacher, meter).attach(trainer, ("off", "none asked for"), params, None)
     # TRL turns the rollouts' KV cache off whenever gradient checkpointing is on, yet
     # unwrap_model_for_generation switches checkpointing off around generate(): keep the
     # cache (same tokens, generation linear instead of quadratic in length).

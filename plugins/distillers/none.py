@@ -18,7 +18,7 @@ class NoDistiller(Distiller):
     def planned_tokens(self, params) -> dict[str, float]:
         return {}
 
-    def distill(self, teacher, student, tokenizer, data, params, context: CellContext) -> DistillResult:
+    def distill(self, student, params, context: CellContext) -> DistillResult:
         from .cost import zero_cost
 
         return DistillResult(student=student, log=[], cost=zero_cost())

@@ -28,12 +28,14 @@ class SFTDistiller(Distiller):
     def planned_tokens(self, params: SFTParams) -> dict[str, float]:
         return {"student_tokens": params.planned_sequences * params.max_length}
 
-    def distill(self, teacher, student, tokenizer, data, params: SFTParams, context: CellContext) -> DistillResult:
+    def distill(self, student, params: SFTParams, context: CellContext) -> DistillResult:
         from .common import (as_before_training, check_data, check_tokenizer, compiled_rounding, fp32_master_weights,
                              run_training)
         from .cost import CostMeter
         from .shared_teacher import unshare_trainable
         from .sft_trainer import to_prompt_completion
+
+        teacher, tokenizer, data = context.teacher, context.tokenizer, context.data
 
         data = to_prompt_completion(check_data(data, self.name))
         check_tokenizer(tokenizer)

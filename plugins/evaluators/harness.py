@@ -38,7 +38,8 @@ class LmEvalEvaluator(Evaluator):
     reads_task_folders = True  # toy tasks and plugins' task folders: their files count in a cell's identity
     Params = LmEvalParams
 
-    def evaluate(self, model, tokenizer, params, context):
+    def evaluate(self, model, params, context):
+        tokenizer = context.tokenizer
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 

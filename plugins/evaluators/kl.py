@@ -29,8 +29,10 @@ class KLToTeacherEvaluator(Evaluator):
     name = "kl_to_teacher"
     Params = KLParams
 
-    def evaluate(self, model, tokenizer, params, context):
+    def evaluate(self, model, params, context):
         import torch
+
+        tokenizer = context.tokenizer
 
         teacher = context.teacher
         if teacher is None:

@@ -39,8 +39,10 @@ class PerplexityEvaluator(Evaluator):
     name = "perplexity"
     Params = PerplexityParams
 
-    def evaluate(self, model, tokenizer, params, context):
+    def evaluate(self, model, params, context):
         import torch
+
+        tokenizer = context.tokenizer
 
         label = dataset_label(params.dataset)
         texts = load_documents(params.dataset, tokenizer, params.max_samples, params.split)

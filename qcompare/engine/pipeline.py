@@ -2,9 +2,10 @@
 
 ::
 
-    inputs (loaded before the first phase, never changed by one): teacher, tokenizer, data
+    inputs (loaded before the first phase, never changed by one): teacher, tokenizer, data,
+    handed to each plugin call once, in its CellContext (the teacher as a fresh view per phase)
       prepare    quantizer.prepare(copy of the teacher)              -> student (fake-quantized)
-      distill    distiller.distill(teacher view, student, data)      -> trained student, log, cost
+      distill    distiller.distill(student)                          -> trained student, log, cost
       convert    quantizer.convert(trained student)                  -> model (real low-bit weights)
       evaluate   every evaluator on the model                        -> metrics, stderr, items
       save       quantizer.save (+ LoRA adapter), tokenizer          -> a Hugging Face folder
@@ -28,6 +29,9 @@ from qcompare.sdk import checks, footprint
 from qcompare.sdk.api import CellContext, EvalResult
 from qcompare.engine.cells import Cell
 from qcompare.errors import QcompareError, error_line
+
+# the phases whose plugin calls get a context (and so a view of the teacher of their own)
+PLUGIN_PHASES = ("prepare", "distill", "convert", "evaluate", "save")
 from qcompare.sdk.registry import Registry
 
 
@@ -162,11 +166,17 @@ class CellPipeline:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Time a phase into the cell's cost as ``<name>_seconds`` (added up if it runs twice)."""
+        """Time a phase into the cell's cost as ``<name>_seconds`` (added up if it runs twice), and yield
+        the context its plugin calls get: the cell's, with a fresh view of the teacher (same memory,
+        its own module objects), so whatever a plugin rebinds on it (accelerate's autocast forward
+        under bf16, .to(), train mode) ends with the phase instead of leaking into the next cells."""
         self.context.progress.phase(name)
+        teacher = self.inputs.teacher
+        context = dataclasses.replace(self.context, teacher=weight_sharing_copy(teacher)) \
+            if teacher is not None and name in PLUGIN_PHASES else self.context
         start = time.perf_counter()
         try:
-            yield
+            yield context
         finally:
             key = f"{name}_seconds"
             self.cost[key] = self.cost.get(key, 0.0) + time.perf_counter() - start
@@ -178,23 +188,18 @@ class CellPipeline:
         from transformers import set_seed
 
         set_seed(self.cell.seed if self.cell.seed is not None else 0)  # the same RNG state on every path
-        with self.phase("prepare"):
+        with self.phase("prepare") as context:
             student, self.cost["student_weights"] = student_copy(self.inputs.teacher, self.quantizer,
                                                                  self.distiller, self.dparams)
-            return self.quantizer.prepare(student, self.qparams, self.context)
+            return self.quantizer.prepare(student, self.qparams, context)
 
     def distill(self, student):
-        """Train the student. The distiller sees a view of the teacher (same memory, its own module
-        objects): whatever a trainer rebinds on it (accelerate's autocast forward under bf16, .to(),
-        train mode) ends with this phase instead of leaking into the next cells."""
-        teacher = weight_sharing_copy(self.inputs.teacher)
-        context = dataclasses.replace(self.context, teacher=teacher)
+        """Train the student (the distiller's inputs are in its context)."""
         # a distiller that trains (it is seeded) must reach the weights the quantizer rounds
         watch = checks.TrainingWatch(self.inputs.teacher, student, self.distiller.keeps_base_weights(self.dparams)) \
             if self.distiller.seeded else None
-        with self.phase("distill"):
-            result = self.distiller.distill(teacher, student, self.inputs.tokenizer, self.inputs.data,
-                                            self.dparams, context)
+        with self.phase("distill") as context:
+            result = self.distiller.distill(student, self.dparams, context)
         self.cost.update(result.cost)
         if watch is not None:
             with self.phase("check"):
@@ -203,15 +208,17 @@ class CellPipeline:
 
     def convert(self, student):
         """The real low-bit model made from the trained student."""
-        with self.phase("convert"):
-            return self.quantizer.convert(student, self.qparams, self.context)
+        with self.phase("convert") as context:
+            return self.quantizer.convert(student, self.qparams, context)
 
     def evaluate(self, model) -> EvalResult:
         """Every evaluator on ``model``; their metrics merged (a metric reported twice is an error)."""
         merged = EvalResult()
-        with self.phase("evaluate"):
+        with self.phase("evaluate") as context:
+            if model is self.inputs.teacher:  # the teacher's row: the phase's view, so evaluators know it as the teacher
+                model = context.teacher
             for evaluator, params in self.evaluators:
-                res = evaluator.evaluate(model, self.inputs.tokenizer, params, self.context)
+                res = evaluator.evaluate(model, params, context)
                 for key in res.metrics:
                     if key in merged.metrics:
                         raise QcompareError(f"two evaluators report the metric {key!r}; give them different tasks")
@@ -226,8 +233,8 @@ class CellPipeline:
         """``model`` as a Hugging Face folder with the tokenizer (and a LoRA adapter beside it)."""
         from qcompare.sdk.saving import save_converted
 
-        with self.phase("save"):
-            save_converted(self.quantizer, model, self.qparams, folder, self.context)
+        with self.phase("save") as context:
+            save_converted(self.quantizer, model, self.qparams, folder, context)
             self.inputs.tokenizer.save_pretrained(folder)
 
     # --- a whole cell ----------------------------------------------------------------

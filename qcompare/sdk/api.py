@@ -105,9 +105,13 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class CellContext:
-    """What the runner knows about the cell being run, handed to every plugin call.
+    """What the runner knows about the cell being run, handed to every plugin call: the one place a
+    plugin method finds the cell's inputs (teacher, tokenizer, data), never also as arguments.
 
-    Set before the cell's first phase and never changed by one (plugins read it)."""
+    Frozen: a phase never changes it. ``teacher`` is the float teacher as a fresh view per phase
+    (its own module objects over the cached teacher's memory): what a trainer rebinds on it (a
+    wrapped forward, ``.to()``, train mode) ends with the phase; what a plugin writes into its
+    weights fails the cell (``qcompare.sdk.checks.teacher_unchanged``)."""
 
     cell_dir: Path
     seed: int | None
@@ -269,8 +273,9 @@ class Distiller(Plugin):
         ``generated_tokens``. ``None`` (the default): this distiller gives no estimate."""
         return None
 
-    def distill(self, teacher, student, tokenizer, data, params, context: CellContext) -> DistillResult:
-        """Train ``student`` toward ``teacher`` (or the data) and return a DistillResult.
+    def distill(self, student, params, context: CellContext) -> DistillResult:
+        """Train ``student`` toward ``context.teacher`` (or ``context.data``, tokenized with
+        ``context.tokenizer``) and return a DistillResult.
 
         ``log`` holds one dict per logged step (``step``, ``loss`` and its parts); the
         runner writes it to the cell's ``train_log.jsonl``.
@@ -303,8 +308,9 @@ class Evaluator(Plugin):
     # files then count in each cell's identity, so a changed task file makes its cells stale
     reads_task_folders: bool = False
 
-    def evaluate(self, model, tokenizer, params, context: CellContext) -> EvalResult:
-        """Score ``model`` and return an EvalResult. ``context.teacher`` is the float model."""
+    def evaluate(self, model, params, context: CellContext) -> EvalResult:
+        """Score ``model`` (its tokenizer: ``context.tokenizer``) and return an EvalResult.
+        ``context.teacher`` is the float model."""
         raise NotImplementedError
 
     def check(self, params, task_folders: list[Path]) -> None:

@@ -5,8 +5,9 @@ A quantizer's ``prepare`` returns a student whose rounded weights pass through f
 - a **fake quantizer** is a module whose ``forward(w)`` returns ``w`` on the quantizer's grid (the
   gradient passes straight through to the float weight), and whose ``enabled`` set to False makes
   it the identity — the student then computes its float teacher (weight sharing, GKD's teacher
-  mode). It is a ``FakeQuantizer``: a subclass, or a class registered with
-  ``FakeQuantizer.register(cls)`` (the torchao plugin registers torchao's ``FakeQuantizerBase``).
+  mode). It is a ``FakeQuantizer``: a subclass, a class registered with ``FakeQuantizer.register(cls)``,
+  or one of torchao's (``FakeQuantizerBase``, PyTorch's own fake quantization, which keeps this
+  contract), whoever made it.
 - a module whose weights are rounded names its quantizers where distillers look for them: the
   attribute ``weight_fake_quantizer`` rounds its ``weight``; a ``ModuleDict`` attribute
   ``weight_fake_quantizers`` rounds the parameters it is keyed by (fused experts); an attribute
@@ -22,6 +23,9 @@ Distillers rely on nothing else: rounding each weight once per rollout (``weight
 from __future__ import annotations
 
 import abc
+import sys
+
+TORCHAO_FAKE = "torchao.quantization.qat.fake_quantizer"
 
 
 class FakeQuantizer(abc.ABC):  # noqa: B024 - a marker: the contract is forward(w) and ``enabled``
@@ -29,6 +33,14 @@ class FakeQuantizer(abc.ABC):  # noqa: B024 - a marker: the contract is forward(
     ``enabled = False`` makes it the identity."""
 
     enabled: bool
+
+    @classmethod
+    def __subclasshook__(cls, other):
+        # torchao's fake quantizers, without importing torchao: none exists before torchao is imported
+        torchao = sys.modules.get(TORCHAO_FAKE)
+        if cls is FakeQuantizer and torchao is not None and issubclass(other, torchao.FakeQuantizerBase):
+            return True
+        return NotImplemented
 
 
 def is_fake_quantizer(module) -> bool:
