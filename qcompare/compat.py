@@ -23,7 +23,8 @@
   converted model and a reload all agree on the wrong weights, so no check sees it. bitsandbytes'
   own portable implementation, the one its quantize matches, is registered for CPU instead.
 
-All belong upstream (torchao, transformers, bitsandbytes); until then this module is what the card imports.
+All belong upstream (torchao, transformers, bitsandbytes); until then this module is what the card imports
+(``qcompare.compat_scope`` says which checkpoints need it).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 import tempfile
 from pathlib import Path
 
-from qcompare.testing import architecture_matrix, matrix_markdown
+from qcompare.study.architectures import architecture_matrix, matrix_markdown
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:

@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from qcompare.cli import app
-from qcompare.testing import QUICK_CALIBRATION, architecture_matrix, check_quantizer, matrix_markdown, tiny_model
+from qcompare.study.architectures import QUICK_CALIBRATION, architecture_matrix, matrix_markdown
+from qcompare.testing import check_quantizer, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 cli = CliRunner()

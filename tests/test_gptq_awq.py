@@ -229,7 +229,8 @@ def test_both_register_through_the_llmcompressor_entry_point():
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_skip_leaves_fused_experts_float_and_their_save_is_refused_in_one_line(tmp_path, method):
-    from qcompare.testing import QUICK_CALIBRATION, check_quantizer
+    from qcompare.study.architectures import QUICK_CALIBRATION
+    from qcompare.testing import check_quantizer
 
     cls = get_registry().get("quantizer", method)
     report = check_quantizer(cls, {**QUICK_CALIBRATION, "skip": ["lm_head", "*.experts"]}, layouts=("moe-experts",),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 from pathlib import Path
 
 from qcompare.errors import QcompareError
@@ -118,29 +117,12 @@ def is_compressed_tensors(folder: Path) -> bool:
     return (_config(folder).get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
 
 
-# model types whose exports need qcompare.compat's patches to load (see that module)
-NEEDS_COMPAT = {"falcon"}
-
-
-@functools.cache
-def uses_conv1d(model_type: str) -> bool:
-    """Whether transformers' modeling code for ``model_type`` builds its layers from ``Conv1D``."""
-    import importlib
-
-    try:
-        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    except ImportError:
-        return False
-    return "Conv1D" in vars(module)
-
-
 def needs_compat(folder: Path) -> bool:
-    """Whether loading ``folder`` needs ``import qcompare.compat`` first (torchao int weights that
-    the modeling code transposes, Falcon's weight initialisation, bitsandbytes' CPU path)."""
-    config = _config(folder)
-    model_type = config.get("model_type", "")
-    method = (config.get("quantization_config") or {}).get("quant_method")
-    return model_type in NEEDS_COMPAT or (method == "torchao" and uses_conv1d(model_type)) or method == "bitsandbytes"
+    """Whether loading ``folder`` needs ``import qcompare.compat`` first: that module, which holds the
+    patches, says which checkpoints need them."""
+    from qcompare.compat_scope import needed_by
+
+    return needed_by(_config(folder))
 
 
 def load_code(folder: Path, path: str = "path/to/this/folder") -> list[str]:
