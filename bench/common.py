@@ -3,7 +3,6 @@ user writes today), a step timer and a table printer. Not tests: they print meas
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 import warnings
@@ -18,6 +17,8 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
+
+from qcompare.testing import tiny_student  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -39,17 +40,6 @@ def load_toy():
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     data = load_dataset("json", data_files=str(train), split="train")
     return teacher, tokenizer, data
-
-
-def int4_student(teacher):
-    """torchao int4 (group 32) fake-quant student, the way the torchao docs show it."""
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
-    from torchao.quantization.qat import QATConfig
-
-    student = copy.deepcopy(teacher).train()
-    quantize_(student, QATConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)), step="prepare"))
-    return student
 
 
 class StepTimer(TrainerCallback):
@@ -74,7 +64,7 @@ MATCHED = dict(gradient_checkpointing=False, logging_steps=1, data_seed=0, lr_sc
 def plain_gkd(teacher, tokenizer, data, output_dir, callbacks=(), **args):
     """One plain TRL GKDTrainer run on an int4 fake-quant student (no qcompare code).
     Give ``**MATCHED`` to use qcompare's settings, else TRL's defaults apply."""
-    student = int4_student(teacher)
+    student = tiny_student(teacher)  # torchao int4 (group 32) fake quantization
     config = GKDConfig(output_dir=str(output_dir), use_cpu=True, bf16=False, save_strategy="no",
                        report_to="none", disable_tqdm=True, seed=0, **args)
     with warnings.catch_warnings():

@@ -270,8 +270,8 @@ def cuda_tests(args) -> dict:
     static-cache decode of the rollout copy (greedy tokens equal to eager in fp32, no recompile on refresh)."""
     if args.device != "cuda":
         return {"skipped": "no CUDA"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_chunked_loss.py",
-                           "tests/test_static_rollouts.py", "-k", "liger or cuda"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/plugins/test_chunked_loss.py",
+                           "tests/plugins/test_static_rollouts.py", "-k", "liger or cuda"], capture_output=True, text=True,
                           timeout=300, cwd=HERE.parent)
     lines = [x for x in done.stdout.splitlines() if x.strip()]
     return {"exit_code": done.returncode, "summary": lines[-1] if lines else "", "output_tail": done.stdout[-3000:]}

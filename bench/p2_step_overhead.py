@@ -14,7 +14,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import MATCHED, StepTimer, int4_student, load_toy, median, plain_gkd, table
+from common import MATCHED, StepTimer, load_toy, median, plain_gkd, table
+
+from qcompare.testing import tiny_student
 
 # a learning rate so small the student does not move: both trainers then sample the same
 # rollouts (same seed), so they do the same work and only the wrappers differ
@@ -31,7 +33,7 @@ def qcompare_steps(teacher, tokenizer, data, steps: int, folder: Path, rollouts:
     params = GKDParams(**SETTINGS, max_steps=steps, save_steps=0, rollouts=rollouts)
     context = CellContext(cell_dir=folder, seed=0, device="cpu", tokenizer=tokenizer)
     timer, meter = StepTimer(), CostMeter("cpu")
-    trainer = GKDDistiller().make_trainer(teacher, int4_student(teacher), tokenizer, check_data(data, "gkd"), params,
+    trainer = GKDDistiller().make_trainer(teacher, tiny_student(teacher), tokenizer, check_data(data, "gkd"), params,
                                           context, meter, callbacks=[timer])
     run_training("gkd", trainer, meter, teacher, params, context)
     name = "qcompare" if rollouts == "auto" else f"qcompare {rollouts}"

@@ -13,7 +13,7 @@ input dimension K — which is exactly a Linear layer's grid, per expert:
 - the converted module keeps each weight as torchao's ``IntxUnpackedToInt8Tensor`` of the view
   (int8 codes, scales, zero points: what ``IntxWeightOnlyConfig`` makes of a Linear weight) and
   runs its own forward on the dequantized weights, so it computes bit for bit what the student
-  computed (tests/test_architectures.py). Dequantizing costs a transient float copy of one
+  computed (tests/study/test_architectures.py). Dequantizing costs a transient float copy of one
   layer's experts per forward.
 """
 

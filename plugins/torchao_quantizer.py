@@ -3,7 +3,7 @@
 ``prepare`` swaps Linear layers for torchao's ``FakeQuantizedLinear`` (QATConfig, step
 "prepare"); ``convert`` applies the matching post-training config (QATConfig, step
 "convert"). The student's forward pass and the converted model's agree exactly (packing
-"unpacked") or to bfloat16 rounding (packing "tinygemm"): ``tests/test_torchao_quantizer.py``
+"unpacked") or to bfloat16 rounding (packing "tinygemm"): ``tests/plugins/test_torchao_quantizer.py``
 checks it for every bit width, because a student trained under one grid and served under
 another loses what it learned (a whole experiment of the founding study was lost to that).
 

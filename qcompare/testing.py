@@ -60,24 +60,34 @@ LAYOUTS = {
 }
 
 
-def tiny_config(family: str, vocab_size: int = 128):
+def tiny_config(family: str, vocab_size: int = 128, **overrides):
+    """The tiny config of ``family``; ``overrides`` change any of its sizes (``hidden_size=32``, ...)."""
     import torch
     from transformers import AutoConfig
 
     if family not in FAMILIES:
         raise QcompareError(f"unknown tiny model family {family!r}; allowed: {', '.join(FAMILIES)}")
-    return AutoConfig.for_model(family, vocab_size=vocab_size, dtype=torch.float32, **SHAPE, **FAMILIES[family])
+    return AutoConfig.for_model(family, vocab_size=vocab_size, dtype=torch.float32,
+                                **{**SHAPE, **FAMILIES[family], **overrides})
 
 
-def tiny_model(family: str, vocab_size: int = 128, seed: int = 0):
+def tiny_model(family: str, vocab_size: int = 128, seed: int = 0, **overrides):
     """A random-weight float32 causal LM of ``family`` (a transformers model type): 2 layers,
-    hidden 64, 4 heads, 2 KV heads (4 experts for the MoE families)."""
+    hidden 64, 4 heads, 2 KV heads (4 experts for the MoE families), unless ``overrides`` say otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(family, vocab_size)
+    config = tiny_config(family, vocab_size, **overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def save_tiny_model(folder, family: str = "qwen3", vocab_size: int = 64, seed: int = 0, **overrides) -> Path:
+    """``tiny_model`` with ``tiny_tokenizer`` saved as a Hugging Face folder: a model a recipe can name."""
+    folder = Path(folder)
+    tiny_model(family, vocab_size, seed, **overrides).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
 
 
 # --- a tiny chat world ---------------------------------------------------------------------
@@ -101,6 +111,41 @@ def tiny_tokenizer():
     tok.add_special_tokens(SPECIAL)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
                                    chat_template=CHAT_TEMPLATE, model_max_length=64)
+
+
+def tiny_teacher(seed: int = 0):
+    """The tiny chat world's teacher: a Qwen3 over ``tiny_tokenizer``'s vocabulary, its head sharpened so
+    that divergences to it are not all near zero."""
+    import torch
+
+    model = tiny_model("qwen3", vocab_size=len(tiny_tokenizer()), seed=seed, max_position_embeddings=128,
+                       bos_token_id=None)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model.eval()
+
+
+def tiny_student(teacher, fake_quant: bool = True, skip_head: bool = False):
+    """A trainable copy of ``teacher``; with ``fake_quant`` its Linear layers are torchao int4 QAT
+    (group 32), the lm_head too unless ``skip_head``."""
+    student = copy.deepcopy(teacher).train()
+    if fake_quant:
+        import torch
+        from torchao.quantization import IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.qat import QATConfig
+
+        base = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+        keep = (lambda m, fqn: fqn != "lm_head" and isinstance(m, torch.nn.Linear)) if skip_head else None
+        quantize_(student, QATConfig(base, step="prepare"), filter_fn=keep)
+    return student
+
+
+def tiny_context(folder, seed: int = 0, **fields):
+    """A CellContext for calling a plugin by hand (on the CPU); ``fields``: teacher, tokenizer, data, ..."""
+    from qcompare.sdk.api import CellContext
+
+    return CellContext(cell_dir=Path(folder), seed=seed, device="cpu", **{"tokenizer": None, **fields})
 
 
 def tiny_chat(n: int = 24, seed: int = 0):

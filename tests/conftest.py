@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny loadable model, the example RTN plugin, and small test plugins."""
+"""The tests' fixtures, in one place: pytest fixtures here, the test plugins and data files in
+fixtures/, and the tiny models and chat world in ``qcompare.testing`` (the ones plugin authors use)."""
 
 from __future__ import annotations
 
@@ -14,32 +15,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # validate's structure cache: one per test session, never the user's
 os.environ.setdefault("QCOMPARE_CACHE", tempfile.mkdtemp(prefix="qcompare-test-cache-"))
 
-import pytest
-import torch
-import testplugins
-from qcompare.sdk.registry import add_plugin, remove_plugin
+# the test plugins and data files (tests/fixtures/) import by name, as an installed plugin would
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+
+import pytest  # noqa: E402
+import testplugins  # noqa: E402
+from qcompare.sdk import add_plugin, remove_plugin
+from qcompare.testing import save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_RTN = ROOT / "examples" / "qcompare-rtn"
 EXAMPLE_NF3 = ROOT / "examples" / "qcompare-nf3"
 
 
-def build_tiny_model(folder: Path, vocab: int = 64) -> Path:
-    """A random Qwen3 and a word-level tokenizer, saved as a Hugging Face folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(vocab - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
-    Qwen3ForCausalLM(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+def build_tiny_model(folder: Path) -> Path:
+    """A random Qwen3 (hidden 32) and the tiny chat world's tokenizer, saved as a Hugging Face folder."""
+    return save_tiny_model(folder, vocab_size=64, hidden_size=32, intermediate_size=64, head_dim=8,
+                           max_position_embeddings=64)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ batch. The tokens depend only on the chat, the tokenizer and ``max_length``, so 
 cells (and every epoch after the first) can reuse them: the first time a chat is seen the
 stock collator processes it alone, and its result is kept compactly and handed back to the
 stock collator in the pre-tokenized form it accepts (``input_ids`` + ``completion_mask``).
-The batch is the same tensors, byte offsets included (tests/test_chat_tokens.py).
+The batch is the same tensors, byte offsets included (tests/plugins/test_chat_tokens.py).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def jsd_loss(student_logits, teacher_logits, labels, beta: float):
 
 
 class MeteredGKDTrainer(MeteredTrainerMixin, GKDTrainer):
-    """GKDTrainer with measured cost and two fixes, both covered by tests/test_gkd_loss.py:
+    """GKDTrainer with measured cost and two fixes, both covered by tests/plugins/test_gkd_loss.py:
 
     - the loss is taken in fp32 whatever the models' dtype;
     - each micro-batch's loss is a mean over *its own* completion tokens. TRL normalises

@@ -7,7 +7,7 @@ fake quantizer on every weight again (quantize → dequantize a whole layer per 
 computed for that Parameter the first time (keyed by the Parameter and its version, so an in-place
 update is seen); activations, which change every step, are rounded as usual. The rounded weights
 are the same tensors the student would compute, so the model computes the same logits and, with
-the same random state, samples the same tokens (tests/test_rollouts.py). Generation still runs
+the same random state, samples the same tokens (tests/plugins/test_rollouts.py). Generation still runs
 the training student, with a dynamic KV cache, uncompiled.
 
 ``RolloutEngine``: an inference copy of the student that transformers can run with its static KV

@@ -9,7 +9,7 @@ on the fly, like torchao QAT) they are bit-for-bit the teacher's weights. So:
 - ``teacher_mode`` runs the student as the teacher: peft's ``disable_adapter()`` plus every
   torchao fake quantizer's ``enabled = False`` (the switch ``FakeQuantizedLinear``,
   ``FakeQuantizedEmbedding`` and qcompare's fused-expert fake quantizers read), in eval mode.
-  Its logits equal the float teacher's exactly (tests/test_teacher_sharing.py).
+  Its logits equal the float teacher's exactly (tests/plugins/test_teacher_sharing.py).
 
 A quantizer that changes the weights it prepares (GPTQ, AWQ) leaves a student whose base
 is not the teacher; sharing is then refused and the cell keeps two copies. (The runner

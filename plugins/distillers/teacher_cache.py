@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from qcompare.sdk import on_clear
+
 # In-process caches by folder, so cells run one after another in one process (the local
 # executor) reuse entries without reading the disk again.
 _MEMORY: dict[str, "TeacherCache"] = {}
@@ -204,6 +206,8 @@ class TeacherCache:
         return sum(p.stat().st_size for p in self.folder.glob("shard-*.safetensors")) if self.folder.is_dir() else 0
 
 
+@on_clear
+@on_clear
 def clear_memory() -> None:
     """Forget the in-process caches (tests use this to stand for a fresh process)."""
     _MEMORY.clear()

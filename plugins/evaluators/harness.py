@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from qcompare.sdk import EvalResult, Evaluator, Params, QcompareError
+from qcompare.sdk import EvalResult, Evaluator, Params, QcompareError, memo_dict
 from qcompare_plugins.evaluators.quiet import kept_rng_state, progress_through, quiet_lm_eval
 
 # "auto" makes lm-eval try ever larger batches until one fails to fit: worth it on a GPU,
@@ -19,7 +19,7 @@ from qcompare_plugins.evaluators.quiet import kept_rng_state, progress_through, 
 CPU_BATCH_SIZE = 8
 OFFLINE_HINT = "to run offline, put a task YAML over local JSONL in a folder and name it in include_path (see plugins/toy/tasks)"
 
-_task_managers: dict = {}
+_task_managers: dict = memo_dict()  # lm-eval's task index by include_path: built once per process
 
 
 class LmEvalParams(Params):

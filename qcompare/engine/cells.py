@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qcompare.sdk.registry import get_registry
+from qcompare.sdk.memo import memo_dict
 
 if TYPE_CHECKING:
     from qcompare.engine.recipe import PluginChoice, Recipe
@@ -76,7 +77,7 @@ def _seeded(kind: str, choice: PluginChoice | None) -> bool:
     return choice is not None and get_registry().get(kind, choice.name).seeded
 
 
-_digests: dict[tuple, str] = {}
+_digests: dict[tuple, str] = memo_dict()  # a data file's digest by (path, size, mtime): read once per process
 
 
 def data_identity(data) -> dict:

@@ -4,7 +4,6 @@ every plugin a cell used (so a cell made by another version of a plugin is known
 from __future__ import annotations
 
 import ast
-import functools
 import hashlib
 import importlib.util
 import json
@@ -13,6 +12,8 @@ import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
+
+from qcompare.sdk.memo import memo, memo_dict
 
 PACKAGES = ("qcompare", "torch", "transformers", "trl", "torchao", "lm_eval", "datasets", "peft", "accelerate", "llmcompressor")
 
@@ -50,7 +51,7 @@ def provenance() -> dict:
 # --- plugins --------------------------------------------------------------------------
 
 
-@functools.cache
+@memo
 def _direct_url(dist: str) -> dict:
     """PEP 610's record of how a distribution was installed (editable, from a folder), if any."""
     try:
@@ -98,7 +99,7 @@ def _local_imports(path: Path, module: str, top: str) -> set[str]:
     return {m for m in found if m == top or m.startswith(top + ".")}
 
 
-@functools.cache
+@memo
 def source_digest(module: str) -> str | None:
     """A hash of the source of ``module`` and of every module of its own package it imports,
     transitively: what the plugin's behaviour can depend on within its package."""
@@ -136,7 +137,7 @@ def plugin_identity(entry) -> dict:
     return identity
 
 
-_file_digests: dict[tuple, dict] = {}
+_file_digests: dict[tuple, dict] = memo_dict()
 
 
 def model_identity(where: str) -> dict | None:

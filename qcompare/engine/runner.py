@@ -27,6 +27,7 @@ from qcompare.sdk.registry import get_plugin_manager, get_registry
 from qcompare.results.record import CellRecord
 from qcompare.engine.recipe import Recipe
 from qcompare.results.store import RunStore, file_digests, write_json, write_jsonl
+from qcompare.sdk.memo import memo_dict
 
 
 def now() -> str:
@@ -60,7 +61,7 @@ def default_output(recipe: Recipe) -> Path:
     return recipe.output or Path("runs") / recipe.name
 
 
-_identities: dict = {}
+_identities: dict = memo_dict()  # plugin identities by plugin: hashed once per process
 
 
 def plugin_identities(cell: Cell, registry) -> dict:

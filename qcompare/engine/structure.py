@@ -22,6 +22,7 @@ from qcompare.engine.inputs import resolve_model
 from qcompare.sdk.cache import read_cache, write_cache
 from qcompare.errors import QcompareError
 from qcompare.sdk.registry import Registry
+from qcompare.sdk.memo import memo_dict
 
 VERSION = 1  # of the cache's entries
 
@@ -42,7 +43,7 @@ def model_config(name: str, registry: Registry) -> dict | None:
     return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
 
 
-_hub: dict[str, str] = {}  # what asking the Hub said, once per process ("" while it answers)
+_hub: dict[str, str] = memo_dict()  # what asking the Hub said, once per process ("" while it answers)
 
 
 def hub_problem(name: str) -> str | None:

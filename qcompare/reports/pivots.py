@@ -11,17 +11,9 @@ from rich.table import Table
 
 from qcompare.errors import QcompareError
 from qcompare.results.frame import LOWER_IS_BETTER, group_columns, load_run, metric_column, setting_column, setting_text
-from qcompare.results.stats import mean_ci
+from qcompare.results.stats import interval_text, mean_ci
 
 FOLDS = ("best", "mean")
-
-
-def _fmt(mean, half, over) -> str:
-    if mean != mean:
-        return "—"
-    if over == "seeds agree":
-        return f"{mean:.3f}="
-    return f"{mean:.3f}±{half:.3f}" if half is not None else f"{mean:.3f}"
 
 
 def lower_is_better(metric: str) -> bool:
@@ -64,12 +56,12 @@ def pivot(root: Path, rows: str, cols: str, metric: str, fold: str = "best",
             several += 1
             if fold == "best":
                 g, _ = best_configuration(g, keys, select_on or metric)
-                cell = _fmt(*mean_ci(g[metric].tolist()))
+                cell = interval_text(*mean_ci(g[metric].tolist()))
             else:
                 means = [h[metric].mean() for _, h in g.groupby(keys, dropna=False)]
                 cell = f"{sum(means) / len(means):.3f} (mean of {len(means)})"
         else:
-            cell = _fmt(*mean_ci(g[metric].tolist()))
+            cell = interval_text(*mean_ci(g[metric].tolist()))
         table.setdefault(setting_text(rv), {})[setting_text(cv)] = cell
     frame = pd.DataFrame(table).T.sort_index().rename_axis(f"{rows} \\ {cols}")
     notes = []

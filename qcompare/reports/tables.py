@@ -20,7 +20,7 @@ from rich.table import Table
 
 from qcompare.errors import QcompareError
 from qcompare.results.frame import group_columns, is_accuracy, load_run, primary_metrics, setting_text
-from qcompare.results.stats import mean_ci
+from qcompare.results.stats import interval_label, interval_text, mean_ci
 from qcompare.results.store import RunStore
 
 FORMATS = ("table", "markdown", "latex", "csv", "json")
@@ -173,14 +173,13 @@ def _add_recovery(out: pd.DataFrame) -> None:
             out.at[i, "recovered"] = (row["average"] - p) / (t - p)
 
 
-def _fmt(value, half=None, pct=False, digits: int = 3) -> str:
+def _fmt(value, pct=False, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if pct:
         return f"{value:.0%}"
     text = f"{value:.{digits}f}" if abs(value) < 100 else f"{value:,.0f}"
-    text = "0.000" if text == "-0.000" else text
-    return f"{text}±{half:.3f}" if half is not None and not math.isnan(half) else text
+    return "0.000" if text == "-0.000" else text
 
 
 def _amount(value, digits: int = 3) -> str:
@@ -209,26 +208,19 @@ SIZE_AND_COST = {
 }
 
 
-def _value_with_interval(row, m, with_half: bool) -> str:
-    over = row.get(f"{m} over")
-    if over == "seeds agree":
-        return _fmt(row[m]) + "="  # the seeds agreed exactly: no spread seen, not "±0.000"
-    return _fmt(row[m], row[f"{m} ±"] if with_half else None)
-
-
 def _interval(row) -> str:
     """What the row's ± are over, and how many (the average's, else its tasks')."""
     kinds = [v for k, v in row.items() if isinstance(k, str) and k.endswith(" over") and isinstance(v, str)]
     over = row.get("average over") if isinstance(row.get("average over"), str) else (kinds[0] if kinds else None)
-    n = row["seeds"]
-    return {"seeds": f"t, {n} seeds", "seeds agree": f"{n} seeds, equal", "items": "items (1 run)"}.get(over, "—")
+    return interval_label(over, row["seeds"])
 
 
 def _cells(row, metrics, every_ci: bool = True) -> list[str]:
     """A summary row as text; ``every_ci=False`` keeps the ± for the average only (narrow tables)."""
     return [
         row["config"], str(row["seeds"]), _interval(row),
-        *(_value_with_interval(row, m, every_ci or m == "average") for m in metrics),
+        *(interval_text(row[m], row[f"{m} ±"] if every_ci or m == "average" else None, row.get(f"{m} over"),
+                        number=_fmt) for m in metrics),
         _fmt(row.get("Δ teacher")), _fmt(row.get("Δ PTQ")), _fmt(row.get("recovered"), pct=True),
         *(fmt(row.get(col, float("nan"))) for col, fmt in SIZE_AND_COST.items()),
     ]

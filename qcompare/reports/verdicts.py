@@ -12,7 +12,7 @@ the difference ± q × SE with SE² = (seed-to-seed variance)/seeds + (item boot
 q Cochran–Cox's weighting of Student's t at the seed level (seeds − 1 degrees of freedom) and the
 normal at the item level. A plain percentile of the two-level bootstrap is too narrow with the
 2–3 seeds studies run (simulated: 95% intervals covered the truth 79–85% of the time with 2–3
-seeds); Student's t at the seed level keeps it near 95% (tests/test_verdicts.py).
+seeds); Student's t at the seed level keeps it near 95% (tests/reports/test_verdicts.py).
 
 With a margin δ the verdict is "equivalent within ±δ" when the 90% interval lies inside (−δ, δ)
 (two one-sided tests at 5%), "A better" / "B better" when the 95% interval excludes 0, else

@@ -17,7 +17,8 @@ The contract itself, and what the runner promises in return, is ``docs/writing-p
   ``load_state``; measuring it: ``holds_codes``.
 - A cell's files and costs: ``CellFiles``, ``write_json``, ``logical_flops``; optional packages
   (``TRACKERS``, ``installed``, ``require``); the registry (``get_registry``, ``add_plugin`` for a
-  plugin defined in a notebook); qcompare's small cache (``read_cache``, ``write_cache``).
+  plugin defined in a notebook); qcompare's small cache (``read_cache``, ``write_cache``); what a process computes
+  once and keeps (``memo``, ``memo_dict``, ``on_clear``; ``clear_all`` forgets it all).
 - For a plugin's tests: ``check_quantizer`` (imported on first use, with ``compat``, the fixes some
   exported models need before loading).
 """
@@ -32,6 +33,7 @@ from qcompare.sdk.extras import TRACKERS, installed, require
 from qcompare.sdk.fake import FakeQuantizer, activation_quantizer, fake_quantizers, rounded_weights, weight_quantizers
 from qcompare.sdk.footprint import holds_codes
 from qcompare.sdk.hookspecs import hookimpl
+from qcompare.sdk.memo import clear_all, memo, memo_dict, on_clear
 from qcompare.sdk.registry import add_plugin, get_registry, remove_plugin
 from qcompare.sdk.saving import apply_int_grid, load_state, save_int_grid, save_quantized, save_state
 from qcompare.sdk.targets import expert_params, find_targets, probe_expert_layouts, unmatched
@@ -39,8 +41,8 @@ from qcompare.sdk.targets import expert_params, find_targets, probe_expert_layou
 __all__ = [
     "AddedField", "CellContext", "CellFiles", "DistillResult", "Distiller", "EvalResult", "Evaluator", "Executor",
     "FakeQuantizer", "Items", "ModelFacts", "Params", "Plugin", "QcompareError", "Quantizer", "RuntimeField",
-    "TRACKERS", "activation_quantizer", "add_plugin", "apply_int_grid", "check_quantizer", "compat", "expert_params", "fake_quantizers",
-    "find_targets", "get_registry", "holds_codes", "hookimpl", "installed", "load_state", "logical_flops",
+    "TRACKERS", "activation_quantizer", "add_plugin", "clear_all", "apply_int_grid", "check_quantizer", "compat", "expert_params", "fake_quantizers",
+    "find_targets", "get_registry", "holds_codes", "hookimpl", "installed", "load_state", "logical_flops", "memo", "memo_dict", "on_clear",
     "probe_expert_layouts", "read_cache", "remove_plugin", "require", "rounded_weights", "save_int_grid", "save_quantized", "save_state", "unmatched",
     "weight_quantizers", "write_cache", "write_json",
 ]

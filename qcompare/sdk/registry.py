@@ -8,7 +8,6 @@ none) limits which entry points load.
 from __future__ import annotations
 
 import difflib
-import functools
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -19,6 +18,7 @@ import pluggy
 from qcompare.sdk import hookspecs
 from qcompare.sdk.api import Distiller, Evaluator, Executor, Plugin, Quantizer
 from qcompare.errors import QcompareError
+from qcompare.sdk.memo import memo, memo_dict
 
 GROUP = "qcompare"
 KINDS = {"quantizer": Quantizer, "distiller": Distiller, "evaluator": Evaluator, "executor": Executor}
@@ -77,7 +77,7 @@ def _package_of(module) -> str:
     return dists[0] if dists else name
 
 
-@functools.cache
+@memo
 def _distributions() -> dict[str, list[str]]:
     # scans every installed package: once per process, not once per hook implementation
     return metadata.packages_distributions()
@@ -153,7 +153,7 @@ def _add(reg: Registry, table: dict, entry: Entry) -> None:
 
 
 _extra: list = []
-_cache: dict = {}
+_cache: dict = memo_dict()  # the registry, collected once per process (add_plugin resets it)
 
 
 def add_plugin(plugin) -> None:

@@ -20,7 +20,7 @@ from qcompare.reports.compare import compare_cells
 from qcompare.errors import QcompareError
 from qcompare.reports.tables import summarize
 from qcompare.results.frame import group_columns, load_run, setting_text
-from qcompare.results.stats import mean_ci
+from qcompare.results.stats import interval_text, mean_ci
 
 STUDIES = ("lambda", "lr_sweep", "steps", "rollout", "beta", "quantizers")
 
@@ -41,16 +41,8 @@ def find_run(runs: Path, study: str) -> Path | None:
     return None
 
 
-def _num(v, half=None, over=None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    if over == "seeds agree":
-        return f"{v:.3f}="
-    return f"{v:.3f} ± {half:.3f}" if half is not None and not math.isnan(half) else f"{v:.3f}"
-
-
 def mean_text(g: pd.DataFrame, col: str) -> str:
-    return _num(*mean_ci(g[col].tolist())) if col in g else "—"
+    return interval_text(*mean_ci(g[col].tolist()), sep=" ± ") if col in g else "—"
 
 
 def value_text(v) -> str:
@@ -93,7 +85,7 @@ def final_losses(root: Path, g: pd.DataFrame) -> list[float]:
 
 def final_loss_text(root: Path, g: pd.DataFrame) -> str:
     losses = final_losses(root, g)
-    return _num(*mean_ci(losses)[:2]) if losses else "—"
+    return interval_text(*mean_ci(losses)[:2], sep=" ± ") if losses else "—"
 
 
 def untrained_configs(df: pd.DataFrame) -> list[pd.DataFrame]:

@@ -5,6 +5,8 @@ import pytest
 from qcompare.sdk import check_quantizer
 from qcompare_nf3 import NF3Quantizer
 
+pytestmark = pytest.mark.e2e  # runs whole cells, runs or commands (not in the fast subset)
+
 
 def test_nf3_is_3_25_bits_in_memory_and_on_disk_and_reloads_exactly_through_the_plugin(tmp_path):
     report = check_quantizer(NF3Quantizer, {}, folder=tmp_path, layouts=("gqa", "fused-qkv", "tied-embeddings"),

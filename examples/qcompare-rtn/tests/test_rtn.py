@@ -2,6 +2,9 @@
 
 from qcompare.sdk import check_quantizer
 from qcompare_rtn import RTNQuantizer
+import pytest
+
+pytestmark = pytest.mark.e2e  # runs whole cells, runs or commands (not in the fast subset)
 
 
 def test_rtn_trains_converts_exactly_covers_the_body_and_reloads(tmp_path):

@@ -1,0 +1,186 @@
+"""Architectures beyond the dense Llama family: mixture-of-experts (fused 3-D experts), GPT-2's
+Conv1D, Falcon, GPT-NeoX, OLMo-2 — through every built-in quantizer, and the page that says so."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qcompare.cli import app
+from qcompare.study.architectures import QUICK_CALIBRATION, architecture_matrix, matrix_markdown
+from qcompare.testing import check_quantizer, tiny_model
+
+pytestmark = pytest.mark.e2e  # runs whole cells, runs or commands (not in the fast subset)
+
+ROOT = Path(__file__).resolve().parents[2]
+cli = CliRunner()
+
+
+@pytest.mark.slow
+def test_every_family_by_every_quantizer_and_the_page_that_says_so(tmp_path):
+    rows = architecture_matrix(tmp_path)
+    by = {(r["family"], r["quantizer"]): r for r in rows}
+    # the only refusals: GPT-2's Conv1D in llm-compressor and torchao's float tensors; fused experts
+    # and Falcon's own Linear subclass in the float formats; nothing fails a check
+    floats = ("nvfp4", "mxfp4", "fp8", "bnb nf4")
+    refused = {("gpt2", "gptq int4"), ("gpt2", "awq int4"), *(("gpt2", q) for q in floats if q != "bnb nf4"),
+               *((f, q) for f in ("qwen3_moe", "mixtral", "olmoe", "falcon") for q in floats)}
+    assert {k for k, r in by.items() if r["status"] != "ok"} == refused
+    assert all(by[k]["status"] == "refused" for k in refused)
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["coverage"] >= 0.95 and r["fake_vs_converted"] == 0 and r["reload"] == 0, r
+    # fused experts are quantized where they are: the body is covered, and int2 is cheaper than int4
+    assert by[("qwen3_moe", "torchao int2")]["bits"] < by[("qwen3_moe", "torchao int4")]["bits"]
+    page = (ROOT / "docs" / "architectures.md").read_text()
+    assert page == matrix_markdown(rows), "docs/architectures.md is stale: run python scripts/architectures.py"
+
+
+def test_fused_experts_train_through_the_fake_quantizer_and_teacher_mode_switches_them_off():
+    from qcompare.sdk import fake_quantizers
+    from qcompare_plugins.distillers.shared_teacher import teacher_mode
+    from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
+
+    teacher = tiny_model("qwen3_moe")
+    student = TorchaoQuantizer().prepare(copy.deepcopy(teacher), TorchaoParams(bits=2, group_size=0), None)
+    experts = student.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "FakeQuantizedQwen3MoeExperts" and experts.gate_up_proj.requires_grad
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    student(ids).logits.pow(2).mean().backward()
+    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+    # int2 moves the experts' output; with every fake quantizer off the student is the teacher
+    with torch.no_grad():
+        expected = teacher(ids).logits
+        assert not torch.equal(student(ids).logits, expected)
+        assert len(fake_quantizers(student)) > 2 * 2  # the experts' too, not only the Linear layers'
+        with teacher_mode(student):
+            assert torch.equal(student(ids).logits, expected)
+
+
+def test_routers_stay_float_unless_asked_and_asymmetric_experts_are_refused_for_export():
+    from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
+
+    teacher = tiny_model("mixtral")
+    float_router = TorchaoQuantizer().prepare(copy.deepcopy(teacher), TorchaoParams(), None)
+    assert type(float_router.model.layers[0].mlp.gate).__name__ == "MixtralTopKRouter"
+    quantized = TorchaoQuantizer().prepare(copy.deepcopy(teacher), TorchaoParams(routers=True), None)
+    assert type(quantized.model.layers[0].mlp.gate).__name__ == "FakeQuantizedMixtralTopKRouter"
+    # an asymmetric grid trains and converts; only its export is refused, in one line
+    report = check_quantizer(TorchaoQuantizer, {"symmetric": False}, layouts=("moe-experts",), saves=False)
+    assert report["moe-experts"]["fake_vs_converted"]["passed"]
+    assert "use symmetric = true to export MoE models" in report["moe-experts"]["save"]["refused"]
+
+
+def test_validate_reads_the_layout_from_the_config_and_names_what_cannot_work(tmp_path, tiny_model_dir):
+    from qcompare.testing import tiny_tokenizer
+
+    gpt2 = tmp_path / "tiny-gpt2"
+    tiny_model("gpt2").save_pretrained(gpt2)
+    tiny_tokenizer().save_pretrained(gpt2)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"""
+models = ["{gpt2}", "{tiny_model_dir}"]
+[data]
+train = "toy-chat"
+[[quantizers]]
+name = "gptq"
+[[quantizers]]
+name = "torchao"
+group_size = 64
+[[distillers]]
+name = "none"
+""")
+    res = cli.invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 2, res.output
+    assert any("quantizer gptq on" in ln and "tiny-gpt2" in ln and "Conv1D" in ln and "torchao quantizer handles"
+               in ln for ln in lines)
+    # the tiny Qwen3 is 32 wide: a group of 64 does not divide its layers (GPT-2's are 64 wide)
+    assert any("quantizer torchao on" in ln and "group_size 64 does not divide" in ln and "(32)" in ln for ln in lines)
+    # a fixed recipe passes, and the second look comes from the cache without torch
+    recipe.write_text(recipe.read_text().replace('name = "gptq"', 'name = "torchao"\nbits = 8\ngroup_size = 16')
+                      .replace("group_size = 64", "group_size = 16"))
+    assert cli.invoke(app, ["validate", str(recipe)]).exit_code == 0
+
+
+def test_an_awq_cell_records_the_smoothing_it_skipped_and_the_report_says_so(tmp_path):
+    recipe = tmp_path / "awq.toml"
+    recipe.write_text("""
+name = "awq"
+models = ["toy-qwen3"]
+teacher = false
+[data]
+train = "toy-chat"
+[[quantizers]]
+name = "awq"
+group_size = 32
+calibration_samples = 16
+calibration_length = 64
+[[distillers]]
+name = "none"
+[[evaluators]]
+name = "kl_to_teacher"
+dataset = "toy-heldout"
+max_samples = 8
+""")
+    res = cli.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "run").glob("cells/*/result.json")]
+    awq = record["notes"]["awq"]
+    # toy-qwen3 has grouped-query attention: v_proj → o_proj cannot be balanced, llm-compressor skips it
+    assert awq["skipped_smoothing"] == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    assert "awq: skipped smoothing of 2 layers" in res.output and "self_attn.v_proj" in res.output
+
+
+@pytest.mark.parametrize("name, params", [("torchao", {"bits": 4, "group_size": 32}),
+                                          ("gptq", {"bits": 4, "group_size": 32, **QUICK_CALIBRATION})])
+def test_expert_biases_are_neither_codes_nor_scale_overhead(tmp_path, name, params):
+    """GPT-OSS keeps float biases beside its fused experts (``gate_up_proj_bias``): they count as float,
+    and the bits of the quantized weights are those of their codes, scales and zero points alone."""
+    from qcompare.sdk.checks import DEFAULT_MIN_COVERAGE
+    from qcompare.sdk.registry import get_registry
+    from qcompare.sdk.targets import all_targets
+    from qcompare.testing import check_one
+
+    cls = get_registry().get("quantizer", name)
+    report = check_one(cls(), cls.Params(**params), "gpt_oss", tmp_path, DEFAULT_MIN_COVERAGE, reload=False)
+    # an independent count over the teacher: the body's Linear and 3-D expert weights, routers left float
+    teacher = tiny_model("gpt_oss")
+    outside = {id(teacher.get_input_embeddings().weight), id(teacher.get_output_embeddings().weight)}
+    body = sum(p.numel() for p in teacher.parameters() if id(p) not in outside)
+    quantized = sum(t.weight.numel() for t in all_targets(teacher) if t.kind in ("linear", "experts")
+                    and id(t.weight) not in outside)
+    assert report["coverage"]["body"] == pytest.approx(quantized / body, abs=1e-6)
+    assert report["size"]["bits_per_weight"] == 4 + (32 + 8) / 32  # int4 codes, an fp32 scale and an int8 zero per 32
+
+
+def test_fused_experts_stored_input_first_without_a_flag_get_their_groups_along_the_input(tmp_path):
+    """Llama 4 keeps its experts as (experts, in, out) and says so nowhere: the input axis is found from what
+    the forward multiplies (a probe), so torchao's groups run along the input features, as on a Linear."""
+    from qcompare.sdk.checks import probe_logits
+    from qcompare.sdk.registry import get_registry
+    from qcompare.sdk.targets import find_targets, probe_expert_layouts
+
+    model = tiny_model("llama4_text")
+    experts = model.model.layers[0].feed_forward.experts
+    assert not hasattr(experts, "is_transposed")  # transformers' own flag is absent for this family
+    assert set(probe_expert_layouts(model).values()) == {True} and experts.is_transposed
+    hidden, inner = model.config.hidden_size, model.config.intermediate_size
+    assert {t.param: t.in_features for t in find_targets(model, (), ("experts",))
+            if t.name == "model.layers.0.feed_forward.experts"} == {"gate_up_proj": hidden, "down_proj": inner}
+    quantizer = get_registry().get("quantizer", "torchao")()
+    params = quantizer.Params(bits=4, group_size=32)
+    student = quantizer.prepare(copy.deepcopy(tiny_model("llama4_text")), params, None)
+    before = probe_logits(student)
+    model = quantizer.convert(student, params, None)
+    assert torch.equal(probe_logits(model), before)  # fake ≡ converted on the probed layout
+    codes = model.model.layers[0].feed_forward.experts._buffers
+    # each expert's rows hold its input features, and the groups run along them (32 of 64 or 128 inputs)
+    assert codes["gate_up_proj"].shape[1] == hidden and codes["down_proj"].shape[1] == inner
+    assert tuple(codes["gate_up_proj"].block_size) == (1, 32) == tuple(codes["down_proj"].block_size)
