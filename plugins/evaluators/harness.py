@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from qcompare.sdk import EvalResult, Evaluator, Params, QcompareError, memo_dict
-from qcompare_plugins.evaluators.quiet import kept_rng_state, progress_through, quiet_lm_eval
+from qcompare_plugins.evaluators.quiet import kept_rng_state, progress_through, quiet_lm_eval, without_environment_report
 
 # "auto" makes lm-eval try ever larger batches until one fails to fit: worth it on a GPU,
 # pointless on a CPU, where a fixed size is as fast and starts at once.
@@ -52,7 +52,7 @@ class LmEvalEvaluator(Evaluator):
         limit = params.limit if params.limit is None or params.limit < 1 else int(params.limit)
 
         result = EvalResult()
-        with quiet_lm_eval(), kept_rng_state():
+        with quiet_lm_eval(), without_environment_report(), kept_rng_state():
             with _untied(model):
                 lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             # One lm-eval run per requested task, so each gets its own progress bar.

@@ -25,22 +25,33 @@ def quiet_lm_eval() -> Iterator[None]:
         yield
         return
     import datasets
-    import lm_eval.evaluator
 
     logger = logging.getLogger("lm_eval")
     level = logger.level
     bars_off = datasets.are_progress_bars_disabled()
     logger.setLevel(logging.ERROR)
     datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if not bars_off:
+            datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def without_environment_report() -> Iterator[None]:
+    """``simple_evaluate`` without the environment report it appends to every result: torch's
+    ``collect_env`` (pip, nvidia-smi, some 50 subprocesses) and the git hash, ~1.3 s a call on two CPU
+    cores — most of a toy cell's evaluation — for fields qcompare never reads (its provenance records
+    the environment once per cell)."""
+    import lm_eval.evaluator
+
     with contextlib.ExitStack() as stack:
-        if hasattr(lm_eval.evaluator, "get_git_commit_hash"):
-            stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
-        try:
-            yield
-        finally:
-            logger.setLevel(level)
-            if not bars_off:
-                datasets.enable_progress_bars()
+        for name, stand_in in (("add_env_info", lambda storage: None), ("get_git_commit_hash", lambda: None)):
+            if hasattr(lm_eval.evaluator, name):
+                stack.enter_context(mock.patch.object(lm_eval.evaluator, name, stand_in))
+        yield
 
 
 @contextlib.contextmanager
