@@ -19,7 +19,7 @@ from qcompare_plugins.evaluators.kl import token_kl
 from qcompare_plugins.llmcompressor_calibration import student_from_calibrated
 from qcompare_plugins.llmcompressor_quantizers import AWQParams, AWQQuantizer, GPTQParams, GPTQQuantizer
 from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
-from qcompare_plugins.toy.archs import tiny_model
+from qcompare.testing import tiny_model
 
 QUANTIZERS = {"gptq": (GPTQQuantizer(), GPTQParams), "awq": (AWQQuantizer(), AWQParams)}
 

@@ -16,7 +16,9 @@ from torch import nn
 
 from qcompare.errors import QcompareError
 from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
-from qcompare_plugins.toy.archs import ARCHS, tiny_model
+from qcompare.testing import tiny_model
+
+ARCHS = ("qwen3", "llama", "qwen2", "mistral", "gemma", "phi3")
 
 QUANTIZER = TorchaoQuantizer()
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -88,7 +88,7 @@ def other_architectures(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from qcompare.sdk.registry import get_registry
-    from qcompare_plugins.toy.archs import tiny_model
+    from qcompare.testing import tiny_model
 
     toy = get_registry().models["toy-qwen3"].obj[0]
     tok = AutoTokenizer.from_pretrained(toy)
