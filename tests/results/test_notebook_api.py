@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import BASIC
 from qcompare.cli import app
-from qcompare.results.frame import load_run
+from qcompare.results import load_run  # the documented notebook API
 
 pytestmark = pytest.mark.e2e  # runs whole cells, runs or commands (not in the fast subset)
 
