@@ -67,15 +67,19 @@ class Comparison:
     scale: float  # the largest |logit| of the reference
 
     @classmethod
-    def of(cls, reference, other) -> "Comparison":
+    def of(cls, reference, other, argmax=None, scale: float | None = None) -> "Comparison":
+        """The one comparison of logits every check makes. ``argmax``: (the reference's, the other's) top-1
+        tokens when the logits given are a subset of the vocabulary's columns (a kept fingerprint);
+        ``scale``: the reference's largest |logit| when ``reference`` is such a subset."""
         import torch
 
+        scale = float(reference.abs().max()) if scale is None else scale
         if reference.shape != other.shape:
-            return cls(float("inf"), 0.0, float(reference.abs().max()))
-        diff = (reference - other).abs()
+            return cls(float("inf"), 0.0, scale)
         finite = torch.isfinite(other).all()
-        agree = (reference.argmax(-1) == other.argmax(-1)).float().mean()
-        return cls(float(diff.max()) if finite else float("inf"), float(agree), float(reference.abs().max()))
+        top = argmax if argmax is not None else (reference.argmax(-1), other.argmax(-1))
+        agree = float((top[0] == top[1]).float().mean()) if top[0].shape == top[1].shape else 0.0
+        return cls(float((reference - other).abs().max()) if finite else float("inf"), agree, scale)
 
     def within(self, rtol: float) -> bool:
         return self.max_abs_diff <= rtol * max(1.0, self.scale)
@@ -348,10 +352,7 @@ class Fingerprint:
         logits = probe_logits(model, self.ids)
         if logits.shape[-1] <= int(self.columns.max()):
             return Comparison(float("inf"), 0.0, self.scale)
-        sub = logits[..., self.columns]
-        diff = float((sub - self.logits).abs().max()) if sub.isfinite().all() else float("inf")
-        agree = float((logits.argmax(-1) == self.argmax).float().mean())
-        return Comparison(diff, agree, self.scale)
+        return Comparison.of(self.logits, logits[..., self.columns], (self.argmax, logits.argmax(-1)), self.scale)
 
     def save(self, path) -> None:
         from safetensors.torch import save_file
@@ -462,11 +463,7 @@ def _judge(report: dict, job: dict, fingerprint: Fingerprint, rtol: float, load_
         return CheckFailed(f"reload: the saved folder {what} ({report['error']})", "reload",
                            {"passed": False, "error": report["error"]})
     got = load_file(job["out"])
-    diff = float((got["logits"] - fingerprint.logits).abs().max()) if got["logits"].shape == fingerprint.logits.shape \
-        and got["logits"].isfinite().all() else float("inf")
-    agree = float((got["argmax"] == fingerprint.argmax).float().mean()) if got["argmax"].shape == \
-        fingerprint.argmax.shape else 0.0
-    comparison = Comparison(diff, agree, fingerprint.scale)
+    comparison = Comparison.of(fingerprint.logits, got["logits"], (fingerprint.argmax, got["argmax"]), fingerprint.scale)
     check = comparison.as_dict(rtol)
     if not check["passed"]:
         return CheckFailed(
