@@ -128,10 +128,21 @@ def awq_mappings(model: nn.Module, quantizer: str = "awq"):
         [AWQMapping("re:.*input_layernorm$", ["re:.*attention\\.query_key_value$"]),  # GPT-NeoX
          AWQMapping("re:.*post_attention_layernorm$", [up])],
     ]
-    if find_targets(model, (), ("experts",)):  # its patterns name the per-expert layers oneshot splits them into
-        return AWQ_MAPPING_REGISTRY["Qwen3MoeForCausalLM"]
-    candidates = ours + [default_mappings] + list({id(m): m for m in AWQ_MAPPING_REGISTRY.values()}.values())
     names = [n for n, _ in model.named_modules()]
+    experts = find_targets(model, (), ("experts",))
+    if experts:  # its patterns name the per-expert layers oneshot splits them into
+        mappings = AWQ_MAPPING_REGISTRY["Qwen3MoeForCausalLM"]
+        # every layer they name must be there once oneshot has split the experts (one Linear each, named as
+        # below): a router by another name would crash oneshot after validate had let the cell through
+        split = names + [f"{t.name}.0.{proj}" for t in experts for proj in ("gate_proj", "up_proj", "down_proj")]
+        missing = [p for m in mappings for p in (m.smooth_layer, *m.balance_layers) if not _matches_any(split, p)]
+        if missing:
+            routers = sorted({n.split(".")[-1] for n in names if n.endswith((".router", ".gate"))}) or ["none found"]
+            raise QcompareError(f"{quantizer}: AWQ's mixture-of-experts mappings name {missing[0].removeprefix('re:')} "
+                                f"and {arch} has no such layer (its routers: {', '.join(routers)}); AWQ takes "
+                                "mixture-of-experts models whose router is named gate (Qwen3-MoE, Mixtral, OLMoE)")
+        return mappings
+    candidates = ours + [default_mappings] + list({id(m): m for m in AWQ_MAPPING_REGISTRY.values()}.values())
     for mappings in candidates:
         if all(_matches_any(names, m.smooth_layer) and all(_matches_any(names, b) for b in m.balance_layers)
                for m in mappings):

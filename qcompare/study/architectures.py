@@ -109,7 +109,8 @@ def matrix_markdown(rows: list[dict]) -> str:
               "`import qcompare.compat` (transposed int products and Falcon's weight initialisation, which the pinned "
               "transformers/torchao lack); their model cards say so.",
               "- AWQ uses llm-compressor's layer mappings where it has them, the Qwen3-MoE mappings for other "
-              "mixture-of-experts models (their routers balanced), and qcompare's own for Falcon and GPT-NeoX; "
+              "mixture-of-experts models (their routers balanced; a model whose router is not named `gate` is refused "
+              "at validate), and qcompare's own for Falcon and GPT-NeoX; "
               "smoothing it skips is recorded in the cell (`notes.awq.skipped_smoothing`) and shown by the report.",
               "- The float formats (NVFP4, MXFP4, FP8, bitsandbytes NF4/FP4) hold plain Linear layers: torchao's "
               "float tensors and bitsandbytes' `Linear4bit` take no fused 3-D experts (skip `*.experts` and lower "

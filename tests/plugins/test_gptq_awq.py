@@ -242,3 +242,19 @@ def test_skip_leaves_fused_experts_float_and_their_save_is_refused_in_one_line(t
     assert report["coverage"]["float_in_body"]["3-D expert weights of Qwen3MoeExperts"] > 0.6
     assert report["fake_vs_converted"]["passed"] and report["coverage"]["left_in_float"] == []
     assert report["save"]["refused"].startswith("cannot save fused experts left in float (model.layers.0.mlp.experts")
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
+def test_awq_refuses_at_validate_a_mixture_of_experts_whose_router_its_mappings_do_not_name(family):
+    # llm-compressor's oneshot crashed on these after validate let the cell through (their router is
+    # mlp.router / feed_forward.router, the mappings name mlp.gate)
+    from qcompare.testing import tiny_config
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    with torch.device("meta"):  # what qcompare validate builds: the layout, no weights
+        model = AutoModelForCausalLM.from_config(tiny_config(family))
+    with pytest.raises(QcompareError, match=r"awq: AWQ's mixture-of-experts mappings name .*mlp\.gate\$ and .* has no "
+                                            r"such layer \(its routers: router\)"):
+        AWQQuantizer().check_model(model, AWQParams())
+    GPTQQuantizer().check_model(model, GPTQParams())  # GPTQ needs no mappings
