@@ -39,6 +39,9 @@ def llmcompressor_workarounds(model: nn.Module):
       pointless without one, so it becomes a no-op there.
     - With ``LLM_COMPRESSOR_LOG_DISABLED=true`` llm-compressor never defines its loguru
       level "METRIC", and GPTQ then fails logging a metric with it; define it if missing.
+    - Its Llama 4 expert splitter reads ``config.text_config``, which a text-only model's config
+      (``Llama4ForCausalLM``) does not have: each fused experts module gets its model's config as
+      such (``_TextOnly``) for oneshot's split, and loses it afterwards.
     """
     from llmcompressor.pipelines.cache import IntermediatesCache
     from loguru import logger
@@ -46,18 +49,26 @@ def llmcompressor_workarounds(model: nn.Module):
     if "METRIC" not in logger._core.levels:  # the same check llm-compressor's logger makes
         logger.level("METRIC", no=38)
 
+    from qcompare.sdk import find_targets
+
     old_name = getattr(model.config, "_name_or_path", "")
     old_pin = IntermediatesCache.pin_memory
+    given = [] if hasattr(model.config, "text_config") else \
+        [t.module for t in find_targets(model, (), ("experts",)) if not hasattr(t.module, "config")]
     with tempfile.TemporaryDirectory(prefix="qcompare-llmc-") as folder:
         model.config.save_pretrained(folder)
         model.config._name_or_path = folder
         if not torch.cuda.is_available():
             IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+        for module in given:
+            module.config = _TextOnly(model.config)
         try:
             yield
         finally:
             IntermediatesCache.pin_memory = old_pin
             model.config._name_or_path = old_name
+            for module in given:
+                module.__dict__.pop("config", None)
 
 
 # --- experts: linearised, under the names transformers fuses back -------------------------------
@@ -104,6 +115,21 @@ def set_save_conversions(model) -> None:
         model._weight_conversions = base + extra
 
 
+class _TextOnly:
+    """A text-only model's config as the multimodal config some of llm-compressor's expert splitters read
+    (Llama 4's takes ``config.text_config``); every other attribute is the text config's own."""
+
+    def __init__(self, config):
+        self.text_config = config
+
+    def __getattr__(self, name):
+        return getattr(self.text_config, name)
+
+
+def _with_text_config(config):
+    return config if hasattr(config, "text_config") else _TextOnly(config)
+
+
 def linearise_experts(model: nn.Module) -> nn.Module:
     """Split torchao-quantized fused experts (``torchao_experts.QuantizedWeights``) into
     llm-compressor's per-expert Linear layers, each holding its slice of the codes and scales as
@@ -119,7 +145,7 @@ def linearise_experts(model: nn.Module) -> nn.Module:
     for module in quantized(model):
         name = next(n for n, m in model.named_modules() if m is module)
         split = LinearExperts2D.get_linear_experts_cls(module._qcompare_base)
-        config = getattr(module, "config", model.config)
+        config = _with_text_config(getattr(module, "config", model.config))
         tensors = [module._buffers[k] for k in module.quantized_shapes]
         some = tensors[0]
         per_channel = all(t.block_size[-1] == t.qdata.shape[-1] for t in tensors)

@@ -12,9 +12,8 @@ import warnings
 
 import torch
 from torch import nn
-from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
-from qcompare.sdk import FakeQuantizer, find_targets, QcompareError, unmatched
+from qcompare.sdk import QcompareError, find_targets, unmatched
 
 
 def granularity(group_size: int):

@@ -7,8 +7,9 @@ on the fly, like torchao QAT) they are bit-for-bit the teacher's weights. So:
   Parameter objects over the same memory, so freezing the student does not touch the
   teacher's ``requires_grad``), and the student's own copy is freed;
 - ``teacher_mode`` runs the student as the teacher: peft's ``disable_adapter()`` plus every
-  torchao fake quantizer's ``enabled = False`` (the switch ``FakeQuantizedLinear``,
-  ``FakeQuantizedEmbedding`` and qcompare's fused-expert fake quantizers read), in eval mode.
+  fake quantizer's ``enabled = False`` (the SDK's ``FakeQuantizer`` contract: torchao's
+  ``FakeQuantizedLinear`` and ``FakeQuantizedEmbedding``, qcompare's fused-expert and float-format
+  fake quantizers, a plugin's own), in eval mode.
   Its logits equal the float teacher's exactly (tests/plugins/test_teacher_sharing.py).
 
 A quantizer that changes the weights it prepares (GPTQ, AWQ) leaves a student whose base

@@ -207,7 +207,6 @@ class TeacherCache:
 
 
 @on_clear
-@on_clear
 def clear_memory() -> None:
     """Forget the in-process caches (tests use this to stand for a fresh process)."""
     _MEMORY.clear()

@@ -34,6 +34,7 @@ class TeacherSource:
         self.fallback: str | None = None  # why a hidden-state cache was given up (not bitwise), if it was
         self._checked = False
         self._unwrap = lambda model: model
+        self._float_teacher = teacher
 
     @classmethod
     def share(cls, teacher, student, params, meter) -> "TeacherSource":
@@ -54,6 +55,7 @@ class TeacherSource:
             if not any(p.data_ptr() in storage for p in trainer.model.parameters()):
                 self.layout = "separate (the trainer copied the student's weights)"
         self._unwrap = trainer.accelerator.unwrap_model
+        self._float_teacher = trainer.teacher_model  # as the trainer prepared it (DeepSpeed, compile)
         mode, _ = self.cache_choice = cache_choice
         if mode != "off":
             self.cache = self._opened = TeacherCache.for_run(self.teacher, shared_dir, params.teacher_cache_max_gb,
@@ -75,8 +77,8 @@ class TeacherSource:
             with teacher_mode(unwrapped):
                 yield unwrapped
         else:
-            self.teacher.eval()
-            yield self.teacher
+            self._float_teacher.eval()
+            yield self._float_teacher
 
     def _cache_for(self, inputs, on_policy: bool):
         """(cache, key) for this batch, or (None, None): the cache only serves the data's own batches."""

@@ -29,10 +29,10 @@ from qcompare.sdk import checks, footprint
 from qcompare.sdk.api import CellContext, EvalResult
 from qcompare.engine.cells import Cell
 from qcompare.errors import QcompareError, error_line
+from qcompare.sdk.registry import Registry
 
 # the phases whose plugin calls get a context (and so a view of the teacher of their own)
 PLUGIN_PHASES = ("prepare", "distill", "convert", "evaluate", "save")
-from qcompare.sdk.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -285,11 +285,12 @@ class CellPipeline:
         else:
             before = checks.weights_fingerprint(self.inputs.teacher)
             model, out.log = self.build()
-            with self.phase("check"):
-                self._check("teacher", checks.teacher_unchanged, self.inputs.teacher, before)
         result = self.evaluate(model)
         if save_to is not None and not self.cell.is_teacher:
             out.save_error = self._save_or_explain(model, save_to)
+        if not self.cell.is_teacher:  # after every plugin call: none may have written into the shared teacher
+            with self.phase("check"):
+                self._check("teacher", checks.teacher_unchanged, self.inputs.teacher, before)
         out.cost = {**self.cost, "total_seconds": time.perf_counter() - clock,
                     "peak_memory_bytes": peak_memory_bytes(device),
                     # CUDA's peak is reset per cell; CPU RSS only ever grows: the process's peak so far

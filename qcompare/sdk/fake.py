@@ -6,8 +6,8 @@ A quantizer's ``prepare`` returns a student whose rounded weights pass through f
   gradient passes straight through to the float weight), and whose ``enabled`` set to False makes
   it the identity — the student then computes its float teacher (weight sharing, GKD's teacher
   mode). It is a ``FakeQuantizer``: a subclass, a class registered with ``FakeQuantizer.register(cls)``,
-  or one of torchao's (``FakeQuantizerBase``, PyTorch's own fake quantization, which keeps this
-  contract), whoever made it.
+  or one of torchao's (a ``torchao.quantization.qat`` ``FakeQuantizerBase``, which keeps this
+  contract), whoever made it; ``torch.ao.quantization.FakeQuantize`` is not one.
 - a module whose weights are rounded names its quantizers where distillers look for them: the
   attribute ``weight_fake_quantizer`` rounds its ``weight``; a ``ModuleDict`` attribute
   ``weight_fake_quantizers`` rounds the parameters it is keyed by (fused experts); an attribute

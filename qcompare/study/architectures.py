@@ -14,7 +14,7 @@ from qcompare.testing import check_one
 
 
 MATRIX_FAMILIES = ("qwen3", "llama", "mistral", "gemma", "gemma3_text", "phi3", "olmo2", "gpt_neox", "falcon", "gpt2",
-                   "qwen3_moe", "mixtral", "olmoe")
+                   "qwen3_moe", "mixtral", "olmoe", "llama4_text")
 QUICK_CALIBRATION = {"calibration_samples": 16, "calibration_length": 64}
 MATRIX_QUANTIZERS = (("torchao int2", "torchao", {"bits": 2, "group_size": 0}),
                      ("torchao int4", "torchao", {"bits": 4, "group_size": 32}),

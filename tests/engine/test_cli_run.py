@@ -200,3 +200,44 @@ def test_a_cell_that_writes_into_the_teacher_fails_and_later_cells_get_it_back(t
     # the cells after it were given the teacher as it is on disk, loaded anew
     teacher = runner.inputs.teacher(recipe.models[0])[0]
     assert torch.equal(teacher.lm_head.weight, load_file(tiny_model_dir / "model.safetensors")["lm_head.weight"])
+
+
+class ScribblingEvaluator:
+    """An evaluator that writes into the teacher while it scores a quantized model."""
+
+    @hookimpl
+    def register_evaluators(self, register):
+        import torch
+
+        from qcompare.sdk import EvalResult, Evaluator
+
+        class Scribbler(Evaluator):
+            name = "scribbler"
+
+            def evaluate(self, model, params, context):
+                if model is not context.teacher:
+                    with torch.no_grad():
+                        context.teacher.lm_head.weight.mul_(1.5)
+                return EvalResult(metrics={"scribbled/x": 0.0})
+
+        register(Scribbler)
+
+
+def test_an_evaluator_that_writes_into_the_teacher_fails_its_cell_too(test_plugins, write_recipe, tmp_path):
+    from qcompare.engine.recipe import load_recipe
+    from qcompare.engine.runner import Runner
+    from qcompare.results.store import RunStore
+    from qcompare.sdk import add_plugin, remove_plugin
+
+    scribbler = ScribblingEvaluator()
+    add_plugin(scribbler)
+    try:  # the teacher is checked once every plugin call of the cell has returned, not only after distill
+        body = BASIC.replace('name = "probe"', 'name = "probe"\n[[evaluators]]\nname = "scribbler"')
+        recipe = load_recipe(write_recipe(body), ["seeds=[0]", "quantizers[0].bits=[8]", "distillers[1].max_steps=1"])
+        records = Runner(recipe, RunStore(tmp_path / "run")).run()
+    finally:
+        remove_plugin(scribbler)
+    quantized = [r for r in records if r.settings.distiller]
+    assert quantized and all(r.status == "failed" and r.error.startswith("teacher: this cell wrote into the teacher")
+                             for r in quantized), [(r.status, r.error) for r in quantized]
+    assert [r.done for r in records if not r.settings.distiller] == [True]

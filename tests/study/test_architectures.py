@@ -184,3 +184,18 @@ def test_fused_experts_stored_input_first_without_a_flag_get_their_groups_along_
     # each expert's rows hold its input features, and the groups run along them (32 of 64 or 128 inputs)
     assert codes["gate_up_proj"].shape[1] == hidden and codes["down_proj"].shape[1] == inner
     assert tuple(codes["gate_up_proj"].block_size) == (1, 32) == tuple(codes["down_proj"].block_size)
+
+
+@pytest.mark.parametrize("name, params", [("torchao", {"bits": 4, "group_size": 32}),
+                                          ("gptq", {"bits": 4, "group_size": 32, **QUICK_CALIBRATION})])
+def test_a_text_only_llama4_is_saved_and_reloads_exactly(tmp_path, name, params):
+    """llm-compressor's Llama 4 expert split reads the multimodal config's text_config, which a text-only
+    Llama4ForCausalLM lacks: both the save (torchao's experts as compressed-tensors) and GPTQ's oneshot
+    crashed on it."""
+    from qcompare.sdk import checks, get_registry
+    from qcompare.testing import check_one
+
+    cls = get_registry().get("quantizer", name)
+    report = check_one(cls(), cls.Params(**params), "llama4_text", tmp_path, checks.DEFAULT_MIN_COVERAGE)
+    assert report["save"]["refused"] is None and report["reload"]["passed"] and report["reload"]["max_abs_diff"] == 0
+    assert report["coverage"]["body"] > 0.99
