@@ -46,11 +46,10 @@ def llmcompressor_workarounds(model: nn.Module):
     from llmcompressor.pipelines.cache import IntermediatesCache
     from loguru import logger
 
-    if "METRIC" not in logger._core.levels:  # the same check llm-compressor's logger makes
-        logger.level("METRIC", no=38)
-
     from qcompare.sdk import find_targets
 
+    if "METRIC" not in logger._core.levels:  # the same check llm-compressor's logger makes
+        logger.level("METRIC", no=38)
     old_name = getattr(model.config, "_name_or_path", "")
     old_pin = IntermediatesCache.pin_memory
     given = [] if hasattr(model.config, "text_config") else \
@@ -61,7 +60,7 @@ def llmcompressor_workarounds(model: nn.Module):
         if not torch.cuda.is_available():
             IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
         for module in given:
-            module.config = _TextOnly(model.config)
+            module.config = _with_text_config(model.config)
         try:
             yield
         finally:

@@ -10,8 +10,8 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 from trl.experimental.utils import DataCollatorForChatML
 
-from qcompare_plugins.distillers.chat_tokens import STORE, ReusedChatCollator
 from qcompare.testing import CHAT_TEMPLATE, tiny_chat, tiny_tokenizer
+from qcompare_plugins.distillers.chat_tokens import STORE, ReusedChatCollator
 
 
 def byte_level_tokenizer():

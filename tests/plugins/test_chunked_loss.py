@@ -9,9 +9,9 @@ import importlib.util
 
 import pytest
 import torch
-from qcompare.testing import tiny_chat, tiny_context, tiny_student, tiny_teacher, tiny_tokenizer
 from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
 
+from qcompare.testing import tiny_chat, tiny_context, tiny_student, tiny_teacher, tiny_tokenizer
 from qcompare_plugins.distillers.cost import CostMeter
 from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import copy
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 from pydantic import ValidationError
-from qcompare.testing import tiny_chat, tiny_context, tiny_student, tiny_teacher, tiny_tokenizer
 
-from qcompare.sdk.api import CellProgress
 from qcompare.errors import QcompareError
+from qcompare.sdk.api import CellProgress
 from qcompare.sdk.registry import get_registry
+from qcompare.testing import tiny_chat, tiny_context, tiny_student, tiny_teacher, tiny_tokenizer
 from qcompare_plugins.distillers import GKDDistiller, NoDistiller, SFTDistiller
 from qcompare_plugins.distillers.common import TrainingDivergedError
 from qcompare_plugins.distillers.cost import SAVED_NAME as COST_FILE, CostMeter

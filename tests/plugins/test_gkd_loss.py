@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qcompare.testing import tiny_chat, tiny_context, tiny_student, tiny_teacher, tiny_tokenizer
 from trl.experimental.gkd import GKDTrainer
 
+from qcompare.testing import tiny_chat, tiny_context, tiny_student, tiny_teacher, tiny_tokenizer
 from qcompare_plugins.distillers.cost import CostMeter
 from qcompare_plugins.distillers.gkd import GKDDistiller, GKDParams
 from qcompare_plugins.distillers.gkd_trainer import jsd_loss

@@ -11,15 +11,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
-from qcompare.testing import tiny_chat, tiny_context, tiny_teacher, tiny_tokenizer
 
 from qcompare.errors import QcompareError
 from qcompare.sdk.registry import get_registry
+from qcompare.testing import tiny_model
+from qcompare.testing import tiny_chat, tiny_context, tiny_teacher, tiny_tokenizer
 from qcompare_plugins.evaluators.kl import token_kl
 from qcompare_plugins.llmcompressor_calibration import student_from_calibrated
 from qcompare_plugins.llmcompressor_quantizers import AWQParams, AWQQuantizer, GPTQParams, GPTQQuantizer
 from qcompare_plugins.torchao_quantizer import TorchaoParams, TorchaoQuantizer
-from qcompare.testing import tiny_model
 
 QUANTIZERS = {"gptq": (GPTQQuantizer(), GPTQParams), "awq": (AWQQuantizer(), AWQParams)}
 

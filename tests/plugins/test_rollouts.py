@@ -9,10 +9,10 @@ from unittest import mock
 
 import pytest
 import torch
-from qcompare.testing import tiny_teacher, tiny_tokenizer
 from transformers import GenerationConfig
 
 from qcompare.sdk.registry import get_registry
+from qcompare.testing import tiny_teacher, tiny_tokenizer
 from qcompare_plugins.distillers.rollouts import weights_rounded_once
 
 

@@ -12,10 +12,10 @@ from unittest import mock
 
 import pytest
 import torch
-from qcompare.testing import tiny_teacher, tiny_tokenizer
 from transformers import GenerationConfig
 
 from qcompare.sdk.registry import get_registry
+from qcompare.testing import tiny_teacher, tiny_tokenizer
 from qcompare_plugins.distillers.gkd_trainer import no_router_loss
 from qcompare_plugins.distillers.rollouts import RolloutEngine, weights_rounded_once
 

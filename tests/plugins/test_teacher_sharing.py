@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from qcompare.testing import tiny_chat, tiny_context, tiny_student, tiny_teacher, tiny_tokenizer
 
 from qcompare.errors import QcompareError
+from qcompare.sdk import fake_quantizers
+from qcompare.testing import tiny_chat, tiny_context, tiny_student, tiny_teacher, tiny_tokenizer
 from qcompare_plugins.distillers import GKDDistiller
 from qcompare_plugins.distillers.gkd import GKDParams
-from qcompare.sdk import fake_quantizers
 from qcompare_plugins.distillers.shared_teacher import share_base_weights, teacher_mode
 from qcompare_plugins.distillers.teacher_cache import clear_memory
 
