@@ -211,7 +211,9 @@ def the_step(args, result: dict, save) -> None:
                     ("lambda1", 1.0, {}),
                     ("lambda1_dynamic", 1.0, {"rollouts": "dynamic", "answer": 8 if args.tiny else 32, "steps": 1})]
         for name, lmbda, over in settings:
-            rows[name] = guarded(one_setting, lmbda, step_args(args, **over), teacher, tokenizer, Path(tmp) / name)
+            rows[name] = row = guarded(one_setting, lmbda, step_args(args, **over), teacher, tokenizer, Path(tmp) / name)
+            if "tflops" in row:
+                row["fraction_of_peak"] = row["tflops"] / peak if peak else None
             save()
         peaks = result.setdefault("peaks", {})
         for batch in ((2, 4, 8) if args.tiny else (8, 16, 32)):
@@ -221,6 +223,8 @@ def the_step(args, result: dict, save) -> None:
                 a = step_args(args, batch=batch, steps=1, gradient_checkpointing=True)
                 row = {"without_checkpointing": row["error"],
                        **guarded(one_setting, 0.0, a, teacher, tokenizer, Path(tmp) / f"b{batch}gc")}
+            if "tflops" in row:
+                row["fraction_of_peak"] = row["tflops"] / peak if peak else None
             row["gradient_checkpointing"] = a.gradient_checkpointing
             row["estimated_gib"] = guarded(estimated_peak, shape, a)
             peaks[str(batch)] = row

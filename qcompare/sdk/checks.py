@@ -370,8 +370,8 @@ class Fingerprint:
         return cls(tensors["ids"], tensors["columns"], tensors["logits"], tensors["argmax"], scale)
 
 
-# Run in a fresh Python: the folder is loaded by exactly the code its model card shows (nothing this
-# process has imported or patched can help it), then its probe logits are written for comparison.
+# Run in a fresh Python (``fresh.run``): the folder is loaded by exactly the code its model card shows
+# (nothing this process has imported or patched can help it), then its probe logits are written for comparison.
 _RELOAD = """\
 import json, sys
 import torch
@@ -399,7 +399,7 @@ for job in jobs:
 
 
 def reload(folder, fingerprint: Fingerprint, rtol: float, device: str = "cpu") -> dict[str, Any]:
-    """Load ``folder`` in a fresh Python process exactly as its model card tells a user to, and
+    """Load ``folder`` in a fresh Python (``qcompare.sdk.fresh``) exactly as its model card tells a user to, and
     compare its probe logits with the evaluated model's; CheckFailed if it does not load, fails
     its forward pass, or loads as another model."""
     result = reload_all([(folder, fingerprint)], rtol, device)[0]
@@ -414,13 +414,13 @@ def reload_all(items: list, rtol: float, device: str = "cpu") -> list:
     one never lends the other its patches."""
     import json
     import os
-    import subprocess
     import sys
     import tempfile
     from pathlib import Path
 
     from safetensors.torch import load_file
 
+    from qcompare.sdk import fresh
     from qcompare.sdk.saving import load_code, needs_compat
 
     results: dict[int, Any] = {}
@@ -439,14 +439,15 @@ def reload_all(items: list, rtol: float, device: str = "cpu") -> list:
             # a fresh interpreter on this one's import path: a plugin that loads its own format is found
             # where this process found it (installed, or put on the path by a test or a notebook)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-            done = subprocess.run([sys.executable, "-c", _RELOAD, json.dumps(jobs)], capture_output=True, text=True,
-                                  env=env)
-            reports = {r["folder"]: r for r in (json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines()
+            _, output = fresh.run(_RELOAD, [json.dumps(jobs)], env, Path(scratch) / f"log-{int(compat)}.txt")
+            lines = output.splitlines()
+            reports = {r["folder"]: r for r in (json.loads(line.split(" ", 1)[1]) for line in lines
                                                 if line.startswith("QCOMPARE-RELOAD "))}
             for job in jobs:
                 report = reports.get(job["folder"])
                 if report is None:  # the process itself died (out of memory, a crash in native code)
-                    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                    tail = ([line for line in lines if line.strip() and not line.startswith("QCOMPARE-RELOAD ")]
+                            or ["no output"])[-1][:300]
                     report = {"ok": False, "stage": "load", "error": tail}
                 results[job["index"]] = _judge(report, job, items[job["index"]][1], rtol, load_file)
     return [results[i] for i in range(len(items))]

@@ -136,49 +136,28 @@ def test_kill_9_midway_then_rerun_finishes_only_what_was_missing(site, tiny_mode
     assert f"{len(done_before)} cells already done" in res.stderr
 
 
-def test_ray_executor_runs_cells_on_a_loopback_cluster_and_resumes(site, tiny_model_dir, tmp_path):
-    recipe = tmp_path / "ray.toml"
-    recipe.write_text(RECIPE.replace("{model}", str(tiny_model_dir)).replace("sleep = 0.4", "sleep = 0.0")
-                      + '\n[executor]\nname = "ray"\nlocal_cpus = 2\n')
-    out = tmp_path / "run"
-    ray_tmp = tempfile.mkdtemp(prefix="qr")  # Ray's socket paths must stay under 107 bytes
-    ray_env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
-    # Two cells first, through the CLI's --executor flag; then the rest of the recipe.
-    res = qcompare(site, "run", recipe, "-o", out, "--set", "quantizers[0].bits=[8]", **ray_env)
-    assert res.returncode == 0, res.stderr
-    first = _results(out)
-    assert len(first) == 2 and all(r["status"] == "done" for r in first.values())
-    res = qcompare(site, "run", recipe, "-o", out, **ray_env)
-    assert res.returncode == 0, res.stderr
-    assert "2 cells already done" in res.stderr
-    after = _results(out)
-    assert len(after) == 4 and all(r["status"] == "done" for r in after.values())
-    assert all(after[k]["finished_at"] == r["finished_at"] for k, r in first.items())
-    assert any(r["provenance"]["host"] for r in after.values())
-    # the second run's two cells ran in resident actors (two slots for local_cpus = 2)
-    second = [r for k, r in after.items() if k not in first]
-    assert len({r["provenance"]["pid"] for r in second}) <= 2
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def test_a_resident_ray_worker_keeps_its_inputs_and_one_that_dies_loses_only_its_cell(site, tiny_model_dir, tmp_path):
+def test_ray_runs_cells_in_resident_actors_one_that_dies_loses_only_its_cell_and_a_rerun_resumes(site, tiny_model_dir, tmp_path):
     marker = tmp_path / "killed-once"
     recipe = tmp_path / "ray.toml"
     recipe.write_text(RECIPE.replace("{model}", str(tiny_model_dir)).replace("sleep = 0.4", f'kill_once = ["", "{marker}"]')
                       + '\n[executor]\nname = "ray"\nlocal_cpus = 1\n')  # one actor: cells one after another
     out = tmp_path / "run"
-    ray_tmp = tempfile.mkdtemp(prefix="qr")
+    ray_tmp = tempfile.mkdtemp(prefix="qr")  # Ray's socket paths must stay under 107 bytes
     ray_env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
     res = qcompare(site, "run", recipe, "-o", out, **ray_env)
     assert res.returncode == 1 and marker.exists()
     first = _results(out)
     died = [r for r in first.values() if r["status"] == "failed"]
     assert len(died) == 1 and "Ray worker died" in died[0]["error"] and died[0]["rerun_helps"] is True
-    done = [r for r in first.values() if r["status"] == "done"]
-    assert len(done) == len(first) - 1
+    done = {k: r for k, r in first.items() if r["status"] == "done"}
+    assert len(done) == len(first) - 1 and all(r["provenance"]["host"] for r in done.values())
     # cells before the death share one process, cells after it another (the replacement actor)
-    assert len({r["provenance"]["pid"] for r in done}) == 2
-    res = qcompare(site, "run", recipe, "-o", out, **ray_env)
+    assert len({r["provenance"]["pid"] for r in done.values()}) == 2
+    # the rerun, on a two-CPU loopback cluster set from the command line, runs only the cell that died
+    res = qcompare(site, "run", recipe, "-o", out, "--set", "executor.local_cpus=2", **ray_env)
     assert res.returncode == 0, res.stderr
-    assert all(r["status"] == "done" for r in _results(out).values())
+    assert f"{len(done)} cells already done" in res.stderr
+    after = _results(out)
+    assert len(after) == len(first) and all(r["status"] == "done" for r in after.values())
+    assert all(after[k]["finished_at"] == r["finished_at"] for k, r in done.items())
     shutil.rmtree(ray_tmp, ignore_errors=True)
