@@ -128,6 +128,10 @@ class MXFP4Quantizer(FloatFormatQuantizer):
     def bits_per_weight(self, params) -> float:
         return 4 + 8 / 32
 
+    def input_groups(self, params) -> tuple[int, int]:
+        """E2M1's 16 codes, one scale per 32 input features."""
+        return 16, 32
+
 
 class FP8Quantizer(FloatFormatQuantizer):
     """FP8 weight-only (torchao): E4M3/E5M2 codes with a float32 scale per row, tensor or group."""
@@ -153,6 +157,11 @@ class BnbQuantizer(FloatFormatQuantizer):
         if params.double_quant:
             return 4 + 8 / params.blocksize + 32 / (params.blocksize * 256)
         return 4 + 32 / params.blocksize
+
+    def input_groups(self, params) -> tuple[int, int]:
+        """16 codes, one absmax per block of ``blocksize`` weights in row order (a block runs along the
+        input features; one longer than a row covers whole rows, each checked alone)."""
+        return 16, params.blocksize
 
 
 @hookimpl

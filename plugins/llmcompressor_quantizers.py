@@ -117,6 +117,11 @@ class _LlmCompressorQuantizer(Quantizer):
         """Codes ship packed at ``bits`` (compressed-tensors); the torchao model holds one int8 each."""
         return params.bits
 
+    def input_groups(self, params) -> tuple[int, int]:
+        """2^bits levels, one scale (and zero point) per ``group_size`` input features or per row (GPTQ's
+        groups stay in the input order: no activation ordering)."""
+        return 2 ** params.bits, params.group_size
+
 
 class GPTQQuantizer(_LlmCompressorQuantizer):
     """GPTQ (llm-compressor): Hessian-aware rounding on calibration data; trainable on its grid."""

@@ -246,6 +246,10 @@ class TorchaoQuantizer(Quantizer):
         """The unpacked layout holds each code in a full int8; it ships at ``bits``."""
         return params.bits
 
+    def input_groups(self, params) -> tuple[int, int]:
+        """2^bits levels, one scale (and zero point) per ``group_size`` input features or per row."""
+        return 2 ** params.bits, params.group_size
+
 
 def _check_others(others, params) -> None:
     if others and (params.packing != "unpacked" or params.activations != "none"):

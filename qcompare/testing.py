@@ -188,8 +188,8 @@ def _train_a_little(student, teacher, steps: int = 3):
 
 
 def check_one(quantizer, params, family: str, folder: Path, min_coverage: float, reload: bool = True) -> dict[str, Any]:
-    """The runner's checks on one tiny model: training reaches and moves the quantized weights, fake ≡
-    converted, coverage, true size, save → the folder ships the true size → reload ≡. Raises
+    """The runner's checks on one tiny model: training reaches and moves the quantized weights, the groups
+    run along the input features (where the quantizer declares ``input_groups``), fake ≡ converted, coverage, true size, save → the folder ships the true size → reload ≡. Raises
     CheckFailed / AssertionError with one line; a QcompareError from ``prepare`` or ``convert`` means the
     quantizer refuses this layout; one from ``save`` that it cannot save it (``report["save"]["refused"]``
     holds the line, and nothing is reloaded). With
@@ -206,6 +206,9 @@ def check_one(quantizer, params, family: str, folder: Path, min_coverage: float,
     watch = checks.TrainingWatch(teacher, student, adapters=False)  # the runner's check of a trained cell
     _train_a_little(student, teacher)
     report["training"] = watch.verdict(student)
+    grid = quantizer.input_groups(params)
+    if grid is not None:
+        report["grid"] = checks.groups_along_inputs(teacher, student, *grid)
     student_logits = checks.probe_logits(student)
     model = quantizer.convert(student, params, context)
     model_logits = checks.probe_logits(model)

@@ -28,6 +28,19 @@ EXAMPLE_RTN = ROOT / "examples" / "qcompare-rtn"
 EXAMPLE_NF3 = ROOT / "examples" / "qcompare-nf3"
 
 
+def pytest_collection_modifyitems(items):
+    """Modules with whole runs first, the matrix before them: two workers then end on short tests together
+    instead of one of them running a long one alone. A module's tests stay together (its fixtures are made once)."""
+    def weight(item):
+        marks = {m.name for m in item.iter_markers()}
+        return 0 if "slow" in marks else 1 if "e2e" in marks else 2
+
+    rank: dict = {}
+    for item in items:
+        rank[item.module] = min(rank.get(item.module, 2), weight(item))
+    items.sort(key=lambda item: rank[item.module])
+
+
 def build_tiny_model(folder: Path) -> Path:
     """A random Qwen3 (hidden 32) and the tiny chat world's tokenizer, saved as a Hugging Face folder."""
     return save_tiny_model(folder, vocab_size=64, hidden_size=32, intermediate_size=64, head_dim=8,

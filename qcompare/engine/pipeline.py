@@ -245,6 +245,9 @@ class CellPipeline:
         trained = self.distill(student)
         with self.phase("check"):
             # before convert, which may work in place on the student
+            grid = self.quantizer.input_groups(self.qparams)
+            if grid is not None:
+                self._check("grid", checks.groups_along_inputs, self.inputs.teacher, trained.student, *grid)
             student_logits = checks.probe_logits(trained.student)
         model = self.convert(trained.student)
         with self.phase("check"):

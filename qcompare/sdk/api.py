@@ -220,6 +220,15 @@ class Quantizer(Plugin):
         converted model drifts beyond it fails (``qcompare.sdk.checks.fake_vs_converted``)."""
         return None
 
+    def input_groups(self, params) -> tuple[int, int] | None:
+        """``(levels, group)``: the most distinct values ``group`` consecutive input features of one row of a
+        weight may hold on this quantizer's grid (``group`` 0: a whole row), e.g. ``(16, 32)`` for int4 in
+        groups of 32. The runner checks every rounded weight of the trained student against it
+        (``checks.groups_along_inputs``): groups that run along another axis — a fused experts weight
+        read in its storage order, say — hold values of several scales, and the cell fails. ``None`` (the
+        default): not checked."""
+        return None
+
     def bits_per_weight(self, params) -> float:
         """The format's nominal bits per quantized weight (shown as "nominal"): the code plus its
         scales and zero points as the format defines them. The runner measures the true width

@@ -290,6 +290,77 @@ def coverage(footprint, minimum: float, expected: list[str] | None = None) -> di
     return check
 
 
+# --- groups run along the input features ----------------------------------------------------
+
+GRID_ROWS = 4096  # rows of each weight looked at (evenly spaced): enough to see a wrong axis, cheap at 4B
+
+
+def input_rows(module, weight, transposed: bool = False):
+    """``weight`` (one of ``module``'s, or a tensor in its place) as rows of input features: a Linear's
+    (out, in) as it is, a Conv1D's (in, out) transposed, an embedding's (vocab, dim) as it is, and a fused
+    experts weight (E, out, in) — or, ``transposed``, (E, in, out) — as (E·out, in)."""
+    from qcompare.sdk.targets import _conv1d_class
+
+    conv1d = _conv1d_class()
+    if weight.ndim == 2:
+        return weight.t() if conv1d is not None and isinstance(module, conv1d) else weight
+    return (weight.transpose(1, 2) if transposed else weight).reshape(-1, weight.shape[1 if transposed else 2])
+
+
+def most_levels(rows, group: int) -> int:
+    """The most distinct values any ``group`` consecutive entries of a row hold (0: a whole row)."""
+    import torch
+
+    group = group or rows.shape[1]
+    if rows.shape[1] % group:
+        group = rows.shape[1]
+    step = max(1, rows.shape[0] // GRID_ROWS)
+    chunks = rows[::step].detach().float().reshape(-1, group).sort(dim=-1).values
+    return int(((chunks[:, 1:] != chunks[:, :-1]).sum(-1) + 1).max()) if chunks.numel() else 0
+
+
+def groups_along_inputs(teacher, student, levels: int, group: int) -> dict[str, Any]:
+    """Every rounded weight of the trained student holds at most ``levels`` distinct values in each
+    ``group`` consecutive input features of a row (0: the whole row), as a grid of that many levels with
+    one scale per group does. Which axis is the input is observed from what the float model's forward
+    multiplies (``observe_expert_layouts``), not read from how a weight is stored; groups that run along
+    another axis hold values of several scales and fail the cell. A group no wider than ``levels``
+    cannot tell (recorded as ``undecidable``). The rounded weights are those the SDK's fake-quantizer
+    contract names (``qcompare.sdk.fake``) and those a torch parametrization computes."""
+    import torch
+
+    from qcompare.sdk.fake import rounded_weights, weight_quantizers
+    from qcompare.sdk.targets import observe_expert_layouts
+
+    layouts = observe_expert_layouts(teacher)  # {experts module: (E, in, out)?}, from what the forward multiplies
+    peft_prefix = "base_model.model."
+    worst: dict[str, int] = {}
+    checked = 0
+    with torch.no_grad():
+        for name, module in student.named_modules():
+            rounded = rounded_weights(module) if weight_quantizers(module) else {}
+            parametrized = getattr(module, "parametrizations", None) or {}
+            rounded.update({param: getattr(module, param) for param in parametrized if param not in rounded})
+            plain = name[len(peft_prefix):] if name.startswith(peft_prefix) else name
+            for param, w in rounded.items():
+                rows = input_rows(module, w, layouts.get(plain, False))
+                checked += 1
+                found = most_levels(rows, group)
+                if found > levels:
+                    worst[f"{plain}.{param}"] = found
+    decidable = (group or 10**9) > levels
+    check = {"levels": levels, "group": group, "weights": checked, "undecidable": not decidable,
+             "across_groups": worst, "passed": not worst}
+    if worst:
+        name, found = max(worst.items(), key=lambda kv: kv[1])
+        more = f" (and {len(worst) - 1} more weights)" if len(worst) > 1 else ""
+        width = f"{group} consecutive input features" if group else "a row of input features"
+        raise CheckFailed(f"grid: the quantizer's groups do not run along the input features: {name} holds up to "
+                          f"{found} distinct values in {width}, where a grid of {levels} levels with one scale per "
+                          f"group holds at most {levels}{more}", "grid", check)
+    return check
+
+
 # --- a saved folder ships what the converted model holds -----------------------------------
 
 SAVED_SIZE_RTOL = 0.10  # headers, shape tensors, a format's own small tables

@@ -191,12 +191,23 @@ def describe(kinds: Iterable[str]) -> str:
 
 
 def probe_expert_layouts(model) -> dict[str, bool]:
-    """Whether each fused experts module multiplies its inputs by its 3-D weights as (experts, in, out):
-    observed, not read from a flag. One forward pass on a few probe tokens watches every matrix product
-    that takes a slice of an experts weight, and finds which of the weight's axes it contracts with the
-    input. Each module is given transformers' own ``is_transposed`` flag as observed (a family that stores
-    (experts, in, out) without saying so, Llama 4's, would otherwise get its groups along the output);
-    returns {module name: transposed} for the modules the probe saw."""
+    """Whether each fused experts module multiplies its inputs by its 3-D weights as (experts, in, out),
+    observed (``observe_expert_layouts``), and each module given transformers' own ``is_transposed`` flag
+    as observed (a family that stores (experts, in, out) without saying so, Llama 4's, would otherwise get
+    its groups along the output); returns {module name: transposed} for the modules the probe saw."""
+    out = observe_expert_layouts(model)
+    for name, transposed in out.items():
+        module = model.get_submodule(name)
+        if getattr(module, "is_transposed", False) != transposed:
+            module.is_transposed = transposed
+    return out
+
+
+def observe_expert_layouts(model) -> dict[str, bool]:
+    """{fused experts module's name: whether it multiplies its inputs by its 3-D weights as (experts,
+    in, out)}, observed, not read from a flag: one forward pass on a few probe tokens watches every
+    matrix product that takes a slice of an experts weight and finds which of the weight's axes it
+    contracts with the input. Modules the probe did not see, or saw used both ways, are left out."""
     import torch
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
@@ -250,12 +261,4 @@ def probe_expert_layouts(model) -> dict[str, bool]:
         return {}
     finally:
         model.train(training)
-    out = {}
-    for name, axes in seen.items():
-        if len(axes) == 1:
-            transposed = axes.pop() == 1
-            module = model.get_submodule(name)
-            if getattr(module, "is_transposed", False) != transposed:
-                module.is_transposed = transposed
-            out[name] = transposed
-    return out
+    return {name: axes.pop() == 1 for name, axes in seen.items() if len(axes) == 1}

@@ -83,9 +83,28 @@ class RoundedRTN(qcompare_rtn.RTNQuantizer):
         return model
 
 
+class OutputGroupsRTN(qcompare_rtn.RTNQuantizer):
+    """Rounds each weight in groups along its output features (a column of the (out, in) matrix): a
+    grid on the wrong axis, which fake ≡ converted would not see where convert does the same."""
+
+    name = "outgroups"
+
+    def prepare(self, model, params, context):
+        from torch.nn.utils import parametrize
+
+        class ByColumns(torch.nn.Module):
+            def forward(self, w):
+                return qcompare_rtn.grids.fake_quantize(w.t().contiguous(), params.bits, params.group_size).t()
+
+        for _, m in qcompare_rtn.grids.targets(model, params):
+            parametrize.register_parametrization(m, "weight", ByColumns())
+        return model
+
+
 class Wrong:
     @hookimpl
     def register_quantizers(self, register):
+        register(OutputGroupsRTN)
         register(OffGridRTN)
         register(DefaultSaveRTN)
         register(RoundedRTN)
@@ -136,6 +155,16 @@ def test_a_convert_off_its_training_grid_fails_the_cell_with_one_line(wrong_plug
     assert "\n" not in record["error"]
     check = record["checks"]["fake_vs_converted"]
     assert not check["passed"] and check["max_abs_diff"] > check["tolerance"]
+
+
+def test_groups_along_the_output_features_fail_the_cell_with_one_line(wrong_plugins, write_recipe, tmp_path):
+    # 2 bits: 4 levels, which a group of 16 may exceed (at 4 bits, a group of 16 cannot tell: undecidable)
+    res, _, [record] = run_recipe(write_recipe, tmp_path, "outgroups", bits=2)
+    assert res.exit_code == 1 and record["status"] == "failed" and "metrics" not in record
+    assert record["error"].startswith("grid: the quantizer's groups do not run along the input features: model.layers.")
+    assert "\n" not in record["error"] and "where a grid of 4 levels with one scale per group holds at most 4" in record["error"]
+    check = record["checks"]["grid"]
+    assert not check["passed"] and check["levels"] == 4 and max(check["across_groups"].values()) > 4
 
 
 def test_a_default_save_that_reloads_as_another_model_is_refused(wrong_plugins, write_recipe, tmp_path):

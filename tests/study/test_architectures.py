@@ -188,6 +188,25 @@ def test_fused_experts_stored_input_first_without_a_flag_get_their_groups_along_
     assert tuple(codes["gate_up_proj"].block_size) == (1, 32) == tuple(codes["down_proj"].block_size)
 
 
+def test_groups_that_run_along_a_fused_weights_output_fail_the_grid_check(tmp_path, monkeypatch):
+    """Before the probe, Llama 4's experts got their groups along the output (its storage order) with every
+    other check green: fake ≡ converted and the reload use the same wrong grid. The grid check sees it from
+    the rounded weights alone, and names the weight."""
+    from qcompare.sdk import checks, get_registry
+    from qcompare.testing import check_one
+
+    cls = get_registry().get("quantizer", "torchao")
+    params = cls.Params(bits=4, group_size=32)
+    report = check_one(cls(), params, "llama4_text", tmp_path / "probed", checks.DEFAULT_MIN_COVERAGE, reload=False)
+    assert report["grid"] == {"levels": 16, "group": 32, "weights": report["grid"]["weights"], "undecidable": False,
+                              "across_groups": {}, "passed": True} and report["grid"]["weights"] > 4
+    monkeypatch.setattr("qcompare.sdk.probe_expert_layouts", lambda model: {})  # storage order, as before
+    with pytest.raises(checks.CheckFailed, match=r"grid: the quantizer's groups do not run along the input features: "
+                       r"model\.layers\.\d\.feed_forward\.experts\.(gate_up|down)_proj holds up to \d+ distinct values "
+                       r"in 32 consecutive input features, where a grid of 16 levels"):
+        check_one(cls(), params, "llama4_text", tmp_path / "storage-order", checks.DEFAULT_MIN_COVERAGE, reload=False)
+
+
 @pytest.mark.parametrize("name, params", [("torchao", {"bits": 4, "group_size": 32}),
                                           ("gptq", {"bits": 4, "group_size": 32, **QUICK_CALIBRATION})])
 def test_a_text_only_llama4_is_saved_and_reloads_exactly(tmp_path, name, params):

@@ -54,6 +54,9 @@ class RTNQuantizer(Quantizer):
     def code_bits(self, params):
         return params.bits  # held one per int8 here; a packed format would store them at this width
 
+    def input_groups(self, params):
+        return 2 ** params.bits, params.group_size  # the runner checks the groups run along the input features
+
 
 @hookimpl
 def register_quantizers(register):
