@@ -137,7 +137,12 @@ class TrainingWatch:
     and read as "distillation does not help". Installed before ``distill`` (a gradient hook per weight
     that stops looking once a gradient reached it, and a fingerprint of each weight); ``verdict``
     after it. A LoRA distiller trains adapters instead of the base weights: then each adapted layer's
-    ``lora_B`` (zero at start) must have left zero."""
+    ``lora_B`` (zero at start) must have left zero.
+
+    A layer whose output stays in the autograd graph but never receives a gradient is one the loss
+    cannot reach, whatever the quantizer: a sparse-attention indexer whose scores only choose tokens
+    (``topk``). Such layers are listed (``unreachable``), not failed; a layer whose output left the graph
+    (a fake quantizer that cut it) still fails."""
 
     def __init__(self, teacher, student, adapters: bool):
         import torch
@@ -156,6 +161,8 @@ class TrainingWatch:
                 continue
             self.layers[path] = [(n, p) for n, p in module.named_parameters() if "lora_" not in n]
         self.reached: set[str] = set()
+        self.in_graph: set[str] = set()  # layers whose output required a gradient in some forward
+        self.output_reached: set[str] = set()  # ... and received one
         self.handles = []
         self.before: dict[str, list[tuple[float, float]]] = {}
         if adapters:
@@ -166,12 +173,28 @@ class TrainingWatch:
                 for _, p in params:
                     if p.requires_grad:
                         self.handles.append(p.register_post_accumulate_grad_hook(self._hook(path)))
+                self.handles.append(student.get_submodule(path).register_forward_hook(self._output_hook(path)))
 
     def _hook(self, path: str):
         def hook(p):
             if path not in self.reached and p.grad is not None and \
                     int(p.grad.count_nonzero()) >= REACHED_SHARE * p.grad.numel():
                 self.reached.add(path)
+        return hook
+
+    def _output_hook(self, path: str):
+        import torch
+
+        def reached(grad):
+            if grad is not None and bool(grad.count_nonzero()):
+                self.output_reached.add(path)
+
+        def hook(module, args, out):
+            out = out[0] if isinstance(out, (tuple, list)) and out else out
+            if path in self.output_reached or not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return
+            self.in_graph.add(path)
+            out.register_hook(reached)
         return hook
 
     def verdict(self, student) -> dict[str, Any]:
@@ -199,10 +222,13 @@ class TrainingWatch:
             moved = {path for path, params in self.layers.items()
                      if any(tensor_fingerprint(p) != was for (_, p), was in zip(params, self.before[path]))}
         frozen = [path for path, params in self.layers.items() if not any(p.requires_grad for _, p in params)]
-        unreached = [path for path in self.layers if path not in self.reached and path not in frozen]
-        still = [path for path in self.layers if path not in moved]
+        unreachable = [path for path in self.layers if path in self.in_graph and path not in self.output_reached
+                       and path not in self.reached and path not in frozen]
+        unreached = [path for path in self.layers if path not in self.reached and path not in frozen
+                     and path not in unreachable]
+        still = [path for path in self.layers if path not in moved and path not in unreachable]
         check = {"trained": "weights", "layers": len(self.layers), "reached": len(self.reached), "moved": len(moved),
-                 "passed": not (frozen or unreached or still)}
+                 "unreachable": unreachable, "passed": not (frozen or unreached or still)}
         if frozen or unreached or still:
             if frozen:
                 why = f"{len(frozen)} of {len(self.layers)} layers of the body are frozen (e.g. {frozen[0]})"
