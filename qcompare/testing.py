@@ -61,19 +61,26 @@ LAYOUTS = {
 
 
 def tiny_config(family: str, vocab_size: int = 128, **overrides):
-    """The tiny config of ``family``; ``overrides`` change any of its sizes (``hidden_size=32``, ...)."""
+    """The tiny config of ``family``: one of ``FAMILIES`` as written there, or any other causal-LM
+    family transformers ships, derived from its own config class (``qcompare.families``);
+    ``overrides`` change any of its sizes (``hidden_size=32``, ...)."""
     import torch
     from transformers import AutoConfig
 
-    if family not in FAMILIES:
-        raise QcompareError(f"unknown tiny model family {family!r}; allowed: {', '.join(FAMILIES)}")
-    return AutoConfig.for_model(family, vocab_size=vocab_size, dtype=torch.float32,
-                                **{**SHAPE, **FAMILIES[family], **overrides})
+    if family in FAMILIES:
+        return AutoConfig.for_model(family, vocab_size=vocab_size, dtype=torch.float32,
+                                    **{**SHAPE, **FAMILIES[family], **overrides})
+    from qcompare.families import causal_lm_families, family_config
+
+    if family not in causal_lm_families():
+        raise QcompareError(f"unknown tiny model family {family!r}: not a causal-LM model type of the installed "
+                            f"transformers; allowed: {', '.join(FAMILIES)} or any of transformers' causal-LM model types")
+    return family_config(family, vocab_size=vocab_size, **overrides)
 
 
 def tiny_model(family: str, vocab_size: int = 128, seed: int = 0, **overrides):
     """A random-weight float32 causal LM of ``family`` (a transformers model type): 2 layers,
-    hidden 64, 4 heads, 2 KV heads (4 experts for the MoE families), unless ``overrides`` say otherwise."""
+    hidden 64, 4 heads (4 experts for the MoE families), unless ``overrides`` say otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
 
