@@ -118,8 +118,6 @@ def awq_mappings(model: nn.Module, quantizer: str = "awq"):
     from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY, AWQMapping, default_mappings
 
     arch = type(model).__name__
-    if arch in AWQ_MAPPING_REGISTRY:
-        return AWQ_MAPPING_REGISTRY[arch]
     falcon_qkv, up = "re:.*self_attention\\.query_key_value$", "re:.*mlp\\.dense_h_to_4h$"
     ours = [
         [AWQMapping("re:.*ln_attn$", [falcon_qkv]), AWQMapping("re:.*ln_mlp$", [up])],  # Falcon-40B/180B
@@ -130,6 +128,9 @@ def awq_mappings(model: nn.Module, quantizer: str = "awq"):
     ]
     names = [n for n, _ in model.named_modules()]
     experts = find_targets(model, (), ("experts",))
+    if arch in AWQ_MAPPING_REGISTRY:
+        _resolve_as_oneshot(model, AWQ_MAPPING_REGISTRY[arch], experts, quantizer)
+        return AWQ_MAPPING_REGISTRY[arch]
     if experts:  # its patterns name the per-expert layers oneshot splits them into
         mappings = AWQ_MAPPING_REGISTRY["Qwen3MoeForCausalLM"]
         # every layer they name must be there once oneshot has split the experts (one Linear each, named as
@@ -141,6 +142,7 @@ def awq_mappings(model: nn.Module, quantizer: str = "awq"):
             raise QcompareError(f"{quantizer}: AWQ's mixture-of-experts mappings name {missing[0].removeprefix('re:')} "
                                 f"and {arch} has no such layer (its routers: {', '.join(routers)}); AWQ takes "
                                 "mixture-of-experts models whose router is named gate (Qwen3-MoE, Mixtral, OLMoE)")
+        _resolve_as_oneshot(model, mappings, experts, quantizer)
         return mappings
     candidates = ours + [default_mappings] + list({id(m): m for m in AWQ_MAPPING_REGISTRY.values()}.values())
     for mappings in candidates:
@@ -151,6 +153,56 @@ def awq_mappings(model: nn.Module, quantizer: str = "awq"):
                    | {"Falcon", "GPTNeoX", "any mixture-of-experts model"})
     raise QcompareError(f"{quantizer}: no AWQ layer mappings fit {arch} (none of llm-compressor's or qcompare's sets "
                         f"names its layers); AWQ supports: {', '.join(known)}")
+
+
+def _resolve_as_oneshot(model: nn.Module, mappings, experts, quantizer: str) -> None:
+    """Resolve ``mappings`` as llm-compressor's AWQ does when oneshot starts (``match_modules_set`` over
+    the modules, once the experts are split into one Linear each), here on the names alone, so a model
+    they do not fit (a dense layer among expert layers, a router that is no Linear) is refused in one
+    line at validate instead of crashing oneshot."""
+    from compressed_tensors.utils.match import match_modules_set
+
+    split = {t.name: t.weight.shape[0] for t in experts}
+    modules = []
+    for name, module in model.named_modules():
+        if any(name.startswith(e + ".") for e in split):
+            continue
+        modules.append((name, module))
+        for i in range(split.get(name, 0)):
+            modules += [(f"{name}.{i}", _Named("Module"))]
+            modules += [(f"{name}.{i}.{proj}", _Named("Linear")) for proj in ("gate_proj", "up_proj", "down_proj")]
+
+    class Names:
+        def named_modules(self):
+            return iter(modules)
+
+    arch = type(model).__name__
+    for mapping in mappings:
+        try:
+            for smooth, *balance in match_modules_set(Names(), (mapping.smooth_layer, *mapping.balance_layers)):
+                where = [n for n, m in modules if any(m is s for s in smooth)]
+                if len(smooth) > 1:
+                    raise ValueError(f"its smoothing layer matches {len(smooth)} layers in one block "
+                                     f"({', '.join(where[:3])}), not one")
+                unweighted = [n for n, m in modules for group in balance for b in group
+                              if m is b and not isinstance(m, _Named) and not hasattr(m, "weight")]
+                if unweighted:
+                    raise ValueError(f"{unweighted[0]} ({type(dict(modules)[unweighted[0]]).__name__}) has no weight "
+                                     "to balance")
+        except ValueError as e:
+            first = str(e).splitlines()[0].rstrip(".")
+            raise QcompareError(f"{quantizer}: AWQ's mapping {mapping.smooth_layer.removeprefix('re:')} → "
+                                f"{', '.join(b.removeprefix('re:') for b in mapping.balance_layers)} does not fit "
+                                f"{arch} ({first}); its layers are not the ones these mappings were written for: use "
+                                "gptq or torchao for this family") from None
+
+
+class _Named(nn.Module):
+    """A stand-in for a module oneshot will create, matched by name only."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
 
 
 def _matches_any(names: list[str], pattern: str) -> bool:

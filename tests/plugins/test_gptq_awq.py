@@ -276,3 +276,22 @@ def test_awq_refuses_at_validate_a_mixture_of_experts_whose_router_its_mappings_
                                             r"such layer \(its routers: router\)"):
         AWQQuantizer().check_model(model, AWQParams())
     GPTQQuantizer().check_model(model, GPTQParams())  # GPTQ needs no mappings
+
+
+@pytest.mark.parametrize("family, why", [
+    # a dense first layer among expert layers: the MLP mapping's norm has no experts beside it
+    ("deepseek_v3", r"\.\*post_attention_layernorm\$ → .* \(its smoothing layer matches 2 layers in one block "),
+    # a router that is no Linear: nothing to balance
+    ("hunyuan_v1_moe", r".* \(model\.layers\.0\.mlp\.gate \(HunYuanMoEV1Gate\) has no weight to balance\)"),
+    # linear-attention layers beside attention ones: no q/k/v for their norm
+    ("qwen3_next", r"\.\*input_layernorm\$ → \.\*q_proj\$, \.\*k_proj\$, \.\*v_proj\$ does not fit Qwen3NextForCausalLM")])
+def test_awq_refuses_at_validate_mappings_that_oneshot_cannot_resolve(family, why):
+    # each crashed llm-compressor's oneshot after validate (the tiny builder's families of transformers)
+    from qcompare.testing import tiny_config
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config(family))
+    with pytest.raises(QcompareError, match=rf"^awq: AWQ's mapping {why}.*: use gptq or torchao for this family$"):
+        AWQQuantizer().check_model(model, AWQParams())
