@@ -39,11 +39,15 @@ def llmcompressor_workarounds(model: nn.Module):
       pointless without one, so it becomes a no-op there.
     - With ``LLM_COMPRESSOR_LOG_DISABLED=true`` llm-compressor never defines its loguru
       level "METRIC", and GPTQ then fails logging a metric with it; define it if missing.
+    - Its save copies a model's multi-token-prediction tensors (DeepSeek-V3's, GLM-4.5's: weights
+      transformers does not load) from the checkpoint at ``model.name_or_path``. A model built in memory
+      has no checkpoint, hence none to copy, and the empty path crashed the save: the copy is skipped.
     - Its Llama 4 expert splitter reads ``config.text_config``, which a text-only model's config
       (``Llama4ForCausalLM``) does not have: each fused experts module gets its model's config as
       such (``_TextOnly``) for oneshot's split, and loses it afterwards.
     """
     from llmcompressor.pipelines.cache import IntermediatesCache
+    from llmcompressor.transformers.compression import compressed_tensors_utils as saving
     from loguru import logger
 
     from qcompare.sdk import find_targets
@@ -51,12 +55,15 @@ def llmcompressor_workarounds(model: nn.Module):
     if "METRIC" not in logger._core.levels:  # the same check llm-compressor's logger makes
         logger.level("METRIC", no=38)
     old_name = getattr(model.config, "_name_or_path", "")
+    old_mtp = saving.save_mtp_tensors_to_checkpoint
     old_pin = IntermediatesCache.pin_memory
     given = [] if hasattr(model.config, "text_config") else \
         [t.module for t in find_targets(model, (), ("experts",)) if not hasattr(t.module, "config")]
     with tempfile.TemporaryDirectory(prefix="qcompare-llmc-") as folder:
         model.config.save_pretrained(folder)
         model.config._name_or_path = folder
+        if not getattr(model, "name_or_path", ""):
+            saving.save_mtp_tensors_to_checkpoint = lambda *args, **kwargs: None
         if not torch.cuda.is_available():
             IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
         for module in given:
@@ -66,6 +73,7 @@ def llmcompressor_workarounds(model: nn.Module):
         finally:
             IntermediatesCache.pin_memory = old_pin
             model.config._name_or_path = old_name
+            saving.save_mtp_tensors_to_checkpoint = old_mtp
             for module in given:
                 module.__dict__.pop("config", None)
 
