@@ -139,10 +139,11 @@ class TrainingWatch:
     after it. A LoRA distiller trains adapters instead of the base weights: then each adapted layer's
     ``lora_B`` (zero at start) must have left zero.
 
-    A layer whose output stays in the autograd graph but never receives a gradient is one the loss
-    cannot reach, whatever the quantizer: a sparse-attention indexer whose scores only choose tokens
-    (``topk``). Such layers are listed (``unreachable``), not failed; a layer whose output left the graph
-    (a fake quantizer that cut it) still fails."""
+    A layer the loss cannot reach whatever the quantizer is listed (``unreachable``), not failed: one the
+    model's own code only runs without gradients (a ``torch.no_grad`` forward), or whose output stays in
+    the autograd graph but never receives a gradient (a sparse-attention indexer whose scores only choose
+    tokens through ``topk``). A layer whose own forward left the graph (a fake quantizer that cut it) still
+    fails, and so does every layer when none received a gradient at all."""
 
     def __init__(self, teacher, student, adapters: bool):
         import torch
@@ -163,6 +164,8 @@ class TrainingWatch:
         self.reached: set[str] = set()
         self.in_graph: set[str] = set()  # layers whose output required a gradient in some forward
         self.output_reached: set[str] = set()  # ... and received one
+        self.ran: set[str] = set()  # layers that ran a forward
+        self.ran_with_grad: set[str] = set()  # ... with gradients on (outside the model's no_grad code)
         self.handles = []
         self.before: dict[str, list[tuple[float, float]]] = {}
         if adapters:
@@ -190,11 +193,15 @@ class TrainingWatch:
                 self.output_reached.add(path)
 
         def hook(module, args, out):
-            out = out[0] if isinstance(out, (tuple, list)) and out else out
-            if path in self.output_reached or not isinstance(out, torch.Tensor) or not out.requires_grad:
+            if path in self.output_reached:
                 return
-            self.in_graph.add(path)
-            out.register_hook(reached)
+            self.ran.add(path)
+            if torch.is_grad_enabled():
+                self.ran_with_grad.add(path)
+            out = out[0] if isinstance(out, (tuple, list)) and out else out
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                self.in_graph.add(path)
+                out.register_hook(reached)
         return hook
 
     def verdict(self, student) -> dict[str, Any]:
@@ -222,8 +229,9 @@ class TrainingWatch:
             moved = {path for path, params in self.layers.items()
                      if any(tensor_fingerprint(p) != was for (_, p), was in zip(params, self.before[path]))}
         frozen = [path for path, params in self.layers.items() if not any(p.requires_grad for _, p in params)]
-        unreachable = [path for path in self.layers if path in self.in_graph and path not in self.output_reached
-                       and path not in self.reached and path not in frozen]
+        unreachable = [path for path in self.layers if self.reached and path not in self.reached and path not in frozen
+                       and ((path in self.in_graph and path not in self.output_reached)
+                            or (path in self.ran and path not in self.ran_with_grad))]
         unreached = [path for path in self.layers if path not in self.reached and path not in frozen
                      and path not in unreachable]
         still = [path for path in self.layers if path not in moved and path not in unreachable]

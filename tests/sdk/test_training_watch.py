@@ -9,21 +9,30 @@ from torch import nn
 from qcompare.sdk import checks
 
 
+class CutLinear(nn.Linear):
+    """A fake quantizer whose forward leaves the autograd graph."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            return super().forward(x)
+
+
 class Indexed(nn.Module):
-    """``scores`` only chooses which input rows ``mix`` sees (a sparse-attention indexer's topk), so no
-    loss reaches it; ``mix`` is trained."""
+    """``scores`` only chooses which input rows ``mix`` sees (a sparse-attention indexer's topk), and
+    ``gate`` runs only in the model's own no-grad code: no loss reaches either; ``mix`` and ``out`` are trained."""
 
     def __init__(self, cut: bool = False):
         super().__init__()
-        self.scores, self.mix, self.cut = nn.Linear(8, 1), nn.Linear(8, 8), cut
+        self.scores, self.gate = nn.Linear(8, 1), nn.Linear(8, 1)
+        self.mix = CutLinear(8, 8) if cut else nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
 
     def forward(self, x):
         keep = self.scores(x).squeeze(-1).topk(2, dim=-1).indices
+        with torch.no_grad():
+            keep = keep + (self.gate(x).squeeze(-1)[:, :2] > 1e9).long()  # transformers' @torch.no_grad code
         picked = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-        if self.cut:  # a fake quantizer whose forward leaves the graph
-            with torch.no_grad():
-                return self.mix(picked)
-        return self.mix(picked)
+        return self.out(self.mix(picked))
 
     def get_output_embeddings(self):  # no head: every Linear is the body
         return None
@@ -44,10 +53,18 @@ def train(model):
 
 def test_a_layer_the_loss_cannot_reach_is_listed_not_failed():
     check = train(Indexed()).verdict(None)
-    assert check["passed"] and check["unreachable"] == ["scores"] and check["reached"] == 1
+    assert check["passed"] and check["unreachable"] == ["scores", "gate"] and check["reached"] == 2
 
 
 def test_a_layer_whose_output_left_the_graph_still_fails():
-    model = Indexed(cut=True)
-    with pytest.raises(checks.CheckFailed, match=r"training: 1 of 2 layers .* never received a gradient .*\(e\.g\. mix\)"):
-        train(model).verdict(None)
+    with pytest.raises(checks.CheckFailed, match=r"training: 1 of 4 layers .* never received a gradient .*\(e\.g\. mix\)"):
+        train(Indexed(cut=True)).verdict(None)
+
+
+def test_no_layer_is_excused_when_none_was_trained():
+    model = Indexed()
+    watch = checks.TrainingWatch(model, model, adapters=False)
+    with torch.no_grad():
+        model(torch.randn(3, 5, 8))  # forwards, no backward: a distiller that never trained
+    with pytest.raises(checks.CheckFailed, match=r"training: 4 of 4 layers .* never received a gradient"):
+        watch.verdict(None)
