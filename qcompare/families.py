@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 DEPTH = ("num_hidden_layers", "n_layer", "num_layers")
-# a size key → its tiny value, set wherever the family's config has the key (None included)
+# a size key → its tiny value, set wherever the family's config has the key (None included); every Linear
+# they make is at least 32 wide along its input, so groups of 32 divide it
 SIZES: dict[str, Any] = {
     "hidden_size": 64, "d_model": 64, "n_embd": 64,
     "intermediate_size": 128, "ffn_hidden_size": 128, "n_inner": 128, "intermediate_size_mlp": 128,
@@ -28,17 +29,19 @@ SIZES: dict[str, Any] = {
     "is_moe": True, "enable_moe_block": True,
     # multi-head latent attention (DeepSeek's): queries and keys 8 + 8 (no rope + rope), values 16
     "kv_lora_rank": 32, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "qk_head_dim": 16, "v_head_dim": 16,
+    # grouped low-rank output projections, gated norms (DeepSeek-V4, AXK2)
+    "o_groups": 2, "o_lora_rank": 32, "gated_norm_rank": 32,
     # sparse-attention indexers
     "index_n_heads": 2, "index_head_dim": 16, "index_topk": 8, "indexer_n_heads": 2, "indexer_kv_heads": 1,
     "indexer_head_dim": 16, "indexer_budget": 8, "indexer_compress_ratio": 2,
     # state-space and linear-attention layers
     "mamba_n_heads": 4, "mamba_num_heads": 4, "mamba_d_head": 16, "mamba_head_dim": 16, "mamba_d_state": 16,
     "ssm_state_size": 16, "mamba_n_groups": 1, "n_groups": 1, "mamba_chunk_size": 16, "chunk_size": 16,
-    "mamba_dt_rank": 8, "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
-    "linear_num_value_heads": 4, "linear_head_dim": 16, "linear_num_heads": 4,
+    "mamba_dt_rank": 32, "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4, "linear_head_dim": 32, "linear_num_heads": 4,
     # per-layer embeddings, n-gram tables, routers with their own width
-    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16, "router_hidden_size": 32,
-    "hc_lowrank": 16, "ngram_vocab_size_base": 256, "split_ngram_parts": 4, "heads_per_ngram": 2,
+    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 32, "router_hidden_size": 32,
+    "hc_lowrank": 32, "ngram_vocab_size_base": 256, "split_ngram_parts": 4, "heads_per_ngram": 2,
 }
 # keys whose None means "off": sized only where the family's defaults turn them on
 OPTIONAL = {"q_lora_rank": 64, "sliding_window": 8}
