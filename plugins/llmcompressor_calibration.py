@@ -330,9 +330,12 @@ def _refuse_experts(model: nn.Module, names: list[str]) -> None:
 
 
 def convert(student, params, quantizer: str):
-    """torchao's real int-weight model on the student's grid (its scales kept)."""
+    """torchao's real int-weight model on the student's grid (its scales kept); ``qcompare.compat``
+    supplies the products with an int weight that modeling code computes outside ``F.linear``."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
+
+    from qcompare.sdk import compat  # noqa: F401 - Jamba's dt_proj.weight @ x, Falcon's x @ W.T
 
     if not any(isinstance(m, FakeQuantizedLinear) for m in student.modules()):
         raise QcompareError(f"{quantizer}: convert needs a student made by {quantizer}'s prepare; "

@@ -164,6 +164,7 @@ class TorchaoQuantizer(Quantizer):
         from torchao.quantization import quantize_
         from torchao.quantization.qat import FakeQuantizedLinear
 
+        from qcompare.sdk import compat  # noqa: F401 - int weights that modeling code multiplies outside F.linear
         from qcompare_plugins import torchao_experts
         from qcompare_plugins.torchao_grids import linear_convert_config, unfake, weight_only_config
 

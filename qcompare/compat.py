@@ -6,7 +6,10 @@
   GPT-2 family's ``Conv1D`` computes ``torch.addmm(bias, x, weight)`` with the weight stored
   (in, out). Registered here: ``t``/``transpose``/``permute`` of a 2-D int tensor (the same codes
   with its group axis swapped) and ``mm``/``matmul``/``addmm`` with it on the right, computed by
-  torchao's own ``F.linear`` on the untransposed tensor — the same numbers as the evaluated model.
+  torchao's own ``F.linear`` on the untransposed tensor — the same numbers as the evaluated model;
+  and ``W @ x`` with it on the left (Jamba's Mamba: ``dt_proj.weight @ time_step``), on its dequantized
+  values as the fake-quantized student multiplied them. The torchao, GPTQ and AWQ converts import this
+  module, so their converted models compute these products in the process that made them.
 - transformers' ``FalconPreTrainedModel._init_weights`` reads ``module.weight`` unguarded, and a
   compressed-tensors ``FalconLinear`` holds ``weight_packed`` instead, so a GPTQ/AWQ Falcon
   checkpoint fails to load; the patch guards it as the generic ``_init_weights`` does.
@@ -67,8 +70,12 @@ def register_torchao_transposes() -> None:
     @Intx.implements_torch_function([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])
     def _matmul(func, types, args, kwargs):
         a, b = args
+        if isinstance(a, Intx) and a.ndim == 2 and not isinstance(b, Intx):
+            # W @ x (Jamba's Mamba: dt_proj.weight @ time_step): the grid's values, multiplied as the
+            # fake-quantized student multiplied them
+            return torch.matmul(a.dequantize(), b)
         if isinstance(a, Intx) or b.ndim != 2:
-            raise NotImplementedError("qcompare.compat: x @ W with W a 2-D int tensor on the right only")
+            raise NotImplementedError("qcompare.compat: x @ W or W @ x with W a 2-D int tensor only")
         return F.linear(a, _swapped(b))
 
     def _addmm(bias, a, b, kwargs):
