@@ -26,6 +26,13 @@
   converted model and a reload all agree on the wrong weights, so no check sees it. bitsandbytes'
   own portable implementation, the one its quantize matches, is registered for CPU instead.
 
+- transformers' conversion mapping for some mixture-of-experts model types (``compat_scope.
+  PER_EXPERT_LOADING``: IBM Granite's, Gemma 4's) has no converter from one Linear per expert — the layout of
+  llm-compressor's compressed-tensors checkpoints — to the fused 3-D experts, so such a checkpoint loads
+  with its experts left random. Registered here: the converter transformers ships for Qwen2-MoE
+  (``experts.N.gate_proj``/``up_proj`` stacked and concatenated into ``gate_up_proj``, ``down_proj``
+  stacked), beside the type's own renamings.
+
 All belong upstream (torchao, transformers, bitsandbytes); until then this module is what the card imports
 (``qcompare.compat_scope`` says which checkpoints need it).
 """
@@ -136,7 +143,40 @@ def dequantize_bitsandbytes_blocks_flat() -> None:
         torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
 
 
+@functools.cache
+def register_per_expert_loading() -> None:
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    from qcompare.compat_scope import PER_EXPERT_LOADING
+
+    for model_type, layout in sorted(PER_EXPERT_LOADING.items()):
+        own = get_checkpoint_conversion_mapping(model_type) or []
+        register_checkpoint_conversion_mapping(model_type, own + _per_expert_converters(layout), overwrite=True)
+
+
+def _per_expert_converters(layout: str) -> list:
+    """``stacked``: gate_up_proj (E, 2I, H) is gate then up, down_proj (E, H, I), as Qwen2-MoE's loader
+    rebuilds them. ``interleaved``: GPT-OSS's (E, H, 2I) with gate and up alternating along the last
+    axis and a bias beside each weight, down_proj (E, I, H)."""
+    from transformers.core_model_loading import Concatenate, Interleave, MergeModulelist, Transpose, WeightConverter
+
+    pair = ["experts.*.gate_proj.{}", "experts.*.up_proj.{}"]
+    if layout == "stacked":
+        return [WeightConverter([p.format("weight") for p in pair], "experts.gate_up_proj",
+                                operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
+                WeightConverter("experts.*.down_proj.weight", "experts.down_proj", operations=[MergeModulelist(dim=0)])]
+    return [WeightConverter([p.format("weight") for p in pair], "experts.gate_up_proj",
+                            operations=[MergeModulelist(dim=0), Concatenate(dim=1), Interleave(dim=1, inverse=True),
+                                        Transpose(1, 2)]),
+            WeightConverter([p.format("bias") for p in pair], "experts.gate_up_proj_bias",
+                            operations=[MergeModulelist(dim=0), Concatenate(dim=1), Interleave(dim=1, inverse=True)]),
+            WeightConverter("experts.*.down_proj.weight", "experts.down_proj",
+                            operations=[MergeModulelist(dim=0), Transpose(1, 2)]),
+            WeightConverter("experts.*.down_proj.bias", "experts.down_proj_bias", operations=[MergeModulelist(dim=0)])]
+
+
 register_torchao_transposes()
+register_per_expert_loading()
 patch_falcon_init()
 keep_bitsandbytes_portable()
 dequantize_bitsandbytes_blocks_flat()

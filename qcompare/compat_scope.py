@@ -8,6 +8,13 @@ import importlib
 
 # model types whose checkpoints need the patches whatever their format (Falcon's initialisation)
 MODEL_TYPES = {"falcon"}
+# mixture-of-experts model types whose fused experts transformers' loader cannot rebuild from the one
+# Linear per expert (gate_proj, up_proj, down_proj) of a compressed-tensors checkpoint: their conversion
+# mapping has no such converter (IBM Granite's renames its own fused names only; Gemma 4 has none). The
+# patches register one (qcompare.compat.register_per_expert_loading); the architecture matrix's reload
+# proves each exact (MiniMax-M3 is not here: its save cannot reverse such a converter).
+PER_EXPERT_LOADING = {"granitemoe": "stacked", "granitemoe_swa": "stacked", "granitemoehybrid": "stacked",
+                      "granitemoeshared": "stacked", "gemma4_text": "stacked", "gpt_oss": "interleaved"}
 
 
 @functools.cache
@@ -22,8 +29,9 @@ def uses_conv1d(model_type: str) -> bool:
 
 def needed_by(config: dict) -> bool:
     """Whether a checkpoint with this ``config.json`` loads right only after ``import qcompare.compat``:
-    torchao int weights that the modeling code transposes, Falcon's weight initialisation, and
-    bitsandbytes' CPU path (what the patches are for)."""
+    torchao int weights that the modeling code transposes, Falcon's weight initialisation,
+    bitsandbytes' CPU path, and per-expert checkpoints of ``PER_EXPERT_LOADING`` (what the patches are for)."""
     model_type = config.get("model_type", "")
     method = (config.get("quantization_config") or {}).get("quant_method")
-    return model_type in MODEL_TYPES or (method == "torchao" and uses_conv1d(model_type)) or method == "bitsandbytes"
+    return model_type in MODEL_TYPES or (method == "torchao" and uses_conv1d(model_type)) or method == "bitsandbytes" \
+        or (method == "compressed-tensors" and model_type in PER_EXPERT_LOADING)
