@@ -225,6 +225,7 @@ def save_compressed(model: nn.Module, folder, bits: int, group_size: int, symmet
             if isinstance(m, nn.Linear) and type(w).__name__ == "IntxUnpackedToInt8Tensor":
                 grids[name] = (w.scale.detach(), w.zero_point.detach())
                 m.weight = nn.Parameter(w.dequantize(), requires_grad=False)  # the same values, on the grid
+    ignored = [n for n, m in plain.named_modules() if isinstance(m, nn.Linear) and n not in grids]  # apply_int_grid's
     apply_int_grid(plain, grids, bits, group_size, symmetric, actorder)
     set_save_conversions(plain)
     with llmcompressor_workarounds(plain), warnings.catch_warnings():
@@ -233,3 +234,22 @@ def save_compressed(model: nn.Module, folder, bits: int, group_size: int, symmet
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
         modify_save_pretrained(plain)
         plain.save_pretrained(str(folder), save_compressed=True)
+    ignore_loaded_names(folder, ignored)
+
+
+def ignore_loaded_names(folder, names: list[str]) -> None:
+    """Have the checkpoint's ignore list name its float Linear layers as transformers' loader names them.
+
+    compressed-tensors writes the list in checkpoint names (the model's renamings reversed), while
+    transformers' loader applies it to the modules it builds, under their own names: where the two differ
+    (Phi-MoE's ``mlp.router`` is saved ``block_sparse_moe.router``: the module part of ``.router.weight`` →
+    ``.gate.weight`` is not renamed) a float router that is an ``nn.Linear`` was taken for a quantized one,
+    and the folder did not load. Both names are kept: vLLM reads checkpoint names."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    ignore = config["quantization_config"].get("ignore") or []
+    config["quantization_config"]["ignore"] = list(dict.fromkeys([*ignore, *names]))
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

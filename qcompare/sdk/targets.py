@@ -99,19 +99,27 @@ def expert_params(module) -> list[str]:
 
 def router_modules(model) -> set[int]:
     """ids of the modules that route tokens to experts: a sibling of an experts module holding a
-    2-D ``weight`` with one row per expert."""
+    2-D ``weight`` with one row per expert, or the module holding it inside a sibling named or classed
+    as a router or gate (AFMoE's ``router.gate``, LongCat's ``router.classifier``, Hunyuan's ``gate.wg``)."""
     found = set()
     for parent in model.modules():
-        children = list(parent.children())
-        for experts in children:
+        children = list(parent.named_children())
+        for _, experts in children:
             n = getattr(experts, "num_experts", None)
             if not expert_params(experts):
                 continue
-            for other in children:
-                w = other._parameters.get("weight") if other is not experts else None
-                if w is not None and w.ndim == 2 and w.shape[0] == n:
-                    found.add(id(other))
+            for name, other in children:
+                if other is experts:
+                    continue
+                routing = ROUTING.search(name) or ROUTING.search(type(other).__name__)
+                for sub in (other.modules() if routing else (other,)):
+                    w = sub._parameters.get("weight")
+                    if w is not None and w.ndim == 2 and w.shape[0] == n:
+                        found.add(id(sub))
     return found
+
+
+ROUTING = re.compile(r"router|gate$|Router|Gate$")
 
 
 def adapter_modules(model) -> set[int]:
