@@ -176,6 +176,7 @@ name = "none"
 [[evaluators]]
 name = "lm_eval"
 tasks = ["toy"]
+limit = 150
 """)
     out = tmp_path / "run"
     assert cli.invoke(app, ["run", str(recipe), "-o", str(out)]).exit_code == 0
@@ -184,6 +185,6 @@ tasks = ["toy"]
     summary, _ = summarize(df)
     table = summary.set_index("quantizer.bits")["average"]
     result, *_ = compare_cells(out, "bits=8", "bits=2")
-    # the group is the mean of its four subtasks (not their items pooled: 720, 480, 125 and 61 items)
+    # the group is the mean of its four subtasks (not their items pooled: 150, 150, 125 and 61 items)
     assert result.difference == pytest.approx(table[8] - table[2], abs=1e-9)
-    assert result.items == 720 + 480 + 125 + 61 and result.verdict == "A better"
+    assert result.items == 150 + 150 + 125 + 61 and result.verdict == "A better"
