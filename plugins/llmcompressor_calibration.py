@@ -10,7 +10,7 @@ import re
 import torch
 from torch import nn
 
-from qcompare.sdk import find_targets, QcompareError
+from qcompare.sdk import QcompareError, checks, find_targets
 from qcompare_plugins.compressed import llmcompressor_workarounds
 from qcompare_plugins.torchao_grids import granularity, weight_only_config
 
@@ -96,8 +96,10 @@ def _modifiers(params, ignore: list[str], model: nn.Module, quantizer: str) -> t
 
     # llm-compressor 0.14's AWQ only rescales (norms and Linear columns); a QuantizationModifier
     # after it rounds to nearest on the rescaled weights (the single AWQModifier is deprecated).
-    return (_recording_awq()(mappings=awq_mappings(model, quantizer)),
-            QuantizationModifier(config_groups=groups, ignore=ignore))
+    mappings, added = with_every_reader(model, awq_mappings(model, quantizer))
+    awq = _recording_awq()(mappings=mappings)
+    awq._qcompare_added = added
+    return awq, QuantizationModifier(config_groups=groups, ignore=ignore)
 
 
 # --- AWQ: layer mappings for every family, and what it smoothed ------------------------------------
@@ -153,6 +155,112 @@ def awq_mappings(model: nn.Module, quantizer: str = "awq"):
                    | {"Falcon", "GPTNeoX", "any mixture-of-experts model"})
     raise QcompareError(f"{quantizer}: no AWQ layer mappings fit {arch} (none of llm-compressor's or qcompare's sets "
                         f"names its layers); AWQ supports: {', '.join(known)}")
+
+
+def with_every_reader(model: nn.Module, mappings) -> tuple[list, dict[str, list[str]]]:
+    """``mappings`` with every layer that reads a smoothing layer's output among its balance layers, and
+    what was added (smoothing pattern → the patterns of the layers added to its balance).
+
+    Smoothing divides the smoothing layer's output by per-channel scales; the function is kept only if every
+    layer reading that output multiplies its weight's input columns by them. A set written for one family
+    misses what another adds beside it (Qwen2-MoE's shared expert and its gate read the norm its routed
+    experts read; llm-compressor's own Qwen2-MoE set leaves them out: logits move by 10%). The readers are
+    found by running the model once on the probe batch: the modules holding a 2-D weight, or fused experts,
+    whose input is a smoothing layer's output (the same storage). Each missing one is added by its name
+    inside the block; where blocks differ (a dense first layer before mixture-of-experts ones), the mapping
+    is split into one per kind of block, each restricted to its blocks."""
+    import dataclasses
+
+    readers = _readers(model, mappings)
+    experts = {t.name for t in find_targets(model, (), ("experts",))}
+    names = [n for n, _ in model.named_modules()]
+
+    def balanced(name, mapping) -> bool:  # fused experts by the names oneshot splits them into
+        as_split = [f"{name}.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")] if name in experts else [name]
+        return any(_matches_any(as_split, b) for b in mapping.balance_layers)
+
+    out, added = [], {}
+    for mapping in mappings:
+        kinds: dict[tuple, list[str]] = {}  # the balance patterns a block misses → its blocks
+        for smooth, read_by in readers.items():
+            if not _matches_any([smooth], mapping.smooth_layer):
+                continue
+            block = smooth.rpartition(".")[0]
+            # only inside the module llm-compressor reruns for this mapping (its balance layers' lowest common
+            # ancestor): a reader beyond it would give two mappings one parent, which its AWQ does not take;
+            # the function check names such a reader instead
+            within = _common_prefix([n for n in names if n.startswith(block + ".") and balanced(n, mapping)])
+            missing = ["re:.*" + re.escape(name[len(block) + 1:]) + "$" for name in read_by
+                       if not balanced(name, mapping) and within and name.startswith(within + ".")]
+            kinds.setdefault(tuple(dict.fromkeys(missing)), []).append(block)
+        extras = [b.removeprefix("re:") for kind in kinds for b in kind]
+        if extras:
+            added[mapping.smooth_layer.removeprefix("re:")] = list(dict.fromkeys(extras))
+        if len(kinds) <= 1:
+            extra = [m for m in next(iter(kinds), ()) if m not in mapping.balance_layers]
+            out.append(dataclasses.replace(mapping, balance_layers=[*mapping.balance_layers, *extra]))
+            continue
+        for extra, blocks in kinds.items():
+            only = "(?=(?:" + "|".join(re.escape(b) for b in blocks) + r")\.)"
+            out.append(dataclasses.replace(mapping, smooth_layer=_within(only, mapping.smooth_layer),
+                                           balance_layers=[_within(only, b) for b in [*mapping.balance_layers, *extra]]))
+    return out, added
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The lowest module containing all of ``names`` (a single name: the module itself)."""
+    parts = [n.split(".") for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common) if parts else ""
+
+
+def _within(prefix: str, pattern: str) -> str:
+    """``pattern`` (a name, or a regex after ``re:``) matched only where ``prefix`` (a lookahead) matches too."""
+    return "re:" + prefix + (pattern[3:] if pattern.startswith("re:") else re.escape(pattern) + "$")
+
+
+def _readers(model: nn.Module, mappings) -> dict[str, list[str]]:
+    """Smoothing layer name → the names of the weight-holding modules (a 2-D weight, or fused experts) whose
+    first input is that layer's output, observed on the probe batch."""
+    from qcompare.sdk import expert_params
+
+    smoothing = {n for n, _ in model.named_modules() if any(_matches_any([n], m.smooth_layer) for m in mappings)}
+    outputs, readers, kept = {}, {}, []
+
+    def wrote(name):
+        def hook(module, args, out):
+            t = out if torch.is_tensor(out) else next((o for o in out if torch.is_tensor(o)), None) \
+                if isinstance(out, (tuple, list)) else None
+            if t is not None:
+                kept.append(t)  # alive until the trace ends: its storage is not reused by another tensor
+                outputs[t.untyped_storage().data_ptr()] = name
+        return hook
+
+    def read(name):
+        def hook(module, args, kwargs):
+            t = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
+            source = outputs.get(t.untyped_storage().data_ptr()) if torch.is_tensor(t) else None
+            if source is not None and name not in readers.setdefault(source, []):
+                readers[source].append(name)
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if name in smoothing:
+            handles.append(module.register_forward_hook(wrote(name)))
+        weight = module._parameters.get("weight")
+        if (weight is not None and weight.ndim == 2 and not isinstance(module, nn.Embedding)) or expert_params(module):
+            handles.append(module.register_forward_pre_hook(read(name), with_kwargs=True))
+    try:
+        checks.probe_logits(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return readers
 
 
 def _resolve_as_oneshot(model: nn.Module, mappings, experts, quantizer: str) -> None:
@@ -218,6 +326,7 @@ def _recording_awq():
 
     class RecordingAWQModifier(AWQModifier):
         _qcompare_smoothed: list = PrivateAttr(default_factory=list)
+        _qcompare_added: dict = PrivateAttr(default_factory=dict)  # balance layers with_every_reader added
 
         def _log_error_metrics(self):  # on_finalize clears _error_metrics right after this
             self._qcompare_smoothed = [m["layer_name"] for m in self._error_metrics]
@@ -301,21 +410,46 @@ def calibrate(model, params, context, quantizer: str):
     float_experts = skipped_experts(model, params)
     dataset = _calibration_set(context.data, context.tokenizer, params, quantizer)
     modifiers = list(_modifiers(params, ignore, model, quantizer))
+    recorded = [m for m in modifiers if hasattr(m, "skipped")]
+    watch = checks.FunctionWatch(model) if recorded else None  # what the float model computed before smoothing
     with context.progress.task(f"{quantizer} calibration ({len(dataset)} samples)"), \
             llmcompressor_workarounds(model):
         oneshot(model=model, dataset=dataset, recipe=modifiers, processor=context.tokenizer,
                 num_calibration_samples=len(dataset), max_seq_length=params.calibration_length,
                 shuffle_calibration_samples=False)
     _refuse_experts(model, float_experts)
-    recorded = [m for m in modifiers if hasattr(m, "skipped")]
     if recorded:
+        smoothing_preserves_function(model, watch, recorded[0].mappings, context)
         skipped = recorded[0].skipped(model)
         shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
         summary = (f"skipped smoothing of {len(skipped)} layers ({shown}); llm-compressor found their shapes "
                    "incompatible (grouped-query attention's v_proj → o_proj)") if skipped else ""
+        added = recorded[0]._qcompare_added
+        if added:
+            summary = "; ".join(filter(None, [summary, "balanced the layers that also read a smoothed output: " + "; ".join(
+                f"{smooth} → {', '.join(b)}" for smooth, b in added.items())]))
         context.notes["awq"] = {"mappings": len(recorded[0].mappings), "skipped_smoothing": skipped,
-                                "summary": summary}
+                                "added_balance_layers": added, "summary": summary}
     return model
+
+
+def smoothing_preserves_function(model: nn.Module, watch, mappings, context) -> None:
+    """The smoothed float model (oneshot's on-the-fly rounding off) computes what the model computed before
+    AWQ: each smoothing layer's output is divided by the scales its balance layers' weights were multiplied
+    by, so only the smoothing layers' own outputs may move. A mapping that leaves out a layer reading a
+    smoothed output (a shared expert beside the routed ones) fails the cell, naming it."""
+    from compressed_tensors.quantization import disable_quantization, enable_quantization
+
+    smoothing = [n for n, _ in model.named_modules() if any(_matches_any([n], m.smooth_layer) for m in mappings)]
+    model.apply(disable_quantization)
+    try:
+        context.checks["transform"] = watch.verdict(model, checks.dtype_tolerance(model), "AWQ's smoothing",
+                                                    may_change=smoothing)
+    except checks.CheckFailed as e:
+        context.checks["transform"] = e.check
+        raise
+    finally:
+        model.apply(enable_quantization)
 
 
 def _refuse_experts(model: nn.Module, names: list[str]) -> None:

@@ -209,7 +209,7 @@ def check_one(quantizer, params, family: str, folder: Path, min_coverage: float,
     context = CellContext(cell_dir=folder, seed=0, device="cpu", tokenizer=tokenizer, teacher=teacher,
                           data=tiny_chat())
     student = quantizer.prepare(copy.deepcopy(teacher), params, context)
-    report: dict[str, Any] = {"family": family}
+    report: dict[str, Any] = {"family": family, **context.checks}  # the plugin's own (a transform's)
     watch = checks.TrainingWatch(teacher, student, adapters=False)  # the runner's check of a trained cell
     _train_a_little(student, teacher)
     report["training"] = watch.verdict(student)

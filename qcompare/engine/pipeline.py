@@ -149,7 +149,7 @@ class CellPipeline:
                  evaluators: list = ()):
         self.cell, self.inputs, self.context = cell, inputs, context
         self.cost: dict[str, Any] = {}
-        self.checks: dict[str, Any] = {}  # what the checks measured, kept even when one fails
+        self.checks: dict[str, Any] = context.checks  # what the checks (the plugins' too) measured, kept when one fails
         self.size: dict[str, Any] = {}
         self.fingerprint = None
         if not cell.is_teacher:

@@ -130,6 +130,9 @@ class CellContext:
     # skipped): ``context.notes["awq"] = {...}``. Stored in result.json; the report shows a string note as
     # it is, and a dict note by its "summary" line (an empty summary: nothing to show).
     notes: dict = field(default_factory=dict)
+    # Checks a plugin runs on its own work, stored with the runner's in result.json's ``checks`` (kept when one
+    # fails): ``context.checks["transform"] = checks.FunctionWatch(...).verdict(...)`` for a pre-rounding transform.
+    checks: dict = field(default_factory=dict)
     # The cells of the run (this one included) that train on the same batches as this one: same
     # model, data, seed and ``Distiller.batch_key``; 1 when none shares them (what a cache of
     # per-batch work can hope to be reused by)

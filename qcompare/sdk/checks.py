@@ -285,6 +285,85 @@ def teacher_unchanged(teacher, before: dict[str, tuple[float, float]]) -> dict[s
     return check
 
 
+# --- a transformation before rounding keeps the function ------------------------------------------
+
+
+class FunctionWatch:
+    """What a float model computes before a transformation that must not change it (AWQ's smoothing, a
+    rotation, any plugin's pre-rounding transform), module by module on the probe batch, to hold the
+    transformed model to: ``FunctionWatch(model)`` before, ``watch.verdict(model, rtol, what)`` after.
+
+    ``may_change`` names the modules whose own output the transformation rescales by design (AWQ's
+    smoothing layers: a norm, ``v_proj``, ``up_proj``); every other module both models have by that name is
+    compared, by the largest difference of its output relative to the output's largest value. A module
+    the transformation replaced (experts split into one Linear each) is compared where its name is kept."""
+
+    def __init__(self, model, ids=None):
+        self.ids = probe_ids(model) if ids is None else ids
+        self.before = module_outputs(model, self.ids)
+
+    def verdict(self, model, rtol: float, what: str, may_change=()) -> dict[str, Any]:
+        """CheckFailed naming the first module whose output moved beyond ``rtol`` (and how many did)."""
+        after = module_outputs(model, self.ids)
+        skip = set(may_change)
+        moved, worst, compared = [], 0.0, 0
+        for name, outputs in self.before.items():  # in the order the modules finished: causes first
+            if name in skip or name not in after or len(after[name]) != len(outputs):
+                continue
+            compared += 1
+            rel = max(_relative(a, b) for a, b in zip(outputs, after[name]))
+            worst = max(worst, rel)
+            if rel > rtol:
+                moved.append((name or "the model's logits", rel))
+        check = {"what": what, "modules": compared, "max_rel_diff": worst, "tolerance": rtol,
+                 "moved": [{"module": n, "rel_diff": r} for n, r in moved[:20]], "passed": not moved}
+        if moved:
+            first, rel = moved[0]
+            raise CheckFailed(
+                f"{what} changed what the float model computes before any rounding: {first}'s output moves by "
+                f"{rel:.2g} of its largest value (tolerance {rtol:.2g}; {len(moved) - 1} more modules moved after it)",
+                "transform", check)
+        return check
+
+
+def _relative(a, b) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if not a.numel():
+        return 0.0
+    diff, scale = float((a - b).abs().max()), float(a.abs().max())
+    return diff / scale if scale > 0 else diff
+
+
+def module_outputs(model, ids) -> dict[str, list]:
+    """Each module's output (its first tensor) on ``ids``, in fp32 on the CPU, keyed by module name in the
+    order the modules finished ("" is the model: its logits); a module called more than once keeps each."""
+    import torch
+
+    outputs: dict[str, list] = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            first = getattr(out, "logits", None) if not name else None
+            first = first if first is not None else out if torch.is_tensor(out) else \
+                next((o for o in out if torch.is_tensor(o)), None) if isinstance(out, (tuple, list)) else None
+            if first is not None:
+                outputs.setdefault(name, []).append(first.detach().float().cpu())
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules()]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(ids.to(_device(model)))
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    return outputs
+
+
 # --- coverage ----------------------------------------------------------------------------
 
 DEFAULT_MIN_COVERAGE = 0.95  # of the body's weights (all but embeddings and head)

@@ -295,3 +295,33 @@ def test_awq_refuses_at_validate_mappings_that_oneshot_cannot_resolve(family, wh
         model = AutoModelForCausalLM.from_config(tiny_config(family))
     with pytest.raises(QcompareError, match=rf"^awq: AWQ's mapping {why}.*: use gptq or torchao for this family$"):
         AWQQuantizer().check_model(model, AWQParams())
+
+
+@pytest.mark.parametrize("family, reader, added", [
+    # a shared expert and its gate read the norm the routed experts read (llm-compressor's own Qwen2-MoE set)
+    ("qwen2_moe", "model.layers.0.mlp.shared_expert.gate_proj", ["mlp\\.shared_expert\\.gate_proj", "mlp\\.shared_expert_gate"]),
+    # the router reads it too, in the expert layers only: a dense first layer has none (the set splits by block)
+    ("deepseek_v2", "model.layers.1.mlp.gate", ["mlp\\.gate"])])
+def test_awq_balances_every_layer_that_reads_a_smoothed_output_else_the_cell_fails_naming_it(
+        tmp_path, monkeypatch, family, reader, added):
+    import qcompare_plugins.llmcompressor_calibration as calibration
+    from qcompare.sdk import checks
+
+    teacher = tiny_model(family, vocab_size=128)
+    params = AWQParams(group_size=32, calibration_samples=16, calibration_length=64)
+
+    def prepare(folder):
+        ctx = tiny_context(folder, tokenizer=tiny_tokenizer(), teacher=teacher, data=tiny_chat())
+        return ctx, AWQQuantizer().prepare(copy.deepcopy(teacher), params, ctx)
+
+    ctx, _ = prepare(tmp_path / "derived")
+    # the smoothed float model computes what the teacher computes, module by module
+    assert ctx.checks["transform"]["passed"] and ctx.checks["transform"]["max_rel_diff"] < 1e-5
+    extra = [b for balance in ctx.notes["awq"]["added_balance_layers"].values() for b in balance]
+    assert all(f".*{a}$" in extra for a in added), extra
+    assert "balanced the layers that also read a smoothed output" in ctx.notes["awq"]["summary"]
+    # the mappings as written: the float model changes before any rounding, and the cell fails naming where
+    monkeypatch.setattr(calibration, "with_every_reader", lambda model, mappings: (list(mappings), {}))
+    with pytest.raises(checks.CheckFailed, match=rf"^AWQ's smoothing changed what the float model computes before any "
+                                                 rf"rounding: {reader.replace('.', '[.]')}'s output moves by 0\.\d+"):
+        prepare(tmp_path / "as-written")

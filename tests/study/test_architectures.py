@@ -156,6 +156,9 @@ max_samples = 8
     # toy-qwen3 has grouped-query attention: v_proj → o_proj cannot be balanced, llm-compressor skips it
     assert awq["skipped_smoothing"] == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
     assert "awq: skipped smoothing of 2 layers" in res.output and "self_attn.v_proj" in res.output
+    # the smoothing kept the float model's function, as the cell's record says beside the runner's checks
+    assert record["checks"]["transform"]["passed"] and record["checks"]["transform"]["what"] == "AWQ's smoothing"
+    assert {"fake_vs_converted", "coverage", "transform"} <= set(record["checks"])
 
 
 @pytest.mark.parametrize("name, params", [("torchao", {"bits": 4, "group_size": 32}),
