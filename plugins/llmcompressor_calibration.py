@@ -233,8 +233,7 @@ def _readers(model: nn.Module, mappings) -> dict[str, list[str]]:
 
     def wrote(name):
         def hook(module, args, out):
-            t = out if torch.is_tensor(out) else next((o for o in out if torch.is_tensor(o)), None) \
-                if isinstance(out, (tuple, list)) else None
+            t = checks.first_tensor(out)
             if t is not None:
                 kept.append(t)  # alive until the trace ends: its storage is not reused by another tensor
                 outputs[t.untyped_storage().data_ptr()] = name

@@ -335,6 +335,15 @@ def _relative(a, b) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def first_tensor(out):
+    """A module's output tensor: itself, or the first tensor of a tuple or list (None if it has none)."""
+    import torch
+
+    if torch.is_tensor(out):
+        return out
+    return next((o for o in out if torch.is_tensor(o)), None) if isinstance(out, (tuple, list)) else None
+
+
 def module_outputs(model, ids) -> dict[str, list]:
     """Each module's output (its first tensor) on ``ids``, in fp32 on the CPU, keyed by module name in the
     order the modules finished ("" is the model: its logits); a module called more than once keeps each."""
@@ -345,8 +354,7 @@ def module_outputs(model, ids) -> dict[str, list]:
     def keep(name):
         def hook(module, args, out):
             first = getattr(out, "logits", None) if not name else None
-            first = first if first is not None else out if torch.is_tensor(out) else \
-                next((o for o in out if torch.is_tensor(o)), None) if isinstance(out, (tuple, list)) else None
+            first = first_tensor(out) if first is None else first
             if first is not None:
                 outputs.setdefault(name, []).append(first.detach().float().cpu())
         return hook
