@@ -185,8 +185,8 @@ def matrix_markdown(rows: list[dict]) -> str:
               "a family they do not fit (a router by another name or without a weight, a dense layer among expert "
               "layers, linear-attention layers without q/k/v). At calibration every layer that reads a smoothing "
               "layer's output inside the block joins its balance layers (Qwen2-MoE's shared expert and its gate, "
-              "DeepSeek-V2's and GLM-4-MoE-Lite's routers, which the sets as written leave out: logits moved by "
-              "7–10%), and the smoothed float model is held to the teacher's function module by module "
+              "DeepSeek-V2's and GLM-4-MoE-Lite's routers, which the sets as written leave out), "
+              "and the smoothed float model is held to the teacher's function module by module "
               "(`checks.FunctionWatch`, the record's transform check): a reader it cannot balance fails the cell naming it. "
               "Smoothing it skips is recorded in the cell (`notes.awq.skipped_smoothing`) and shown by the report.",
               "- The float formats (NVFP4, MXFP4, FP8, bitsandbytes NF4/FP4) hold plain Linear layers: torchao's "
