@@ -197,7 +197,7 @@ def _train_a_little(student, teacher, steps: int = 3):
 def check_one(quantizer, params, family: str, folder: Path, min_coverage: float, reload: bool = True) -> dict[str, Any]:
     """The runner's checks on one tiny model: training reaches and moves the quantized weights, the groups
     run along the input features (where the quantizer declares ``input_groups``), fake ≡ converted, coverage, true size, save → the folder ships the true size → reload ≡. Raises
-    CheckFailed / AssertionError with one line; a QcompareError from ``prepare`` or ``convert`` means the
+    CheckFailed / AssertionError with one line; a QcompareError from ``check_model`` (what validate runs), ``prepare`` or ``convert`` means the
     quantizer refuses this layout; one from ``save`` that it cannot save it (``report["save"]["refused"]``
     holds the line, and nothing is reloaded). With
     ``reload=False`` the saved folder is not reloaded here: the report's ``saved`` and ``fingerprint`` let
@@ -208,6 +208,8 @@ def check_one(quantizer, params, family: str, folder: Path, min_coverage: float,
     teacher = tiny_model(family, vocab_size=128)
     context = CellContext(cell_dir=folder, seed=0, device="cpu", tokenizer=tokenizer, teacher=teacher,
                           data=tiny_chat())
+    checks.coverage_in_reach(teacher, quantizer, params, min_coverage)  # what validate checks on the meta model
+    quantizer.check_model(copy.deepcopy(teacher), params)
     student = quantizer.prepare(copy.deepcopy(teacher), params, context)
     report: dict[str, Any] = {"family": family, **context.checks}  # the plugin's own (a transform's)
     watch = checks.TrainingWatch(teacher, student, adapters=False)  # the runner's check of a trained cell

@@ -24,7 +24,7 @@ from qcompare.errors import QcompareError
 from qcompare.sdk.registry import Registry
 from qcompare.sdk.memo import memo_dict
 
-VERSION = 1  # of the cache's entries
+VERSION = 2  # of the cache's entries
 
 
 def model_config(name: str, registry: Registry) -> dict | None:
@@ -80,7 +80,8 @@ def hub_note() -> str:
 
 
 def _key(config: dict, choice, identity: dict) -> str:
-    blob = json.dumps([VERSION, config, choice.name, choice.params, identity], sort_keys=True, default=str)
+    blob = json.dumps([VERSION, config, choice.name, choice.params, choice.min_coverage, identity], sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -151,11 +152,17 @@ def _meta_model(config: dict, name: str):
 
 
 def _check(cls, choice, model) -> str:
-    """'' if the quantizer takes the model, else its one-line reason."""
+    """'' if the quantizer takes the model, else its one-line reason: whether enough of the body is of a kind
+    a quantizer can reach (``checks.coverage_in_reach``), then its own ``check_model``."""
     import copy
 
+    from qcompare.sdk import checks
+
+    quantizer, params = cls(), cls.Params.model_validate(choice.params)
+    minimum = checks.DEFAULT_MIN_COVERAGE if choice.min_coverage is None else choice.min_coverage
     try:
-        cls().check_model(copy.deepcopy(model), cls.Params.model_validate(choice.params))
+        checks.coverage_in_reach(model, quantizer, params, minimum)
+        quantizer.check_model(copy.deepcopy(model), params)
     except QcompareError as e:
         return str(e)
     return ""

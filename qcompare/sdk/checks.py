@@ -389,6 +389,28 @@ def expected_on_grid(teacher, quantizer, params) -> list[str]:
             if t.module is not head and t.module is not embeddings]
 
 
+def coverage_in_reach(teacher, quantizer, params, minimum: float) -> None:
+    """Refuse, before anything runs, a model whose body keeps more than ``1 - minimum`` of its weights where
+    no quantizer can reach them: in layers of no kind ``qcompare.sdk.targets`` finds (Aria's grouped GEMM
+    experts, a Mamba ``nn.Conv1d``, hyper-connection mixers) or named by ``skip`` and the quantizer's
+    ``kept_float``. Every weight of a kind a format may take counts as reached (routers and embeddings
+    included), so it refuses no model that the coverage check after convert would pass with a quantizer
+    of these kinds (a plugin quantizing other layers says so in its own ``check_model``'s stead). Raises
+    QcompareError (one line); works on the meta-device model ``qcompare validate`` builds."""
+    from qcompare.sdk.footprint import planned
+    from qcompare.sdk.targets import KINDS, find_targets
+
+    skip = [*(getattr(params, "skip", None) or ()), *quantizer.kept_float(params)]
+    plan = planned(teacher, {t.qualified for t in find_targets(teacher, skip, kinds=KINDS)})
+    if plan.body_coverage >= minimum:
+        return
+    out = [f"{g}: {s:.0%} of the body" for g, s in plan.float_groups().items() if s >= 0.005][:3]
+    raise QcompareError(
+        f"coverage: at most {plan.body_coverage:.0%} of the body's weights can end on a grid (minimum {minimum:.0%}); "
+        f"out of reach: {'; '.join(out) or 'nothing identifiable'} (layers of no kind a quantizer finds, or "
+        f"named in skip) — lower min_coverage for this quantizer in the recipe if that is the study")
+
+
 def coverage(footprint, minimum: float, expected: list[str] | None = None) -> dict[str, Any]:
     """Which weights ended on a low-bit grid; CheckFailed when the body's share is below ``minimum``, or
     when a weight of ``expected`` (``expected_on_grid``) stayed float — one projection left in float is

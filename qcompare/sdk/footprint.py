@@ -247,6 +247,21 @@ def measure(teacher, model, code_bits: float | None = None) -> Footprint:
                      float(sum(p.numel() * p.element_size() * 8 for _, p in adapters)), memory)
 
 
+def planned(teacher, on_grid: set[str]) -> Footprint:
+    """The footprint ``teacher`` would have with exactly the weights named in ``on_grid`` on a grid: its
+    shares (``body_coverage``, ``float_groups``), checked before anything runs; bits count as float (a plan
+    has no format). Works on a model built on the meta device."""
+    modules = dict(teacher.named_modules())
+    weights = []
+    for name, param in teacher.named_parameters():
+        path, _, attr = name.rpartition(".")
+        tmod = modules[path] if path in modules else teacher
+        bits = float(param.numel() * param.element_size() * 8)
+        weights.append(Weight(name, _group(tmod, attr, param), _part(teacher, tmod, param), param.numel(),
+                              name in on_grid, bits, bits))
+    return Footprint(weights)
+
+
 def _own_tensors(module) -> list:
     return [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
 
