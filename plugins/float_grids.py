@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcompare.sdk import FakeQuantizer, QcompareError, find_targets, unmatched
+from qcompare.sdk import FakeQuantizer, QcompareError, check_read_in_forward, find_targets, unmatched
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -163,6 +163,7 @@ class Format:
             self.check_shape(t.name, t.module.out_features, t.module.in_features)
         for t in conv1d:
             self.check_shape(t.name, t.weight.shape[1], t.weight.shape[0])
+        check_read_in_forward(model, linears + conv1d, name)
         return linears, conv1d
 
     def prepare(self, model: nn.Module) -> nn.Module:

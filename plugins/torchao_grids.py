@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from qcompare.sdk import QcompareError, find_targets, unmatched
+from qcompare.sdk import QcompareError, check_read_in_forward, find_targets, unmatched
 
 
 def granularity(group_size: int):
@@ -79,6 +79,7 @@ def targets(model: nn.Module, params):
         if g and width % g:
             raise QcompareError(f"torchao: group_size {g} does not divide the input features of {t.qualified} "
                                 f"({width}); use a group size that divides it, or 0 (per channel)")
+    check_read_in_forward(model, [t for t in found if t.kind != "embedding"], "torchao")
     linears = [(t.name, t.module) for t in found if isinstance(t.module, nn.Linear)]
     embeddings = [(t.name, t.module) for t in found if t.kind == "embedding"]
     others: dict = {}
