@@ -73,7 +73,8 @@ class _LlmCompressorQuantizer(Quantizer):
     def check_model(self, model, params) -> None:
         """Linear layers to quantize exist (no Conv1D-only family), the group size divides each, and
         for AWQ a set of layer mappings fits the model."""
-        from qcompare_plugins.llmcompressor_calibration import awq_mappings, skipped_linears
+        from qcompare_plugins.llmcompressor_awq import awq_mappings
+        from qcompare_plugins.llmcompressor_calibration import skipped_linears
 
         skipped_linears(model, params, self.name)
         if isinstance(params, AWQParams):

@@ -321,7 +321,7 @@ def test_awq_balances_every_layer_that_reads_a_smoothed_output_else_the_cell_fai
     assert all(f".*{a}$" in extra for a in added), extra
     assert "balanced the layers that also read a smoothed output" in ctx.notes["awq"]["summary"]
     # the mappings as written: the float model changes before any rounding, and the cell fails naming where
-    monkeypatch.setattr(calibration, "with_every_reader", lambda model, mappings: (list(mappings), {}))
+    monkeypatch.setattr(calibration, "with_every_reader", lambda model, mappings, quantizer: (list(mappings), {}))
     with pytest.raises(checks.CheckFailed, match=rf"^AWQ's smoothing changed what the float model computes before any "
                                                  rf"rounding: {reader.replace('.', '[.]')}'s output moves by 0\.\d+"):
         prepare(tmp_path / "as-written")
