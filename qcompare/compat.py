@@ -27,11 +27,13 @@
   own portable implementation, the one its quantize matches, is registered for CPU instead.
 
 - transformers' conversion mapping for some mixture-of-experts model types (``compat_scope.
-  PER_EXPERT_LOADING``: IBM Granite's, Gemma 4's) has no converter from one Linear per expert — the layout of
+  PER_EXPERT_LOADING``: IBM Granite's, Gemma 4's, Inkling's) has no converter from one Linear per expert — the layout of
   llm-compressor's compressed-tensors checkpoints — to the fused 3-D experts, so such a checkpoint loads
   with its experts left random. Registered here: the converter transformers ships for Qwen2-MoE
   (``experts.N.gate_proj``/``up_proj`` stacked and concatenated into ``gate_up_proj``, ``down_proj``
-  stacked), beside the type's own renamings.
+  stacked), beside the type's own renamings. Its patterns start at a module boundary (``\.experts``):
+  unanchored, they also named Inkling's ``shared_experts``, a float module of its own, which saving then
+  wrote under per-expert names that loaded as other weights.
 
 All belong upstream (torchao, transformers, bitsandbytes); until then this module is what the card imports
 (``qcompare.compat_scope`` says which checkpoints need it).
@@ -160,19 +162,21 @@ def _per_expert_converters(layout: str) -> list:
     axis and a bias beside each weight, down_proj (E, I, H)."""
     from transformers.core_model_loading import Concatenate, Interleave, MergeModulelist, Transpose, WeightConverter
 
-    pair = ["experts.*.gate_proj.{}", "experts.*.up_proj.{}"]
+    # every pattern starts at a module boundary: "experts.down_proj" also names Inkling's shared_experts.down_proj
+    # (a float 3-D weight of its own), which saving then wrote as per-expert names that load as something else
+    pair = [r"\.experts.*.gate_proj.{}", r"\.experts.*.up_proj.{}"]
     if layout == "stacked":
-        return [WeightConverter([p.format("weight") for p in pair], "experts.gate_up_proj",
+        return [WeightConverter([p.format("weight") for p in pair], r"\.experts.gate_up_proj",
                                 operations=[MergeModulelist(dim=0), Concatenate(dim=1)]),
-                WeightConverter("experts.*.down_proj.weight", "experts.down_proj", operations=[MergeModulelist(dim=0)])]
-    return [WeightConverter([p.format("weight") for p in pair], "experts.gate_up_proj",
+                WeightConverter(r"\.experts.*.down_proj.weight", r"\.experts.down_proj", operations=[MergeModulelist(dim=0)])]
+    return [WeightConverter([p.format("weight") for p in pair], r"\.experts.gate_up_proj",
                             operations=[MergeModulelist(dim=0), Concatenate(dim=1), Interleave(dim=1, inverse=True),
                                         Transpose(1, 2)]),
-            WeightConverter([p.format("bias") for p in pair], "experts.gate_up_proj_bias",
+            WeightConverter([p.format("bias") for p in pair], r"\.experts.gate_up_proj_bias",
                             operations=[MergeModulelist(dim=0), Concatenate(dim=1), Interleave(dim=1, inverse=True)]),
-            WeightConverter("experts.*.down_proj.weight", "experts.down_proj",
+            WeightConverter(r"\.experts.*.down_proj.weight", r"\.experts.down_proj",
                             operations=[MergeModulelist(dim=0), Transpose(1, 2)]),
-            WeightConverter("experts.*.down_proj.bias", "experts.down_proj_bias", operations=[MergeModulelist(dim=0)])]
+            WeightConverter(r"\.experts.*.down_proj.bias", r"\.experts.down_proj_bias", operations=[MergeModulelist(dim=0)])]
 
 
 register_torchao_transposes()

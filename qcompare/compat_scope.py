@@ -10,11 +10,13 @@ import importlib
 MODEL_TYPES = {"falcon"}
 # mixture-of-experts model types whose fused experts transformers' loader cannot rebuild from the one
 # Linear per expert (gate_proj, up_proj, down_proj) of a compressed-tensors checkpoint: their conversion
-# mapping has no such converter (IBM Granite's renames its own fused names only; Gemma 4 has none). The
+# mapping has no such converter (IBM Granite's renames its own fused names only; Gemma 4, Inkling and
+# MiniMax-M3's text model have none). The
 # patches register one (qcompare.compat.register_per_expert_loading); the architecture matrix's reload
-# proves each exact (MiniMax-M3 is not here: its save cannot reverse such a converter).
+# proves each exact.
 PER_EXPERT_LOADING = {"granitemoe": "stacked", "granitemoe_swa": "stacked", "granitemoehybrid": "stacked",
-                      "granitemoeshared": "stacked", "gemma4_text": "stacked", "gpt_oss": "interleaved"}
+                      "granitemoeshared": "stacked", "gemma4_text": "stacked", "gpt_oss": "interleaved",
+                      "inkling_text": "stacked", "minimax_m3_vl_text": "stacked"}
 
 
 @functools.cache
