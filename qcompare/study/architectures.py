@@ -174,8 +174,23 @@ def matrix_markdown(rows: list[dict]) -> str:
               "cannot be exported: transformers' fused-expert loader takes no zero points.",
               "- GPT-2's `Conv1D` layers are quantized by torchao as Linear layers and saved back in `Conv1D` layout; "
               "llm-compressor (GPTQ, AWQ) does not quantize `Conv1D` and refuses.",
+              "- validate refuses a model whose body keeps more than 1 − `min_coverage` of its weights in layers of "
+              "no kind a quantizer finds (`checks.coverage_in_reach`: Aria's grouped GEMM experts, Mamba's "
+              "`nn.Conv1d`, hyper-connection mixers, LongCat's experts with zero-compute slots): the coverage check "
+              "after convert would fail every such cell. A lower `min_coverage` lets the study run.",
+              "- A fake quantizer stands for a weight only where the weight is read inside its layer's forward by a "
+              "plain product. Every quantizer refuses, naming the `skip` pattern that leaves it float, a weight "
+              "the model reads itself past its layer (Jamba's `dt_proj`, LongCat's router `classifier`) and a "
+              "Linear subclass computing another product (DeepSeek-V4's grouped `o_a_proj`), found by one probe "
+              "forward (`check_read_in_forward`).",
+              "- GPTQ and AWQ refuse a Linear run before the blocks llm-compressor calibrates one at a time (Gemma 4's "
+              "`per_layer_model_projection`: it would get no statistics), fused experts llm-compressor does not "
+              "split into one Linear per expert (JetMoE's), and a split that does not compute what the experts "
+              "computed (MiniMax-M3's, which drops `swiglu_alpha`): the split runs before calibration and is held "
+              "to the model's function (the record's expert-split check).",
               "- Falcon and GPT-2 exports with torchao weights, Falcon's compressed-tensors exports, and the "
-              "compressed-tensors exports of IBM Granite's, Gemma 4's and GPT-OSS's experts load after "
+              "compressed-tensors exports of IBM Granite's, Gemma 4's, GPT-OSS's, Inkling's and MiniMax-M3's experts "
+              "load after "
               "`import qcompare.compat` (transposed int products, Falcon's weight initialisation, and the converters "
               "that fuse one Linear per expert back into the 3-D experts, which the pinned transformers/torchao "
               "lack); their model cards say so.",
@@ -187,7 +202,9 @@ def matrix_markdown(rows: list[dict]) -> str:
               "layer's output inside the block joins its balance layers (Qwen2-MoE's shared expert and its gate, "
               "DeepSeek-V2's and GLM-4-MoE-Lite's routers, which the sets as written leave out), "
               "and the smoothed float model is held to the teacher's function module by module "
-              "(`checks.FunctionWatch`, the record's transform check): a reader it cannot balance fails the cell naming it. "
+              "(`checks.FunctionWatch`, the record's transform check). A reader AWQ cannot balance is refused naming "
+              "it: one with no 2-D weight to scale (Inkling's shared experts), or one outside the module "
+              "llm-compressor reruns for the mapping (GLM-MoE-DSA's indexer). "
               "Smoothing it skips is recorded in the cell (`notes.awq.skipped_smoothing`) and shown by the report.",
               "- The float formats (NVFP4, MXFP4, FP8, bitsandbytes NF4/FP4) hold plain Linear layers: torchao's "
               "float tensors and bitsandbytes' `Linear4bit` take no fused 3-D experts (skip `*.experts` and lower "

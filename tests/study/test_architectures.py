@@ -245,3 +245,117 @@ def test_a_text_only_llama4_is_saved_and_reloads_exactly(tmp_path, name, params)
     report = check_one(cls(), cls.Params(**params), "llama4_text", tmp_path, checks.DEFAULT_MIN_COVERAGE)
     assert report["save"]["refused"] is None and report["reload"]["passed"] and report["reload"]["max_abs_diff"] == 0
     assert report["coverage"]["body"] > 0.99
+
+
+def test_validate_refuses_a_body_mostly_out_of_every_quantizers_reach_and_min_coverage_lets_it_run(tmp_path):
+    """Zaya keeps part of its body in a Mamba nn.Conv1d, a kind no built-in quantizer finds: the coverage
+    check after convert would fail every cell, so validate says so first, from the config alone."""
+    zaya = tmp_path / "tiny-zaya"
+    tiny_model("zaya").save_pretrained(zaya)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"""
+models = ["{zaya}"]
+[data]
+train = "toy-chat"
+[[quantizers]]
+name = "torchao"
+group_size = 16
+[[distillers]]
+name = "none"
+""")
+    res = cli.invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "quantizer torchao on" in lines[0], res.output
+    assert "coverage: at most 9" in lines[0] and "Conv1d:" in lines[0] and "lower min_coverage" in lines[0]
+    recipe.write_text(recipe.read_text().replace("group_size = 16", "group_size = 16\nmin_coverage = 0.85"))
+    assert cli.invoke(app, ["validate", str(recipe)]).exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["torchao", "gptq"])
+def test_a_weight_the_model_reads_past_its_layers_forward_is_refused_naming_the_skip_that_fixes_it(tmp_path, name):
+    """Jamba's Mamba mixer multiplies by ``dt_proj.weight`` itself, where no fake quantizer sees it: quantized,
+    the converted model would compute what the student never trained. Refused in one line; with the skip
+    it names, the cell passes every check (fake ≡ converted exactly)."""
+    from qcompare.sdk import QcompareError, checks, get_registry
+    from qcompare.testing import check_one
+
+    cls = get_registry().get("quantizer", name)
+    params = {"bits": 4, "group_size": 16, **(QUICK_CALIBRATION if name == "gptq" else {})}
+    with pytest.raises(QcompareError, match=r"JambaMambaMixer reads model\.layers\.1\.mamba\.dt_proj\.weight itself"
+                                            r".*add '\*\.dt_proj' to skip"):
+        check_one(cls(), cls.Params(**params), "jamba", tmp_path / "refused", checks.DEFAULT_MIN_COVERAGE)
+    report = check_one(cls(), cls.Params(**params, skip=["lm_head", "*.dt_proj"]), "jamba", tmp_path / "skipped",
+                       checks.DEFAULT_MIN_COVERAGE, reload=False)
+    assert report["fake_vs_converted"]["max_abs_diff"] == 0.0 and report["coverage"]["passed"]
+
+
+def test_a_linear_subclass_with_its_own_product_is_refused_and_one_computing_a_linear_is_taken(tmp_path):
+    """A Linear subclass whose forward computes a grouped product (DeepSeek-V4's ``o_a_proj``) would be
+    swapped for a fake-quantized plain Linear; one that computes x·Wᵀ itself (Falcon's) is a Linear."""
+    from torch import nn
+
+    from qcompare.sdk import QcompareError, find_targets
+    from qcompare.sdk.targets import check_read_in_forward
+
+    class Grouped(nn.Linear):  # two groups of output rows, each over its half of the input
+        def forward(self, x):
+            a, b = x.chunk(2, -1)
+            w = self.weight.view(2, -1, self.in_features)
+            return torch.cat([a @ w[0, :, : a.shape[-1]].T, b @ w[1, :, a.shape[-1]:].T], -1)
+
+    class Plain(nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T
+
+    model = tiny_model("qwen3")
+    model.model.layers[0].mlp.up_proj.__class__ = Plain
+    targets = find_targets(model, ["lm_head"])
+    check_read_in_forward(model, targets, "torchao")
+    model.model.layers[1].self_attn.o_proj.__class__ = Grouped
+    with pytest.raises(QcompareError, match=r"^torchao: Grouped \(model\.layers\.1\.self_attn\.o_proj\) computes its own "
+                                            r"product.*add '\*\.o_proj' to skip"):
+        check_read_in_forward(model, targets, "torchao")
+
+
+@pytest.mark.parametrize("family, name, says", [
+    ("gemma4_text", "gptq", r"model\.per_layer_model_projection runs before the blocks llm-compressor calibrates one at "
+                            r"a time \(Gemma4TextDecoderLayer\).*add 'per_layer_model_projection' to skip"),
+    ("jetmoe", "gptq", r"JetMoeParallelExperts \(model\.layers\.0\.mlp\.input_linear\) keeps its experts in a layout "
+                       r"llm-compressor does not split.*skip = \[\"lm_head\", \"\*\.input_linear\", \"\*\.output_linear\"\]"),
+    ("minimax_m3_vl_text", "gptq", r"llm-compressor's split of MiniMaxM3VLExperts into one Linear per expert fails "
+                                   r"\(AttributeError: .*swiglu_alpha'\); the torchao quantizer"),
+    ("inkling_text", "awq", r"smoothing of model\.layers\.0\.post_attention_layernorm would change what "
+                            r"model\.layers\.0\.mlp\.shared_experts computes.*InklingSharedExperts holds no 2-D weight"),
+    ("glm_moe_dsa", "awq", r"would change what model\.layers\.0\.self_attn\.indexer\.wq_b computes.*it lies outside "
+                           r"model\.layers\.0\.self_attn\.q_b_proj, the module llm-compressor reruns"),
+])
+def test_what_llm_compressor_would_get_wrong_is_refused_in_one_line_before_calibration(tmp_path, family, name, says):
+    """GPTQ and AWQ on layouts llm-compressor mishandles: a Linear no calibration input reaches (oneshot crashed
+    with "No statistics available"), experts it does not split (they stayed float: coverage 12%), a split that
+    runs another function (it crashed mid-calibration), and AWQ readers it cannot balance (the smoothed model
+    moved by 9-19% and the cell failed after calibrating)."""
+    from qcompare.sdk import QcompareError, checks, get_registry
+    from qcompare.testing import check_one
+
+    cls = get_registry().get("quantizer", name)
+    with pytest.raises(QcompareError, match=f"^{name}: .*{says}") as e:
+        check_one(cls(), cls.Params(bits=4, group_size=16, **QUICK_CALIBRATION), family, tmp_path,
+                  checks.DEFAULT_MIN_COVERAGE)
+    assert not isinstance(e.value, checks.CheckFailed) and "\n" not in str(e.value)
+
+
+def test_per_expert_checkpoints_reload_exactly_where_transformers_has_no_converter_and_a_shared_expert_stays_apart(
+        tmp_path):
+    """Inkling and MiniMax-M3's text model have no converter from one Linear per expert to their fused experts:
+    qcompare.compat registers one. Inkling's float shared experts hold 3-D weights named like experts
+    (``shared_experts.down_proj``); an unanchored pattern saved them under per-expert names and the reload
+    computed another shared expert (logits 3e-4 apart, the experts' outputs wholly different)."""
+    from qcompare.sdk import checks, get_registry
+    from qcompare.testing import check_one
+
+    cls = get_registry().get("quantizer", "torchao")
+    reports = [check_one(cls(), cls.Params(bits=4, group_size=16), family, tmp_path / family,
+                         checks.DEFAULT_MIN_COVERAGE, reload=False) for family in ("inkling_text", "minimax_m3_vl_text")]
+    results = checks.reload_all([(r["saved"], r["fingerprint"]) for r in reports], checks.dtype_tolerance("torch.float32"))
+    assert [r["max_abs_diff"] for r in results] == [0.0, 0.0], results

@@ -14,7 +14,7 @@ from qcompare.testing import tiny_model
 # transformers 5.17's own forward fails on these with their experts on (DogeCDMoE returns a tuple that
 # the decoder layer passes to dropout); the matrix lists them as not built
 UPSTREAM_BROKEN = {"doge"}
-# experts qcompare's targets do not find yet (the matrix shows their coverage failing): Aria's are
+# experts qcompare's targets do not find (validate refuses them: coverage out of reach): Aria's are
 # AriaGroupedExpertsGemm modules with a 3-D weight each; LongCat-Flash's gate_up_proj counts its zero
 # experts, down_proj does not
 EXPERTS_NOT_FOUND = {"aria_text", "longcat_flash"}
