@@ -140,11 +140,12 @@ class Format:
         name, skip = self.quantizer, list(self.params.skip)
         experts = find_targets(model, skip, ("experts",))
         if experts:
+            patterns = ", ".join(f'"*.{p}"' for p in dict.fromkeys(t.name.rpartition(".")[2] for t in experts))
             raise QcompareError(
                 f"{name}: {type(experts[0].module).__name__} keeps its experts fused in 3-D weights "
                 f"({experts[0].qualified}), which {self.library}'s {self.label} layers do not hold; the torchao "
-                "quantizer (integer grids) quantizes them, or leave them in float with skip = [\"lm_head\", "
-                "\"*.experts\"] and a lower min_coverage for this quantizer")
+                f'quantizer (integer grids) quantizes them, or leave them in float with skip = ["lm_head", {patterns}] '
+                "and a lower min_coverage for this quantizer")
         conv1d = find_targets(model, skip, ("conv1d",))
         if conv1d and not self.conv1d:
             raise QcompareError(

@@ -219,7 +219,9 @@ def _resolve_as_oneshot(model: nn.Module, mappings, experts, quantizer: str) -> 
                     raise ValueError(f"{unweighted[0]} ({type(dict(modules)[unweighted[0]]).__name__}) has no weight "
                                      "to balance")
         except ValueError as e:
-            first = str(e).splitlines()[0].rstrip(".")
+            # llm-compressor prints sets of patterns in hash order: sorted, the line is the same every run
+            first = re.sub(r"\{([^{}]*)\}", lambda m: "{" + ", ".join(sorted(m.group(1).split(", "))) + "}",
+                           str(e).splitlines()[0].rstrip("."))
             raise QcompareError(f"{quantizer}: AWQ's mapping {mapping.smooth_layer.removeprefix('re:')} → "
                                 f"{', '.join(b.removeprefix('re:') for b in mapping.balance_layers)} does not fit "
                                 f"{arch} ({first}); its layers are not the ones these mappings were written for: use "
