@@ -141,8 +141,8 @@ def matrix_markdown(rows: list[dict]) -> str:
              "steps → convert → fake ≡ converted → coverage → save → reload in a fresh Python exactly as the model "
              "card says.", "",
              f"{counts['ok']} cells pass, {counts['refused']} are refused in one line, {counts['failed']} fail a check "
-             f"or crash, {counts['unbuilt']} cannot be built; {len(clean)} of {len(families)} families have no failed "
-             "cell.", "",
+             f"or crash, {counts['unbuilt']} cannot be built; in {len(clean)} of {len(families)} families every cell passes "
+             "or is refused.", "",
              "A cell reads `✓ coverage · bits ≡`: the share of the body's weights quantized, the true bits per "
              "quantized weight (codes at the format's width, scales and zero points as stored), and `≡` when the "
              "converted model computes exactly what the trained student computed and the saved folder reloads to "
