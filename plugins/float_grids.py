@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcompare.sdk import FakeQuantizer, QcompareError, check_read_in_forward, find_targets, unmatched
+from qcompare.sdk import FakeQuantizer, QcompareError, check_read_in_forward, find_targets, skip_patterns, unmatched
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -140,11 +140,11 @@ class Format:
         name, skip = self.quantizer, list(self.params.skip)
         experts = find_targets(model, skip, ("experts",))
         if experts:
-            patterns = ", ".join(f'"*.{p}"' for p in dict.fromkeys(t.name.rpartition(".")[2] for t in experts))
             raise QcompareError(
                 f"{name}: {type(experts[0].module).__name__} keeps its experts fused in 3-D weights "
                 f"({experts[0].qualified}), which {self.library}'s {self.label} layers do not hold; the torchao "
-                f'quantizer (integer grids) quantizes them, or leave them in float with skip = ["lm_head", {patterns}] '
+                f'quantizer (integer grids) quantizes them, or leave them in float with skip = ["lm_head", '
+                f'{skip_patterns(t.name for t in experts)}] '
                 "and a lower min_coverage for this quantizer")
         conv1d = find_targets(model, skip, ("conv1d",))
         if conv1d and not self.conv1d:

@@ -97,8 +97,8 @@ def with_every_reader(model: nn.Module, mappings, quantizer: str) -> tuple[list,
                 continue
             block = smooth.rpartition(".")[0]
             # only inside the module llm-compressor reruns for this mapping (its balance layers' lowest common
-            # ancestor): a reader beyond it would give two mappings one parent, which its AWQ does not take;
-            # the function check names such a reader instead
+            # ancestor): a reader beyond it would give two mappings one parent, which its AWQ does not take,
+            # so such a reader is refused
             within = _common_prefix([n for n in names if n.startswith(block + ".") and balanced(n, mapping)])
             unbalanced = [name for name in read_by if not balanced(name, mapping)] if within else []
             for name in unbalanced:

@@ -11,7 +11,7 @@ import re
 import torch
 from torch import nn
 
-from qcompare.sdk import QcompareError, check_read_in_forward, checks, find_targets
+from qcompare.sdk import QcompareError, check_read_in_forward, checks, find_targets, skip_patterns
 from qcompare_plugins.compressed import llmcompressor_workarounds
 from qcompare_plugins.llmcompressor_awq import (awq_mappings, recording_awq, smoothing_preserves_function,
                                               with_every_reader)
@@ -39,8 +39,10 @@ def _scheme(params):
 
 def skipped_linears(model: nn.Module, params, quantizer: str) -> list[str]:
     """The names of the Linear layers ``skip`` leaves in float, as llm-compressor's ``ignore`` takes
-    them (exact names), after checking the layers that will be quantized: a group size that does
-    not divide one fails deep inside llm-compressor."""
+    them (exact names), after checking the layers that will be quantized (validate's ``check_model`` runs
+    this too): a group size that does not divide one fails deep inside llm-compressor; a weight its fake
+    quantizer would not stand for (``check_read_in_forward``: a probe forward, skipped on the meta model);
+    fused experts it does not split."""
     conv1d = find_targets(model, params.skip, ("conv1d",))
     if conv1d:
         raise QcompareError(f"{quantizer}: {type(model).__name__} keeps its weights in transformers' Conv1D layers "
@@ -57,8 +59,7 @@ def skipped_linears(model: nn.Module, params, quantizer: str) -> list[str]:
                 f"{t.in_features}; use a group size that divides it, or 0 (per channel)")
     experts = find_targets(model, params.skip, ("experts",))
     check_read_in_forward(model, targets + experts, quantizer)
-    _refuse_uncalibrated(model, targets, quantizer)
-    _refuse_unsplit(experts, quantizer)
+    _refuse_unsplit(model, experts, quantizer)
     chosen = {t.name for t in targets}  # never an expert router: find_targets keeps those apart
     # fused 3-D experts are no Linear layers yet: llm-compressor splits them into one Linear per expert
     # after this list is read, so a skipped experts module is ignored by a pattern over its future parts
@@ -66,65 +67,40 @@ def skipped_linears(model: nn.Module, params, quantizer: str) -> list[str]:
         [f"re:^{re.escape(name)}\\..*" for name in skipped_experts(model, params)]
 
 
-def _refuse_uncalibrated(model: nn.Module, targets, quantizer: str) -> None:
-    """Refuse a Linear layer the model calls before the first of the blocks llm-compressor calibrates one at a
-    time (its sequential targets: the decoder layers the model names in ``_no_split_modules``): the part of
-    the model before them only makes their inputs, and oneshot fails with "No statistics available" (Gemma
-    4's ``per_layer_model_projection``, called on the embeddings). Found by one probe forward; layers called
-    after the blocks are calibrated (Qwen4-Exp's final hyper-connection mixer). A meta model passes."""
-    from llmcompressor.utils.pytorch.module import infer_sequential_targets
-
-    blocks = infer_sequential_targets(model)
-    weight = next(model.parameters(), None)
-    if isinstance(blocks, str) or weight is None or weight.device.type == "meta":  # every module a target: all run
+def _refuse_without_statistics(error: AssertionError, modifiers, quantizer: str) -> None:
+    """GPTQ's "No statistics available" (an observer that saw no weights: Gemma 4's
+    ``per_layer_model_projection``, which its calibration reaches without observing) as one line naming the
+    layers, and the skip that leaves them float; any other assertion is left as it is."""
+    if "No statistics available" not in str(error):
         return
-    wanted = {id(t.module): t for t in targets}
-    started, before = [], []
-
-    def enter(module, args):
-        if type(module).__name__ in blocks:
-            started.append(module)
-        elif id(module) in wanted and not started and wanted[id(module)] not in before:
-            before.append(wanted[id(module)])
-
-    handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
-    try:
-        checks.probe_logits(model)
-    except Exception:  # noqa: BLE001 - a model the probe cannot run shows in calibration
-        return
-    finally:
-        for h in handles:
-            h.remove()
-    if before and started:
-        t = before[0]
-        raise QcompareError(f"{quantizer}: {t.name} runs before the blocks llm-compressor calibrates one at a time "
-                            f"({', '.join(sorted({type(m).__name__ for m in model.modules()} & set(blocks)))}), so "
-                            f"no calibration input reaches it — add '{t.name.rpartition('.')[2]}' to skip to leave "
-                            "it float")
+    lost = [m._module_names.get(module, "?") for m in modifiers for module in getattr(m, "_num_samples", {})
+            if getattr(module, "weight_observer", None) is not None and not module.weight_observer.has_statistics]
+    if lost:
+        raise QcompareError(f"{quantizer}: llm-compressor's calibration gathered no statistics for {lost[0]}"
+                            f"{f' and {len(lost) - 1} more layers' if len(lost) > 1 else ''}, so it cannot round it "
+                            f"— add {skip_patterns(lost)} to skip to leave it float") from None
 
 
-def _refuse_unsplit(experts, quantizer: str) -> None:
+def _refuse_unsplit(model: nn.Module, experts, quantizer: str) -> None:
     """Refuse fused experts llm-compressor does not split into one Linear per expert (neither transformers'
     standard fused layout nor one it registers a splitter for): its calibration would leave them float."""
-    from llmcompressor.modeling.moe.helpers import FusedExpertsProtocol, get_use_experts_implementation_args
-    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
 
-    unsplit = [t for t in experts if LinearExperts2D.get_registration(type(t.module)) is None and not (
-        isinstance(t.module, FusedExpertsProtocol) and get_use_experts_implementation_args(type(t.module)) is not None)]
+    splits = {id(m) for _, m in get_non_linearized_moes(model)}
+    unsplit = [t for t in experts if id(t.module) not in splits]
     if unsplit:
-        skip = ", ".join(f'"*.{p}"' for p in dict.fromkeys(t.name.rpartition(".")[2] for t in unsplit))
         raise QcompareError(
             f"{quantizer}: {type(unsplit[0].module).__name__} ({unsplit[0].name}) keeps its experts in a layout "
-            f"llm-compressor does not split into one Linear per expert, so they would stay float; the torchao "
-            f'quantizer quantizes them, or leave them in float with skip = ["lm_head", {skip}] and a lower '
-            "min_coverage for this quantizer")
+            "llm-compressor does not split into one Linear per expert, so they would stay float; the torchao "
+            "quantizer quantizes them, or leave them in float with skip = [\"lm_head\", "
+            f"{skip_patterns(t.name for t in unsplit)}] and a lower min_coverage for this quantizer")
 
 
 def split_experts(model: nn.Module, context, quantizer: str) -> None:
     """llm-compressor's split of fused experts into one Linear per expert (what oneshot does first), done
-    here and held to what the model computed (``checks.FunctionWatch``, recorded in ``context.checks["expert_split"]``):
-    a split that runs another function (MiniMax-M3's experts read ``swiglu_alpha``, which the split drops)
-    is refused in one line."""
+    here and held to what the model computed (``checks.FunctionWatch``, kept as ``context.checks["expert_split"]``):
+    a split that fails or runs another function (MiniMax-M3's experts read ``swiglu_alpha``, which the split
+    drops: its forward fails) is refused in one line. Running out of memory is not a refusal: it is raised."""
     from llmcompressor.modeling.moe.linearize import get_non_linearized_moes, linearize_moe
 
     fused = get_non_linearized_moes(model)
@@ -136,7 +112,10 @@ def split_experts(model: nn.Module, context, quantizer: str) -> None:
         linearize_moe(model)
         context.checks["expert_split"] = watch.verdict(model, checks.dtype_tolerance(model), what)
     except checks.CheckFailed as e:
+        context.checks["expert_split"] = e.check
         raise QcompareError(f"{quantizer}: {e}; the torchao quantizer quantizes these fused experts") from None
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
     except Exception as e:  # noqa: BLE001 - the split's own code fails on this family: said in one line
         raise QcompareError(f"{quantizer}: {what} fails ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
                             "the torchao quantizer quantizes these fused experts") from None
@@ -258,9 +237,13 @@ def calibrate(model, params, context, quantizer: str):
         split_experts(model, context, quantizer)
         watch = checks.FunctionWatch(model) if recorded else None  # what the float model computed before smoothing
         with context.progress.task(f"{quantizer} calibration ({len(dataset)} samples)"):
-            oneshot(model=model, dataset=dataset, recipe=modifiers, processor=context.tokenizer,
-                    num_calibration_samples=len(dataset), max_seq_length=params.calibration_length,
-                    shuffle_calibration_samples=False)
+            try:
+                oneshot(model=model, dataset=dataset, recipe=modifiers, processor=context.tokenizer,
+                        num_calibration_samples=len(dataset), max_seq_length=params.calibration_length,
+                        shuffle_calibration_samples=False)
+            except AssertionError as e:
+                _refuse_without_statistics(e, modifiers, quantizer)
+                raise
     _refuse_experts(model, float_experts)
     if recorded:
         smoothing_preserves_function(model, watch, recorded[0].mappings, context)

@@ -71,8 +71,9 @@ class _LlmCompressorQuantizer(Quantizer):
     """Common ground of the GPTQ and AWQ quantizers."""
 
     def check_model(self, model, params) -> None:
-        """Linear layers to quantize exist (no Conv1D-only family), the group size divides each, and
-        for AWQ a set of layer mappings fits the model."""
+        """Linear layers to quantize exist (no Conv1D-only family), the group size divides each, the
+        fake quantizer stands for each (a probe forward, where the model has weights), llm-compressor splits
+        the fused experts, and for AWQ a set of layer mappings fits the model."""
         from qcompare_plugins.llmcompressor_awq import awq_mappings
         from qcompare_plugins.llmcompressor_calibration import skipped_linears
 

@@ -26,7 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
-from qcompare.sdk import hookimpl, Params, QcompareError, Quantizer
+from qcompare.sdk import hookimpl, Params, QcompareError, Quantizer, skip_patterns
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (0, 16, 32, 64, 128, 256, 512, 1024)
@@ -228,11 +228,13 @@ class TorchaoQuantizer(Quantizer):
         odd = [m for m in quantized(model) if not isinstance(m, nn.Linear)
                and not m.quantized_shapes.keys() <= {"gate_up_proj", "down_proj", "up_proj"}]
         if odd:  # JetMoE's experts are input_linear.weight and output_linear.weight
+            names = {id(m): n for n, m in model.named_modules()}
+            first = f"{names[id(odd[0])]}.{sorted(odd[0].quantized_shapes)[0]}"
             raise QcompareError(
-                f"torchao: {type(odd[0]).__name__.removeprefix('Quantized')} keeps its experts as "
-                f"{', '.join(sorted(odd[0].quantized_shapes))}, and a compressed-tensors export names experts "
-                "gate_up_proj, up_proj and down_proj, the only ones transformers' loader fuses back: its folder would "
-                "reload with other experts; evaluate it without saving, or leave the experts float with skip")
+                f"torchao: {type(odd[0]).__name__.removeprefix('Quantized')} keeps its experts as {first}, and a "
+                "compressed-tensors export names experts gate_up_proj, up_proj and down_proj, the only ones "
+                "transformers' loader fuses back: its folder would reload with other experts; evaluate it without "
+                f"saving, or leave them float with skip = [\"lm_head\", {skip_patterns(names[id(m)] for m in odd)}]")
         save_compressed(model, folder, params.bits, params.group_size, params.symmetric)
 
     def fake_quant_tolerance(self, params) -> float:

@@ -5,8 +5,9 @@ The layout is read from a model's config, without loading its weights.
 
 Each model's ``config.json`` (a registered model, a local folder, or a hub id whose config is
 in the local Hugging Face cache) is built on the meta device — every module and shape, no
-memory, no weights — and each quantizer choice of the recipe checks it with
-``Quantizer.check_model``: layouts it cannot handle, group sizes that do not divide a layer,
+memory, no weights — and each quantizer choice of the recipe checks it: whether enough of the
+body is of a kind a quantizer reaches for the choice's ``min_coverage`` (``checks.coverage_in_reach``),
+then ``Quantizer.check_model``: layouts it cannot handle, group sizes that do not divide a layer,
 AWQ families without layer mappings. The answer depends only on the config and the
 quantizer's settings and version, so it is kept in a small cache (``$QCOMPARE_CACHE`` or
 ``~/.cache/qcompare``): validating again imports no torch.

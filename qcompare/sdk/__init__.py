@@ -13,7 +13,8 @@ The contract itself, and what the runner promises in return, is ``docs/writing-p
 - Training-time rounding: ``FakeQuantizer`` and the way distillers find it (``fake_quantizers``,
   ``weight_quantizers``, ``rounded_weights``, ``activation_quantizer``), so a format need not share torchao's class tree to train.
 - Which weights to quantize: ``find_targets``, ``unmatched``, ``expert_params``, ``probe_expert_layouts``;
-  whether a fake quantizer stands for them (``check_read_in_forward``).
+  whether a fake quantizer stands for them (``check_read_in_forward``); the ``skip`` that leaves modules
+  float (``skip_patterns``).
 - Saving and loading a converted model: ``save_quantized``, ``apply_int_grid``, ``save_int_grid``, ``save_state``,
   ``load_state``; measuring it: ``holds_codes``.
 - A cell's files and costs: ``CellFiles``, ``write_json``, ``logical_flops``; optional packages
@@ -37,14 +38,15 @@ from qcompare.sdk.hookspecs import hookimpl
 from qcompare.sdk.memo import clear_all, memo, memo_dict, on_clear
 from qcompare.sdk.registry import add_plugin, get_registry, remove_plugin
 from qcompare.sdk.saving import apply_int_grid, load_state, save_int_grid, save_quantized, save_state
-from qcompare.sdk.targets import check_read_in_forward, expert_params, find_targets, probe_expert_layouts, unmatched
+from qcompare.sdk.reads import check_read_in_forward
+from qcompare.sdk.targets import expert_params, find_targets, probe_expert_layouts, skip_patterns, unmatched
 
 __all__ = [
     "AddedField", "CellContext", "CellFiles", "DistillResult", "Distiller", "EvalResult", "Evaluator", "Executor",
     "FakeQuantizer", "Items", "ModelFacts", "Params", "Plugin", "QcompareError", "Quantizer", "RuntimeField",
     "TRACKERS", "activation_quantizer", "add_plugin", "clear_all", "apply_int_grid", "check_quantizer", "check_read_in_forward", "compat", "expert_params", "fake_quantizers",
     "find_targets", "get_registry", "holds_codes", "hookimpl", "installed", "load_state", "logical_flops", "memo", "memo_dict", "on_clear",
-    "probe_expert_layouts", "read_cache", "remove_plugin", "require", "rounded_weights", "save_int_grid", "save_quantized", "save_state", "unmatched",
+    "probe_expert_layouts", "read_cache", "remove_plugin", "require", "rounded_weights", "save_int_grid", "save_quantized", "save_state", "skip_patterns", "unmatched",
     "weight_quantizers", "write_cache", "write_json",
 ]
 

@@ -158,6 +158,10 @@ class Quantizer(Plugin):
     # distiller keeps the base weights too (``Distiller.keeps_base_weights``). GPTQ/AWQ
     # rewrite weights in place: False.
     shares_teacher_weights: ClassVar[bool] = False
+    # True when the quantizer puts on a grid layers of kinds ``qcompare.sdk.targets`` does not find (an
+    # ``nn.Conv1d``, a grouped-GEMM experts module): validate then leaves the coverage to the check after
+    # convert, instead of refusing a body mostly out of the built-in kinds' reach (``checks.coverage_in_reach``).
+    reaches_other_kinds: ClassVar[bool] = False
 
     def prepare(self, model, params, context: CellContext):
         """Return a trainable student: ``model`` (already a copy of the teacher) with its

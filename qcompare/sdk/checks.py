@@ -383,10 +383,15 @@ def expected_on_grid(teacher, quantizer, params) -> list[str]:
     the quantizer has one) or its ``kept_float`` declares."""
     from qcompare.sdk.targets import find_targets
 
-    skip = [*(getattr(params, "skip", None) or ()), *quantizer.kept_float(params)]
     head, embeddings = teacher.get_output_embeddings(), teacher.get_input_embeddings()
-    return [t.qualified for t in find_targets(teacher, skip, kinds=("linear", "conv1d", "experts"))
+    kinds = ("linear", "conv1d", "experts")
+    return [t.qualified for t in find_targets(teacher, _left_float(quantizer, params), kinds)
             if t.module is not head and t.module is not embeddings]
+
+
+def _left_float(quantizer, params) -> list[str]:
+    """The skip patterns of a quantizer's choice: its ``skip`` parameter (the recipe's) and its ``kept_float``."""
+    return [*(getattr(params, "skip", None) or ()), *quantizer.kept_float(params)]
 
 
 def coverage_in_reach(teacher, quantizer, params, minimum: float) -> None:
@@ -395,13 +400,14 @@ def coverage_in_reach(teacher, quantizer, params, minimum: float) -> None:
     experts, a Mamba ``nn.Conv1d``, hyper-connection mixers) or named by ``skip`` and the quantizer's
     ``kept_float``. Every weight of a kind a format may take counts as reached (routers and embeddings
     included), so it refuses no model that the coverage check after convert would pass with a quantizer
-    of these kinds (a plugin quantizing other layers says so in its own ``check_model``'s stead). Raises
-    QcompareError (one line); works on the meta-device model ``qcompare validate`` builds."""
+    of these kinds; a quantizer that sets ``reaches_other_kinds`` is not checked here. Raises QcompareError
+    (one line); works on the meta-device model ``qcompare validate`` builds."""
     from qcompare.sdk.footprint import planned
     from qcompare.sdk.targets import KINDS, find_targets
 
-    skip = [*(getattr(params, "skip", None) or ()), *quantizer.kept_float(params)]
-    plan = planned(teacher, {t.qualified for t in find_targets(teacher, skip, kinds=KINDS)})
+    if quantizer.reaches_other_kinds:
+        return
+    plan = planned(teacher, {t.qualified for t in find_targets(teacher, _left_float(quantizer, params), kinds=KINDS)})
     if plan.body_coverage >= minimum:
         return
     out = [f"{g}: {s:.0%} of the body" for g, s in plan.float_groups().items() if s >= 0.005][:3]

@@ -192,6 +192,13 @@ def unmatched(model, skip: Iterable[str]) -> list[str]:
     return [p for p in skip if not any(matches(n, p) for n in names)]
 
 
+def skip_patterns(names: Iterable[str]) -> str:
+    """The ``skip`` patterns that leave the modules ``names`` float, quoted as a recipe writes them, one per
+    last name part (every layer's ``dt_proj`` is one pattern): ``"*.input_linear", "*.output_linear"``, or a
+    top-level module's own name."""
+    return ", ".join(f'"{p}"' for p in dict.fromkeys(f"*.{n.rpartition('.')[2]}" if "." in n else n for n in names))
+
+
 def describe(kinds: Iterable[str]) -> str:
     words = {"linear": "Linear layers", "conv1d": "Conv1D layers", "embedding": "embeddings",
              "experts": "3-D expert weights", "router": "expert routers"}
@@ -270,108 +277,3 @@ def observe_expert_layouts(model) -> dict[str, bool]:
     finally:
         model.train(training)
     return {name: axes.pop() == 1 for name, axes in seen.items() if len(axes) == 1}
-
-
-def read_past_forward(model, targets: list[Target]) -> list[str]:
-    """Why a fake quantizer would not stand for some of ``targets``, one line each (none: it stands for all).
-
-    A fake quantizer rounds a weight inside its layer's forward, and convert puts codes in its place. Both
-    compute the same only when the weight is read there and nowhere else, by a plain product. Two
-    layouts break that: a Linear subclass whose own forward computes another product (DeepSeek-V4's
-    grouped ``o_a_proj``: found by comparing its forward with ``F.linear`` on a probe input), and a model
-    that reads a layer's weight itself, past its forward (Jamba's Mamba mixer multiplies by
-    ``dt_proj.weight``: found by one forward pass on probe tokens that watches every operation taking a
-    target's tensor while no module holding it runs). Each line names the layer and the ``skip`` pattern
-    that leaves it float."""
-    import torch
-    from torch import nn
-    from torch.nn.modules import module as module_hooks
-    from torch.overrides import TorchFunctionMode
-
-    problems: dict[str, str] = {}
-
-    def leave(t: Target, why: str) -> None:
-        pattern = f"*.{t.name.rpartition('.')[2]}"  # one line per pattern: every layer's dt_proj is one fix
-        problems.setdefault(pattern, f"{why} — add '{pattern}' to skip to leave it float")
-
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    for t in targets:
-        if t.kind == "linear" and type(t.module).forward is not nn.Linear.forward and device.type != "meta":
-            if not _computes_linear(t.module):
-                leave(t, f"{type(t.module).__name__} ({t.name}) computes its own product with its weight, not a "
-                         "Linear's, which a fake quantizer in its place would not compute")
-    owners: dict[int, tuple[Target, set[int]]] = {}  # storage -> (target, ids of the modules holding it)
-    for t in targets:
-        w = t.weight
-        if isinstance(w, torch.Tensor) and w.device.type != "meta":
-            owners[w.untyped_storage().data_ptr()] = (t, set())
-    if not owners:
-        return list(problems.values())
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None and p.untyped_storage().data_ptr() in owners:
-                owners[p.untyped_storage().data_ptr()][1].add(id(m))
-    running: list = []  # the modules whose forward runs now, innermost last
-
-    def enter(m, args):
-        running.append(m)
-
-    def leave_module(m, args, out):
-        if running and running[-1] is m:
-            running.pop()
-
-    class Watch(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor):  # a read of the values (not of .shape or .dtype)
-                for a in (*args, *(kwargs or {}).values()):
-                    found = owners.get(a.untyped_storage().data_ptr()) if isinstance(a, torch.Tensor) \
-                        and a.device.type != "meta" else None
-                    if found is not None and running and not any(id(m) in found[1] for m in running):
-                        leave(found[0], f"{type(running[-1]).__name__} reads {found[0].qualified} itself, past "
-                                        f"its layer's forward, where a fake quantizer does not see it")
-            return out
-
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(3, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
-    handles = [module_hooks.register_module_forward_pre_hook(enter),
-               module_hooks.register_module_forward_hook(leave_module)]
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), Watch():
-            model(ids)
-    except Exception:  # noqa: BLE001 - a model the probe cannot run shows when it trains
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(training)
-    return list(problems.values())
-
-
-def _computes_linear(module) -> bool:
-    """Whether a Linear subclass's own forward computes ``F.linear`` with its weight (Falcon's does)."""
-    import torch
-    import torch.nn.functional as F
-
-    w = module.weight
-    x = torch.randn(2, 3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w)
-    try:
-        with torch.no_grad():
-            got, want = module(x), F.linear(x, w, module.bias)
-    except Exception:  # noqa: BLE001 - it takes no input of its in_features: another product
-        return False
-    scale = float(want.abs().max()) or 1.0
-    return isinstance(got, torch.Tensor) and got.shape == want.shape and float((got - want).abs().max()) <= 1e-4 * scale
-
-
-def check_read_in_forward(model, targets: list[Target], quantizer: str) -> None:
-    """Raise QcompareError (one line, prefixed ``quantizer:``) when a fake quantizer would not stand for one
-    of ``targets`` (``read_past_forward``); a model on the meta device passes (nothing to run)."""
-    from qcompare.errors import QcompareError
-
-    problems = read_past_forward(model, targets)
-    if problems:
-        more = f" (and {len(problems) - 1} more such layers)" if len(problems) > 1 else ""
-        raise QcompareError(f"{quantizer}: {problems[0]}{more}")

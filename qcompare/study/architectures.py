@@ -183,11 +183,12 @@ def matrix_markdown(rows: list[dict]) -> str:
               "the model reads itself past its layer (Jamba's `dt_proj`, LongCat's router `classifier`) and a "
               "Linear subclass computing another product (DeepSeek-V4's grouped `o_a_proj`), found by one probe "
               "forward (`check_read_in_forward`).",
-              "- GPTQ and AWQ refuse a Linear run before the blocks llm-compressor calibrates one at a time (Gemma 4's "
-              "`per_layer_model_projection`: it would get no statistics), fused experts llm-compressor does not "
-              "split into one Linear per expert (JetMoE's), and a split that does not compute what the experts "
-              "computed (MiniMax-M3's, which drops `swiglu_alpha`): the split runs before calibration and is held "
-              "to the model's function (the record's expert-split check).",
+              "- GPTQ and AWQ refuse, before calibrating, fused experts llm-compressor does not split into one "
+              "Linear per expert (JetMoE's) and a split that does not compute what the experts computed "
+              "(MiniMax-M3's, which drops `swiglu_alpha`): the split runs first and is held to the model's function "
+              "(the record's expert-split check). A layer GPTQ's calibration gathers no statistics for (Gemma 4's "
+              "`per_layer_model_projection`) is named with the skip that leaves it float, where llm-compressor "
+              "stopped with \"No statistics available\".",
               "- Falcon and GPT-2 exports with torchao weights, Falcon's compressed-tensors exports, and the "
               "compressed-tensors exports of IBM Granite's, Gemma 4's, GPT-OSS's, Inkling's and MiniMax-M3's experts "
               "load after "

@@ -272,6 +272,20 @@ name = "none"
     assert cli.invoke(app, ["validate", str(recipe)]).exit_code == 0
 
 
+def test_a_quantizer_that_reaches_other_kinds_of_layers_is_left_to_the_coverage_check_after_convert():
+    from qcompare.sdk import QcompareError, checks, get_registry
+
+    cls = get_registry().get("quantizer", "torchao")
+    zaya = tiny_model("zaya")
+    with pytest.raises(QcompareError, match=r"^coverage: at most 9\d% .*Conv1d"):
+        checks.coverage_in_reach(zaya, cls(), cls.Params(), checks.DEFAULT_MIN_COVERAGE)
+
+    class ConvToo(cls):  # a plugin that also rounds nn.Conv1d says so
+        reaches_other_kinds = True
+
+    checks.coverage_in_reach(zaya, ConvToo(), cls.Params(), checks.DEFAULT_MIN_COVERAGE)
+
+
 @pytest.mark.parametrize("name", ["torchao", "gptq"])
 def test_a_weight_the_model_reads_past_its_layers_forward_is_refused_naming_the_skip_that_fixes_it(tmp_path, name):
     """Jamba's Mamba mixer multiplies by ``dt_proj.weight`` itself, where no fake quantizer sees it: quantized,
@@ -283,7 +297,7 @@ def test_a_weight_the_model_reads_past_its_layers_forward_is_refused_naming_the_
     cls = get_registry().get("quantizer", name)
     params = {"bits": 4, "group_size": 16, **(QUICK_CALIBRATION if name == "gptq" else {})}
     with pytest.raises(QcompareError, match=r"JambaMambaMixer reads model\.layers\.1\.mamba\.dt_proj\.weight itself"
-                                            r".*add '\*\.dt_proj' to skip"):
+                                            r".*add \"\*\.dt_proj\" to skip"):
         check_one(cls(), cls.Params(**params), "jamba", tmp_path / "refused", checks.DEFAULT_MIN_COVERAGE)
     report = check_one(cls(), cls.Params(**params, skip=["lm_head", "*.dt_proj"]), "jamba", tmp_path / "skipped",
                        checks.DEFAULT_MIN_COVERAGE, reload=False)
@@ -295,8 +309,7 @@ def test_a_linear_subclass_with_its_own_product_is_refused_and_one_computing_a_l
     swapped for a fake-quantized plain Linear; one that computes x·Wᵀ itself (Falcon's) is a Linear."""
     from torch import nn
 
-    from qcompare.sdk import QcompareError, find_targets
-    from qcompare.sdk.targets import check_read_in_forward
+    from qcompare.sdk import QcompareError, check_read_in_forward, find_targets
 
     class Grouped(nn.Linear):  # two groups of output rows, each over its half of the input
         def forward(self, x):
@@ -304,23 +317,26 @@ def test_a_linear_subclass_with_its_own_product_is_refused_and_one_computing_a_l
             w = self.weight.view(2, -1, self.in_features)
             return torch.cat([a @ w[0, :, : a.shape[-1]].T, b @ w[1, :, a.shape[-1]:].T], -1)
 
-    class Plain(nn.Linear):
+    class Plain(nn.Linear):  # Falcon's: two roundings where F.linear's addmm makes one
         def forward(self, x):
-            return x @ self.weight.T
+            return x @ self.weight.T + self.bias if self.bias is not None else x @ self.weight.T
 
-    model = tiny_model("qwen3")
-    model.model.layers[0].mlp.up_proj.__class__ = Plain
+    for dtype in (torch.float32, torch.bfloat16):  # a GPU student in bfloat16 is a Linear too
+        model = tiny_model("qwen3").to(dtype)
+        model.model.layers[0].mlp.up_proj.__class__ = Plain
+        model.model.layers[0].mlp.up_proj.bias = nn.Parameter(torch.randn(model.model.layers[0].mlp.up_proj.out_features,
+                                                                          dtype=dtype))
+        check_read_in_forward(model, find_targets(model, ["lm_head"]), "torchao")
     targets = find_targets(model, ["lm_head"])
-    check_read_in_forward(model, targets, "torchao")
     model.model.layers[1].self_attn.o_proj.__class__ = Grouped
     with pytest.raises(QcompareError, match=r"^torchao: Grouped \(model\.layers\.1\.self_attn\.o_proj\) computes its own "
-                                            r"product.*add '\*\.o_proj' to skip"):
+                                            r"product.*add \"\*\.o_proj\" to skip"):
         check_read_in_forward(model, targets, "torchao")
 
 
 @pytest.mark.parametrize("family, name, says", [
-    ("gemma4_text", "gptq", r"model\.per_layer_model_projection runs before the blocks llm-compressor calibrates one at "
-                            r"a time \(Gemma4TextDecoderLayer\).*add 'per_layer_model_projection' to skip"),
+    ("gemma4_text", "gptq", r"llm-compressor's calibration gathered no statistics for model\.per_layer_model_projection, "
+                            r"so it cannot round it — add \"\*\.per_layer_model_projection\" to skip"),
     ("jetmoe", "gptq", r"JetMoeParallelExperts \(model\.layers\.0\.mlp\.input_linear\) keeps its experts in a layout "
                        r"llm-compressor does not split.*skip = \[\"lm_head\", \"\*\.input_linear\", \"\*\.output_linear\"\]"),
     ("minimax_m3_vl_text", "gptq", r"llm-compressor's split of MiniMaxM3VLExperts into one Linear per expert fails "
