@@ -118,6 +118,27 @@ def patch_falcon_init() -> None:
 
 
 @functools.cache
+def skip_initialising_compressed_layers() -> None:
+    """Loading a compressed-tensors checkpoint runs the family's ``_init_weights`` over modules whose Linear
+    layers are compressed (``weight_packed`` and ``weight_scale``, no ``weight``); GPTBigCode's reads
+    ``c_proj.weight`` and the load fails. A module that holds compressed layers gets its values from the
+    checkpoint: its initialisation is skipped where it reads a weight that is not there."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    original = PreTrainedModel._initialize_weights
+
+    def _initialize_weights(self, module, *args, **kwargs):
+        try:
+            return original(self, module, *args, **kwargs)
+        except AttributeError as e:
+            if "'weight'" not in str(e) or not any(hasattr(m, "weight_scale") for m in module.modules()):
+                raise
+            module._is_hf_initialized = True
+
+    PreTrainedModel._initialize_weights = _initialize_weights
+
+
+@functools.cache
 def keep_bitsandbytes_portable() -> None:
     try:
         import bitsandbytes.nn.modules as modules
@@ -182,5 +203,6 @@ def _per_expert_converters(layout: str) -> list:
 register_torchao_transposes()
 register_per_expert_loading()
 patch_falcon_init()
+skip_initialising_compressed_layers()
 keep_bitsandbytes_portable()
 dequantize_bitsandbytes_blocks_flat()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 
 # model types whose checkpoints need the patches whatever their format (Falcon's initialisation)
 MODEL_TYPES = {"falcon"}
@@ -29,11 +30,55 @@ def uses_conv1d(model_type: str) -> bool:
     return "Conv1D" in vars(module)
 
 
+def init_reads_compressed_weights(config: dict) -> bool:
+    """Whether transformers' weight initialisation for this checkpoint reads the ``.weight`` of a layer that a
+    compressed-tensors checkpoint keeps compressed (GPTBigCode's ``_init_weights`` draws ``c_proj.weight``;
+    a compressed Linear holds ``weight_packed`` instead, and loading fails). Decided by running the family's
+    own ``_init_weights`` on its meta-device model with the quantized Linear layers' weights taken away,
+    not by a list of families."""
+    blob = json.dumps(config, sort_keys=True, default=str)
+    return _init_reads(blob)
+
+
+@functools.cache
+def _init_reads(blob: str) -> bool:
+    import re
+
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = json.loads(blob)
+    ignore = (cfg.pop("quantization_config", None) or {}).get("ignore") or []
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    except Exception:  # noqa: BLE001 - a model transformers cannot build: loading it will say so
+        return False
+
+    def ignored(name):
+        return any(name == p or (p.startswith("re:") and re.fullmatch(p[3:], name)) for p in ignore)
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not ignored(name):
+            del module._parameters["weight"]
+    for module in model.modules():
+        try:
+            model._init_weights(module)
+        except AttributeError as e:
+            if "'weight'" in str(e):
+                return True
+        except Exception:  # noqa: BLE001 - only a read of a missing weight is what this asks
+            continue
+    return False
+
+
 def needed_by(config: dict) -> bool:
     """Whether a checkpoint with this ``config.json`` loads right only after ``import qcompare.compat``:
     torchao int weights that the modeling code transposes, Falcon's weight initialisation,
-    bitsandbytes' CPU path, and per-expert checkpoints of ``PER_EXPERT_LOADING`` (what the patches are for)."""
+    bitsandbytes' CPU path, per-expert checkpoints of ``PER_EXPERT_LOADING``, and compressed layers a family's
+    initialisation reads (``init_reads_compressed_weights``): what the patches are for."""
     model_type = config.get("model_type", "")
     method = (config.get("quantization_config") or {}).get("quant_method")
     return model_type in MODEL_TYPES or (method == "torchao" and uses_conv1d(model_type)) or method == "bitsandbytes" \
-        or (method == "compressed-tensors" and model_type in PER_EXPERT_LOADING)
+        or (method == "compressed-tensors" and (model_type in PER_EXPERT_LOADING or init_reads_compressed_weights(config)))

@@ -17,7 +17,8 @@ from qcompare.errors import QcompareError
 from qcompare.sdk import checks
 from qcompare.testing import check_one, tiny_model
 
-DENSE_FAMILIES = ("qwen3", "llama", "mistral", "gemma", "gemma3_text", "phi3", "olmo2", "gpt_neox", "falcon", "gpt2")
+DENSE_FAMILIES = ("qwen3", "llama", "mistral", "gemma", "gemma3_text", "phi3", "olmo2", "gpt_neox", "falcon", "gpt2",
+                  "gpt_bigcode")
 # the rows CI recomputes: one dense family of each layout (separate q/k/v, fused qkv and gate/up,
 # parallel attention and MLP, Falcon's own Linear, GPT-2's Conv1D: the others differ from Qwen3 in
 # norms and scales only), the curated mixtures of experts, and one of each kind the builder derives
@@ -189,10 +190,10 @@ def matrix_markdown(rows: list[dict]) -> str:
               "(the record's expert-split check). A layer GPTQ's calibration gathers no statistics for (Gemma 4's "
               "`per_layer_model_projection`) is named with the skip that leaves it float, where llm-compressor "
               "stopped with \"No statistics available\".",
-              "- Falcon and GPT-2 exports with torchao weights, Falcon's compressed-tensors exports, and the "
-              "compressed-tensors exports of IBM Granite's, Gemma 4's, GPT-OSS's, Inkling's and MiniMax-M3's experts "
-              "load after "
-              "`import qcompare.compat` (transposed int products, Falcon's weight initialisation, and the converters "
+              "- Falcon and GPT-2 exports with torchao weights, Falcon's and GPTBigCode's compressed-tensors exports, "
+              "and the compressed-tensors exports of IBM Granite's, Gemma 4's, GPT-OSS's, Inkling's and MiniMax-M3's "
+              "experts load after `import qcompare.compat` (transposed int products, weight initialisations that "
+              "read a compressed layer's weight, and the converters "
               "that fuse one Linear per expert back into the 3-D experts, which the pinned transformers/torchao "
               "lack); their model cards say so.",
               "- AWQ uses llm-compressor's layer mappings where it has them, the Qwen3-MoE mappings for other "

@@ -47,12 +47,12 @@ def test_the_page_shows_the_stored_rows_of_every_family_and_what_they_promise():
         assert r["status"] in ("ok", "refused", "failed", "unbuilt") and (r["status"] == "ok") != ("reason" in r)
     # the dense and curated families: refused only where a format cannot hold the layout (GPT-2's Conv1D in
     # llm-compressor and torchao's float tensors; fused experts and Falcon's own Linear subclass in the float
-    # formats; AWQ's mappings on Llama 4's router); nothing fails a check
+    # formats; AWQ's mappings on Llama 4's router, none for GPTBigCode); nothing fails a check
     floats = ("nvfp4", "mxfp4", "fp8", "bnb nf4")
     curated = DENSE_FAMILIES + ("qwen3_moe", "mixtral", "olmoe", "llama4_text")
     refused = {("gpt2", "gptq int4"), ("gpt2", "awq int4"), *(("gpt2", q) for q in floats if q != "bnb nf4"),
                *((f, q) for f in ("qwen3_moe", "mixtral", "olmoe", "llama4_text", "falcon") for q in floats),
-               ("llama4_text", "awq int4")}
+               ("llama4_text", "awq int4"), ("gpt_bigcode", "awq int4")}
     assert {k for k, r in by.items() if k[0] in curated and r["status"] != "ok"} == refused
     assert all(by[k]["status"] == "refused" for k in refused)
     # fused experts are quantized where they are: the body is covered, and int2 is cheaper than int4
@@ -375,3 +375,23 @@ def test_per_expert_checkpoints_reload_exactly_where_transformers_has_no_convert
                          checks.DEFAULT_MIN_COVERAGE, reload=False) for family in ("inkling_text", "minimax_m3_vl_text")]
     results = checks.reload_all([(r["saved"], r["fingerprint"]) for r in reports], checks.dtype_tolerance("torch.float32"))
     assert [r["max_abs_diff"] for r in results] == [0.0, 0.0], results
+
+
+def test_a_compressed_export_whose_family_initialises_a_compressed_layer_loads_and_its_card_says_how(tmp_path):
+    """GPTBigCode's ``_init_weights`` draws ``c_proj.weight``, which a compressed Linear no longer has: its GPTQ
+    folder did not load at all. The model's own initialisation, run on its meta model with the quantized
+    layers' weights taken away, tells which checkpoints need ``qcompare.compat``; the families that do not
+    read one keep cards without it."""
+    from qcompare.compat_scope import init_reads_compressed_weights, needed_by
+    from qcompare.sdk import checks, get_registry
+    from qcompare.testing import check_one, tiny_config
+
+    cls = get_registry().get("quantizer", "gptq")
+    report = check_one(cls(), cls.Params(bits=4, group_size=16, **QUICK_CALIBRATION), "gpt_bigcode", tmp_path,
+                       checks.DEFAULT_MIN_COVERAGE)
+    assert report["reload"]["max_abs_diff"] == 0.0
+    assert needed_by(json.loads((tmp_path / "saved" / "config.json").read_text()))
+    for family, reads in (("gpt_bigcode", True), ("qwen3", False), ("mixtral", False), ("qwen3_next", False)):
+        config = {**tiny_config(family).to_dict(),
+                  "quantization_config": {"quant_method": "compressed-tensors", "ignore": ["lm_head"]}}
+        assert init_reads_compressed_weights(config) == reads, family
