@@ -144,7 +144,7 @@ class Format:
                 f"{name}: {type(experts[0].module).__name__} keeps its experts fused in 3-D weights "
                 f"({experts[0].qualified}), which {self.library}'s {self.label} layers do not hold; the torchao "
                 f'quantizer (integer grids) quantizes them, or leave them in float with skip = ["lm_head", '
-                f'{skip_patterns(t.name for t in experts)}] '
+                f'{skip_patterns((t.name for t in experts), model)}] '
                 "and a lower min_coverage for this quantizer")
         conv1d = find_targets(model, skip, ("conv1d",))
         if conv1d and not self.conv1d:

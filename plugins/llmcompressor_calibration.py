@@ -67,7 +67,7 @@ def skipped_linears(model: nn.Module, params, quantizer: str) -> list[str]:
         [f"re:^{re.escape(name)}\\..*" for name in skipped_experts(model, params)]
 
 
-def _refuse_without_statistics(error: AssertionError, modifiers, quantizer: str) -> None:
+def _refuse_without_statistics(error: AssertionError, model: nn.Module, modifiers, quantizer: str) -> None:
     """GPTQ's "No statistics available" (an observer that saw no weights: Gemma 4's
     ``per_layer_model_projection``, which its calibration reaches without observing) as one line naming the
     layers, and the skip that leaves them float; any other assertion is left as it is."""
@@ -78,7 +78,7 @@ def _refuse_without_statistics(error: AssertionError, modifiers, quantizer: str)
     if lost:
         raise QcompareError(f"{quantizer}: llm-compressor's calibration gathered no statistics for {lost[0]}"
                             f"{f' and {len(lost) - 1} more layers' if len(lost) > 1 else ''}, so it cannot round it "
-                            f"— add {skip_patterns(lost)} to skip to leave it float") from None
+                            f"— add {skip_patterns(lost, model)} to skip to leave it float") from None
 
 
 def _refuse_unsplit(model: nn.Module, experts, quantizer: str) -> None:
@@ -93,7 +93,7 @@ def _refuse_unsplit(model: nn.Module, experts, quantizer: str) -> None:
             f"{quantizer}: {type(unsplit[0].module).__name__} ({unsplit[0].name}) keeps its experts in a layout "
             "llm-compressor does not split into one Linear per expert, so they would stay float; the torchao "
             "quantizer quantizes them, or leave them in float with skip = [\"lm_head\", "
-            f"{skip_patterns(t.name for t in unsplit)}] and a lower min_coverage for this quantizer")
+            f"{skip_patterns((t.name for t in unsplit), model)}] and a lower min_coverage for this quantizer")
 
 
 def split_experts(model: nn.Module, context, quantizer: str) -> None:
@@ -242,7 +242,7 @@ def calibrate(model, params, context, quantizer: str):
                         num_calibration_samples=len(dataset), max_seq_length=params.calibration_length,
                         shuffle_calibration_samples=False)
             except AssertionError as e:
-                _refuse_without_statistics(e, modifiers, quantizer)
+                _refuse_without_statistics(e, model, modifiers, quantizer)
                 raise
     _refuse_experts(model, float_experts)
     if recorded:

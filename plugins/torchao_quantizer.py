@@ -234,7 +234,8 @@ class TorchaoQuantizer(Quantizer):
                 f"torchao: {type(odd[0]).__name__.removeprefix('Quantized')} keeps its experts as {first}, and a "
                 "compressed-tensors export names experts gate_up_proj, up_proj and down_proj, the only ones "
                 "transformers' loader fuses back: its folder would reload with other experts; evaluate it without "
-                f"saving, or leave them float with skip = [\"lm_head\", {skip_patterns(names[id(m)] for m in odd)}]")
+                f"saving, or leave them float with skip = [\"lm_head\", "
+                f"{skip_patterns((names[id(m)] for m in odd), model)}]")
         save_compressed(model, folder, params.bits, params.group_size, params.symmetric)
 
     def fake_quant_tolerance(self, params) -> float:

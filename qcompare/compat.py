@@ -122,7 +122,8 @@ def skip_initialising_compressed_layers() -> None:
     """Loading a compressed-tensors checkpoint runs the family's ``_init_weights`` over modules whose Linear
     layers are compressed (``weight_packed`` and ``weight_scale``, no ``weight``); GPTBigCode's reads
     ``c_proj.weight`` and the load fails. A module that holds compressed layers gets its values from the
-    checkpoint: its initialisation is skipped where it reads a weight that is not there."""
+    checkpoint: its initialisation is skipped where it reads a compressed layer's weight, which is not there
+    (any other error is raised)."""
     from transformers.modeling_utils import PreTrainedModel
 
     original = PreTrainedModel._initialize_weights
@@ -130,8 +131,8 @@ def skip_initialising_compressed_layers() -> None:
     def _initialize_weights(self, module, *args, **kwargs):
         try:
             return original(self, module, *args, **kwargs)
-        except AttributeError as e:
-            if "'weight'" not in str(e) or not any(hasattr(m, "weight_scale") for m in module.modules()):
+        except AttributeError as e:  # only the read of a compressed layer's absent .weight, nothing else
+            if getattr(e, "name", None) != "weight" or not hasattr(getattr(e, "obj", None), "weight_packed"):
                 raise
             module._is_hf_initialized = True
 

@@ -42,34 +42,36 @@ def init_reads_compressed_weights(config: dict) -> bool:
 
 @functools.cache
 def _init_reads(blob: str) -> bool:
-    import re
-
     import torch
-    from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = json.loads(blob)
-    ignore = (cfg.pop("quantization_config", None) or {}).get("ignore") or []
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
-    except Exception:  # noqa: BLE001 - a model transformers cannot build: loading it will say so
+    quantization = cfg.pop("quantization_config", None) or {}
+    if "pack" not in str(quantization.get("format", "")):  # int-, float- and naive-quantized layers keep .weight
         return False
-
-    def ignored(name):
-        return any(name == p or (p.startswith("re:") and re.fullmatch(p[3:], name)) for p in ignore)
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not ignored(name):
-            del module._parameters["weight"]
-    for module in model.modules():
+    try:
+        from compressed_tensors.utils.match import is_match
+    except ImportError:  # no compressed-tensors: such a checkpoint does not load here at all
+        return False
+    ignore = quantization.get("ignore") or []
+    with torch.device("meta"):  # the initialisation too: a causal mask of the full context would be real memory
         try:
-            model._init_weights(module)
-        except AttributeError as e:
-            if "'weight'" in str(e):
-                return True
-        except Exception:  # noqa: BLE001 - only a read of a missing weight is what this asks
-            continue
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+        except Exception:  # noqa: BLE001 - a model transformers cannot build: loading it will say so
+            return False
+        emptied = set()
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not any(is_match(name, module, p) for p in ignore):
+                del module._parameters["weight"]
+                emptied.add(id(module))
+        for module in model.modules():
+            try:
+                model._init_weights(module)
+            except AttributeError as e:
+                if getattr(e, "name", None) == "weight" and id(getattr(e, "obj", None)) in emptied:
+                    return True
+            except Exception:  # noqa: BLE001 - only a read of a compressed layer's weight is what this asks
+                continue
     return False
 
 

@@ -159,8 +159,9 @@ class Quantizer(Plugin):
     # rewrite weights in place: False.
     shares_teacher_weights: ClassVar[bool] = False
     # True when the quantizer puts on a grid layers of kinds ``qcompare.sdk.targets`` does not find (an
-    # ``nn.Conv1d``, a grouped-GEMM experts module): validate then leaves the coverage to the check after
-    # convert, instead of refusing a body mostly out of the built-in kinds' reach (``checks.coverage_in_reach``).
+    # ``nn.Conv1d``, a grouped-GEMM experts module): validate then counts every weight its ``skip`` leaves
+    # as within reach, instead of refusing a body mostly out of the built-in kinds' reach
+    # (``checks.coverage_in_reach``); the check after convert measures what it did.
     reaches_other_kinds: ClassVar[bool] = False
 
     def prepare(self, model, params, context: CellContext):

@@ -400,14 +400,19 @@ def coverage_in_reach(teacher, quantizer, params, minimum: float) -> None:
     experts, a Mamba ``nn.Conv1d``, hyper-connection mixers) or named by ``skip`` and the quantizer's
     ``kept_float``. Every weight of a kind a format may take counts as reached (routers and embeddings
     included), so it refuses no model that the coverage check after convert would pass with a quantizer
-    of these kinds; a quantizer that sets ``reaches_other_kinds`` is not checked here. Raises QcompareError
+    of these kinds; for a quantizer that sets ``reaches_other_kinds`` every weight of two or more dimensions
+    counts as reached, so only what ``skip`` and ``kept_float`` leave float is held here. Raises QcompareError
     (one line); works on the meta-device model ``qcompare validate`` builds."""
     from qcompare.sdk.footprint import planned
-    from qcompare.sdk.targets import KINDS, find_targets
+    from qcompare.sdk.targets import KINDS, find_targets, skipped
 
-    if quantizer.reaches_other_kinds:
-        return
-    plan = planned(teacher, {t.qualified for t in find_targets(teacher, _left_float(quantizer, params), kinds=KINDS)})
+    left = _left_float(quantizer, params)
+    if quantizer.reaches_other_kinds:  # any weight of two or more dimensions may end on its grid, but skip holds
+        reach = {n for n, p in teacher.named_parameters()
+                 if p.ndim >= 2 and not skipped(n.rpartition(".")[0], left) and not skipped(n, left)}
+    else:
+        reach = {t.qualified for t in find_targets(teacher, left, kinds=KINDS)}
+    plan = planned(teacher, reach)
     if plan.body_coverage >= minimum:
         return
     out = [f"{g}: {s:.0%} of the body" for g, s in plan.float_groups().items() if s >= 0.005][:3]

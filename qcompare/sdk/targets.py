@@ -192,11 +192,29 @@ def unmatched(model, skip: Iterable[str]) -> list[str]:
     return [p for p in skip if not any(matches(n, p) for n in names)]
 
 
-def skip_patterns(names: Iterable[str]) -> str:
-    """The ``skip`` patterns that leave the modules ``names`` float, quoted as a recipe writes them, one per
-    last name part (every layer's ``dt_proj`` is one pattern): ``"*.input_linear", "*.output_linear"``, or a
-    top-level module's own name."""
-    return ", ".join(f'"{p}"' for p in dict.fromkeys(f"*.{n.rpartition('.')[2]}" if "." in n else n for n in names))
+def skip_patterns(names: Iterable[str], model=None) -> str:
+    """The ``skip`` patterns that leave the modules ``names`` float, quoted as a recipe writes them: for each,
+    the shortest name suffix (``*.dt_proj``: every layer's) that names only modules of ``names`` or like it —
+    the same class under a parent of the same class, found in ``model`` — so GPT-2's ``attn.c_proj`` becomes
+    ``*.attn.c_proj`` and leaves ``mlp.c_proj`` quantized. Without ``model``: the last name part."""
+    modules = dict(model.named_modules()) if model is not None else {}
+    names = list(names)
+    named = set(names)
+
+    def kind(name):
+        return type(modules.get(name)).__name__, type(modules.get(name.rpartition(".")[0])).__name__
+
+    def pattern(name):
+        parts = name.split(".")
+        if name not in modules:
+            return f"*.{parts[-1]}" if len(parts) > 1 else name
+        for k in range(1, len(parts)):
+            suffix = ".".join(parts[-k:])
+            if all(m in named or kind(m) == kind(name) for m in modules if m.endswith("." + suffix)):
+                return f"*.{suffix}"
+        return name
+
+    return ", ".join(f'"{p}"' for p in dict.fromkeys(pattern(n) for n in names))
 
 
 def describe(kinds: Iterable[str]) -> str:

@@ -284,6 +284,9 @@ def test_a_quantizer_that_reaches_other_kinds_of_layers_is_left_to_the_coverage_
         reaches_other_kinds = True
 
     checks.coverage_in_reach(zaya, ConvToo(), cls.Params(), checks.DEFAULT_MIN_COVERAGE)
+    # what its skip leaves float still counts
+    with pytest.raises(QcompareError, match=r"^coverage: at most \d+% .*Linear"):
+        checks.coverage_in_reach(zaya, ConvToo(), cls.Params(skip=["lm_head", "*.mlp.*"]), checks.DEFAULT_MIN_COVERAGE)
 
 
 @pytest.mark.parametrize("name", ["torchao", "gptq"])
@@ -330,7 +333,7 @@ def test_a_linear_subclass_with_its_own_product_is_refused_and_one_computing_a_l
     targets = find_targets(model, ["lm_head"])
     model.model.layers[1].self_attn.o_proj.__class__ = Grouped
     with pytest.raises(QcompareError, match=r"^torchao: Grouped \(model\.layers\.1\.self_attn\.o_proj\) computes its own "
-                                            r"product.*add \"\*\.o_proj\" to skip"):
+                                            r"product.*add \"\*\.1\.self_attn\.o_proj\" to skip"):  # layer 0's is a plain Linear
         check_read_in_forward(model, targets, "torchao")
 
 
@@ -392,6 +395,9 @@ def test_a_compressed_export_whose_family_initialises_a_compressed_layer_loads_a
     assert report["reload"]["max_abs_diff"] == 0.0
     assert needed_by(json.loads((tmp_path / "saved" / "config.json").read_text()))
     for family, reads in (("gpt_bigcode", True), ("qwen3", False), ("mixtral", False), ("qwen3_next", False)):
-        config = {**tiny_config(family).to_dict(),
-                  "quantization_config": {"quant_method": "compressed-tensors", "ignore": ["lm_head"]}}
+        packed = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"]}
+        config = {**tiny_config(family).to_dict(), "quantization_config": packed}
         assert init_reads_compressed_weights(config) == reads, family
+        # int- and float-quantized layers keep their .weight: nothing to read that is not there
+        config["quantization_config"] = {**packed, "format": "float-quantized"}
+        assert not init_reads_compressed_weights(config), family
