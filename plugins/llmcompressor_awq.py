@@ -277,10 +277,7 @@ def smoothing_preserves_function(model: nn.Module, watch, mappings, context) -> 
     smoothing = [n for n, _ in model.named_modules() if any(_matches_any([n], m.smooth_layer) for m in mappings)]
     model.apply(disable_quantization)
     try:
-        context.checks["transform"] = watch.verdict(model, checks.dtype_tolerance(model), "AWQ's smoothing",
-                                                    may_change=smoothing)
-    except checks.CheckFailed as e:
-        context.checks["transform"] = e.check
-        raise
+        watch.verdict_into(context.checks, "transform", model, checks.dtype_tolerance(model), "AWQ's smoothing",
+                           may_change=smoothing)
     finally:
         model.apply(enable_quantization)

@@ -110,9 +110,8 @@ def split_experts(model: nn.Module, context, quantizer: str) -> None:
     watch = checks.FunctionWatch(model)
     try:
         linearize_moe(model)
-        context.checks["expert_split"] = watch.verdict(model, checks.dtype_tolerance(model), what)
+        watch.verdict_into(context.checks, "expert_split", model, checks.dtype_tolerance(model), what)
     except checks.CheckFailed as e:
-        context.checks["expert_split"] = e.check
         raise QcompareError(f"{quantizer}: {e}; the torchao quantizer quantizes these fused experts") from None
     except (torch.OutOfMemoryError, MemoryError):
         raise

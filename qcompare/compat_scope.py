@@ -30,6 +30,18 @@ def uses_conv1d(model_type: str) -> bool:
     return "Conv1D" in vars(module)
 
 
+def meta_model(config: dict):
+    """The causal LM ``config`` (a ``config.json`` as a dict, ``model_type`` included) describes, built on the
+    meta device: every module and shape, no memory. Raises what transformers raises for a config it cannot
+    build."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.get("model_type"), **cfg))
+
+
 def init_reads_compressed_weights(config: dict) -> bool:
     """Whether transformers' weight initialisation for this checkpoint reads the ``.weight`` of a layer that a
     compressed-tensors checkpoint keeps compressed (GPTBigCode's ``_init_weights`` draws ``c_proj.weight``;
@@ -43,10 +55,9 @@ def init_reads_compressed_weights(config: dict) -> bool:
 @functools.cache
 def _init_reads(blob: str) -> bool:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = json.loads(blob)
-    quantization = cfg.pop("quantization_config", None) or {}
+    config = json.loads(blob)
+    quantization = config.get("quantization_config") or {}
     if "pack" not in str(quantization.get("format", "")):  # int-, float- and naive-quantized layers keep .weight
         return False
     try:
@@ -56,7 +67,7 @@ def _init_reads(blob: str) -> bool:
     ignore = quantization.get("ignore") or []
     with torch.device("meta"):  # the initialisation too: a causal mask of the full context would be real memory
         try:
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+            model = meta_model(config)
         except Exception:  # noqa: BLE001 - a model transformers cannot build: loading it will say so
             return False
         emptied = set()

@@ -208,8 +208,7 @@ def check_one(quantizer, params, family: str, folder: Path, min_coverage: float,
     teacher = tiny_model(family, vocab_size=128)
     context = CellContext(cell_dir=folder, seed=0, device="cpu", tokenizer=tokenizer, teacher=teacher,
                           data=tiny_chat())
-    checks.coverage_in_reach(teacher, quantizer, params, min_coverage)  # what validate checks on the meta model
-    quantizer.check_model(copy.deepcopy(teacher), params)
+    checks.takes_layout(teacher, quantizer, params, min_coverage)  # what validate checks on the meta model
     student = quantizer.prepare(copy.deepcopy(teacher), params, context)
     report: dict[str, Any] = {"family": family, **context.checks}  # the plugin's own (a transform's)
     watch = checks.TrainingWatch(teacher, student, adapters=False)  # the runner's check of a trained cell

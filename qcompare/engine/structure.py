@@ -137,33 +137,22 @@ def parameter_count_from_config(config: dict, name: str) -> int:
 
 
 def _meta_model(config: dict, name: str):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from qcompare.compat_scope import meta_model
 
-    cfg = dict(config)
-    model_type = cfg.pop("model_type", None)
-    cfg.pop("quantization_config", None)
     try:
-        hf_config = AutoConfig.for_model(model_type, **cfg)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config)
+        return meta_model(config)
     except Exception as e:  # noqa: BLE001 - an unknown architecture shows when the model loads
         raise QcompareError(f"{name}: cannot build the model from its config.json ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0]})") from None
 
 
 def _check(cls, choice, model) -> str:
-    """'' if the quantizer takes the model, else its one-line reason: whether enough of the body is of a kind
-    a quantizer can reach (``checks.coverage_in_reach``), then its own ``check_model``."""
-    import copy
-
+    """'' if the quantizer takes the model, else its one-line reason (``checks.takes_layout``)."""
     from qcompare.sdk import checks
 
-    quantizer, params = cls(), cls.Params.model_validate(choice.params)
     minimum = checks.DEFAULT_MIN_COVERAGE if choice.min_coverage is None else choice.min_coverage
     try:
-        checks.coverage_in_reach(model, quantizer, params, minimum)
-        quantizer.check_model(copy.deepcopy(model), params)
+        checks.takes_layout(model, cls(), cls.Params.model_validate(choice.params), minimum)
     except QcompareError as e:
         return str(e)
     return ""

@@ -302,6 +302,15 @@ class FunctionWatch:
         self.ids = probe_ids(model) if ids is None else ids
         self.before = module_outputs(model, self.ids)
 
+    def verdict_into(self, record: dict, key: str, model, rtol: float, what: str, may_change=()) -> None:
+        """``verdict``, with its check stored as ``record[key]`` whether it passes or fails (a plugin's
+        ``context.checks``: the cell's record keeps what was measured when the cell fails)."""
+        try:
+            record[key] = self.verdict(model, rtol, what, may_change)
+        except CheckFailed as e:
+            record[key] = e.check
+            raise
+
     def verdict(self, model, rtol: float, what: str, may_change=()) -> dict[str, Any]:
         """CheckFailed naming the first module whose output moved beyond ``rtol`` (and how many did)."""
         after = module_outputs(model, self.ids)
@@ -413,13 +422,21 @@ def coverage_in_reach(teacher, quantizer, params, minimum: float) -> None:
     else:
         reach = {t.qualified for t in find_targets(teacher, left, kinds=KINDS)}
     plan = planned(teacher, reach)
-    if plan.body_coverage >= minimum:
-        return
-    out = [f"{g}: {s:.0%} of the body" for g, s in plan.float_groups().items() if s >= 0.005][:3]
-    raise QcompareError(
-        f"coverage: at most {plan.body_coverage:.0%} of the body's weights can end on a grid (minimum {minimum:.0%}); "
-        f"out of reach: {'; '.join(out) or 'nothing identifiable'} (layers of no kind a quantizer finds, or "
-        f"named in skip) — lower min_coverage for this quantizer in the recipe if that is the study")
+    if plan.body_coverage < minimum:
+        raise QcompareError(
+            f"coverage: at most {plan.body_coverage:.0%} of the body's weights can end on a grid (minimum "
+            f"{minimum:.0%}); out of reach: {plan.float_summary()} (layers of no kind a quantizer finds, or named in "
+            "skip) — lower min_coverage for this quantizer in the recipe if that is the study")
+
+
+def takes_layout(model, quantizer, params, minimum: float) -> None:
+    """What ``qcompare validate`` asks of one quantizer choice on a model's layout (the meta-device model, or a
+    real one): enough of the body within reach (``coverage_in_reach``), then the quantizer's own
+    ``check_model`` on a copy. Raises QcompareError (one line)."""
+    import copy
+
+    coverage_in_reach(model, quantizer, params, minimum)
+    quantizer.check_model(copy.deepcopy(model), params)
 
 
 def coverage(footprint, minimum: float, expected: list[str] | None = None) -> dict[str, Any]:

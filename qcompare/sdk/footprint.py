@@ -62,6 +62,11 @@ class Footprint:
                 out[w.group] = out.get(w.group, 0.0) + w.numel / total
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
+    def float_summary(self, most: int = 3) -> str:
+        """The body's largest float groups as a coverage line names them ("Conv1d: 7% of the body; ...")."""
+        left = [f"{g}: {s:.0%} of the body" for g, s in self.float_groups().items() if s >= 0.005][:most]
+        return "; ".join(left) or "nothing identifiable"
+
     def as_size(self, nominal_bits: float | None) -> dict[str, Any]:
         """The cell record's ``size``: true and nominal widths, shares, bytes."""
         q = [w for w in self.weights if w.quantized]
@@ -311,7 +316,6 @@ def coverage_problem(fp: Footprint, minimum: float) -> str | None:
     share = fp.body_coverage
     if share >= minimum:
         return None
-    left = [f"{g}: {s:.0%} of the body" for g, s in fp.float_groups().items() if s >= 0.005][:3]
     return (f"coverage: {share:.0%} of the body's weights quantized (minimum {minimum:.0%}); left in float: "
-            + ("; ".join(left) or "nothing identifiable") + " — quantize them, or lower min_coverage for this "
-            "quantizer in the recipe if that is the study")
+            f"{fp.float_summary()} — quantize them, or lower min_coverage for this quantizer in the recipe if that "
+            "is the study")

@@ -40,6 +40,7 @@ def read_past_forward(model, targets: list[Target]) -> list[str]:
         if t.kind == "linear" and type(t.module).forward is not nn.Linear.forward and not _computes_linear(t.module):
             leave(t, f"{type(t.module).__name__} ({t.name}) computes its own product with its weight, not a "
                      "Linear's, which a fake quantizer in its place would not compute")
+
     def storage(a):
         try:
             return a.untyped_storage().data_ptr()
@@ -52,8 +53,9 @@ def read_past_forward(model, targets: list[Target]) -> list[str]:
         return list(problems.values())
     for m in model.modules():
         for p in m._parameters.values():
-            if p is not None and p.device.type != "meta" and storage(p) in owners:
-                owners[storage(p)][1].add(id(m))
+            held = storage(p) if p is not None and p.device.type != "meta" else None
+            if held in owners:
+                owners[held][1].add(id(m))
     running: list = []  # the modules whose forward runs now, innermost last
 
     def enter(m, args):

@@ -22,6 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 cli = CliRunner()
 
 
+def validate_errors(recipe: Path) -> list[str]:
+    """``qcompare validate``'s error lines for a recipe it refuses (exit 2)."""
+    res = cli.invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 2, res.output
+    return [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+
+
 def stored_rows() -> list[dict]:
     return json.loads((ROOT / "docs" / "architectures.json").read_text())
 
@@ -115,10 +122,8 @@ group_size = 64
 [[distillers]]
 name = "none"
 """)
-    res = cli.invoke(app, ["validate", str(recipe)])
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 2, res.output
+    lines = validate_errors(recipe)
+    assert len(lines) == 2, lines
     assert any("quantizer gptq on" in ln and "tiny-gpt2" in ln and "Conv1D" in ln and "torchao quantizer handles"
                in ln for ln in lines)
     # the tiny Qwen3 is 32 wide: a group of 64 does not divide its layers (GPT-2's are 64 wide)
@@ -263,10 +268,8 @@ group_size = 16
 [[distillers]]
 name = "none"
 """)
-    res = cli.invoke(app, ["validate", str(recipe)])
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "quantizer torchao on" in lines[0], res.output
+    lines = validate_errors(recipe)
+    assert len(lines) == 1 and "quantizer torchao on" in lines[0], lines
     assert "coverage: at most 9" in lines[0] and "Conv1d:" in lines[0] and "lower min_coverage" in lines[0]
     recipe.write_text(recipe.read_text().replace("group_size = 16", "group_size = 16\nmin_coverage = 0.85"))
     assert cli.invoke(app, ["validate", str(recipe)]).exit_code == 0
