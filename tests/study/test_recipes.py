@@ -107,20 +107,39 @@ def twin_runs(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
-def test_toy_twin_runs_every_cell(study, tmp_path, request, twin_runs):
+def run_twin(study: Path, folder: Path, request, twin_runs: Path):
+    """``qcompare run`` of a study's shrunk toy twin into ``twin_runs``; (result, its runs folder)."""
     raw = shrink(tomllib.loads(twin_of(study).read_text()))
     if study.stem == "architectures":
         raw["models"] += request.getfixturevalue("other_architectures")
     out = twin_runs / raw["name"]
-    res = cli.invoke(app, ["run", str(write_toml(raw, tmp_path / "twin.toml")), "-o", str(out)])
+    return cli.invoke(app, ["run", str(write_toml(raw, folder / f"{study.stem}.toml")), "-o", str(out)]), out
+
+
+@pytest.fixture(scope="module")
+def all_twins(twin_runs, request, tmp_path_factory):
+    """``twin_runs`` with every twin run: the twin tests' own runs where this worker ran them, else here (a
+    parallel worker may have taken some of those tests)."""
+    folder = tmp_path_factory.mktemp("twins")
+    for study in STUDIES:
+        raw = tomllib.loads(twin_of(study).read_text())
+        if not list((twin_runs / raw["name"]).glob("cells/*/result.json")):
+            res, _ = run_twin(study, folder, request, twin_runs)
+            assert res.exit_code == 0, res.output
+    return twin_runs
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_toy_twin_runs_every_cell(study, tmp_path, request, twin_runs):
+    res, out = run_twin(study, tmp_path, request, twin_runs)
     assert res.exit_code == 0, res.output
     records = [json.loads(p.read_text()) for p in out.glob("cells/*/result.json")]
     assert len(records) == res.output.count("— done") and all(r["status"] == "done" for r in records)
     assert all(r["metrics"] for r in records)
 
 
-def test_the_papers_tables_come_from_the_runs_in_one_command(twin_runs, tmp_path):
+def test_the_papers_tables_come_from_the_runs_in_one_command(all_twins, tmp_path):
+    twin_runs = all_twins
     res = cli.invoke(app, ["paper", str(twin_runs), "--out", str(tmp_path / "paper"), "--margin", "0.02"])
     assert res.exit_code == 0, res.output
     md = (tmp_path / "paper" / "tables.md").read_text()
@@ -143,10 +162,11 @@ def test_the_papers_tables_come_from_the_runs_in_one_command(twin_runs, tmp_path
     assert all(r.count("reference") == 2 for r in rows if r.startswith("| torchao"))
 
 
-def test_the_paper_in_miniature_is_written_from_the_twins_runs(twin_runs, tmp_path):
+def test_the_paper_in_miniature_is_written_from_the_twins_runs(all_twins, tmp_path):
     """scripts/paper_in_miniature.py on the shrunk twins: every finding of the founding study beside
     the twin's result, with a verdict the rules decided (one seed per side here: nothing shown to
     differ), covered and uncovered knowledge apart; the shipped page is linked from the README."""
+    twin_runs = all_twins
     import subprocess
     import sys
 
